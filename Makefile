@@ -1,0 +1,28 @@
+# The two README commands: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch is installed first and pinned: an unpinned `torch` would pull CUDA packages.
+TORCH := torch==2.13.0
+
+.PHONY: demo test install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -c "import iared, torch; assert torch.__version__.startswith('2.13.0')"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/iared demo
+
+test: install
+	$(BIN)/python -m pytest -q -m "not requires_cuda"
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,292 @@
+"""A plain ViT / DeiT with timm's state-dict layout, whose blocks can lose tokens.
+
+Read top to bottom: the parts (patch embedding, attention, MLP, block), then the config,
+then the model. Parameter names follow timm's `VisionTransformer` exactly (`cls_token`,
+`pos_embed`, `patch_embed.proj`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`,
+`norm`, `head`, and for distilled DeiT `dist_token`, `head_dist`), so a timm or DeiT
+checkpoint loads with `strict=True`.
+
+What differs from timm: blocks take and return `Tokens` (the token tensor plus which
+tokens are valid and where each came from), so a token policy attached with
+`iared.patch` can drop tokens between blocks, and a forward can return what the policy
+did as a value (`ReductionInfo`) rather than as hidden state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..reduction.functional import Execution, Tokens, attention_mask, initial_tokens
+
+
+def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) to patch tokens (B, N, D) by a strided convolution."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's {self.img_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (timm layout: one `qkv` linear, one `proj`).
+
+    Dropped or padded tokens are excluded as keys through `valid`; see
+    `iared.reduction.functional` for why masking keys alone is exact.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, scale: Optional[float] = None):
+        super().__init__()
+        assert dim % num_heads == 0, "dim must be divisible by num_heads"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        # timm scales by head_dim**-0.5; some foreign checkpoints were trained with another scale.
+        self.scale = scale if scale is not None else self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, D) -> q, k, v, each (B, H, L, hd)."""
+        B, L, _ = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attention_probs(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """The softmax attention matrix (B, H, L, L), computed explicitly (for explainers)."""
+        q, k, _ = self.qkv_heads(x)
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if valid is not None:
+            logits = logits.masked_fill(~attention_mask(valid), float("-inf"))
+        return logits.softmax(dim=-1)
+
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv_heads(x)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(valid), scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (MSA + FFN), mapping `Tokens` to `Tokens`."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 attn_scale: Optional[float] = None, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=attn_scale)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, tokens: Tokens) -> Tokens:
+        x = tokens.x
+        x = x + self.attn(self.norm1(x), tokens.valid)
+        x = x + self.mlp(self.norm2(x))
+        return tokens.with_x(x)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that determines a ViT's architecture (and so its state-dict shapes)."""
+
+    img_size: Union[int, tuple[int, int]] = 224  # input height/width in pixels
+    patch_size: int = 16           # side of a square patch in pixels
+    in_chans: int = 3              # input channels (1 for MNIST-like data)
+    num_classes: int = 1000        # classifier outputs; 0 for no head
+    embed_dim: int = 768           # token width D
+    depth: int = 12                # number of MSA-FFN blocks
+    num_heads: int = 12            # attention heads per block
+    mlp_ratio: float = 4.0         # FFN hidden width / D
+    qkv_bias: bool = True          # bias in the qkv projection (timm ViT/DeiT: True)
+    distilled: bool = False        # DeiT distillation token and second head
+    final_norm: bool = True        # LayerNorm before the head (False: Identity)
+    head_hidden: int = 0           # >0: two-layer head Linear-GELU-Linear (foreign checkpoints)
+    attn_scale: Optional[float] = None  # None: head_dim**-0.5 as in timm
+    norm_eps: float = 1e-6         # LayerNorm epsilon (timm ViT: 1e-6)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(d["img_size"], tuple):
+            d["img_size"] = list(d["img_size"])
+        return d
+
+
+@dataclass
+class StageRecord:
+    """What a token policy did at one stage, on the full patch grid (a value, not state).
+
+    Attributes:
+        block: index of the block the stage sits in front of (or inside, for ATS).
+        entering: (B, G) bool, patch tokens alive when the stage was reached.
+        keep: (B, G) bool, patch tokens alive after it.
+        scores: (B, G) float informative scores (0 for tokens dropped earlier), or None
+            for policies without scores.
+        extras: policy-specific tensors (e.g. per-head logits and samples for REINFORCE).
+    """
+
+    block: int
+    entering: Tensor
+    keep: Tensor
+    scores: Optional[Tensor] = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def keep_ratio(self) -> Tensor:
+        """(B,) fraction of the full patch grid still alive after this stage."""
+        return self.keep.float().mean(dim=1)
+
+
+@dataclass
+class ReductionInfo:
+    """Returned by `forward(..., return_info=True)`: per-stage records and token counts."""
+
+    grid_size: int
+    stages: list[StageRecord]
+    block_tokens: Tensor  # (B, depth) valid tokens (prefix included) entering each block
+
+    @property
+    def keep_ratio(self) -> Tensor:
+        """(B,) fraction of patch tokens that reach the last block."""
+        if not self.stages:
+            return torch.ones(self.block_tokens.shape[0])
+        return self.stages[-1].keep_ratio
+
+
+class VisionTransformer(nn.Module):
+    """ViT / DeiT classifier. `policy`, when set (see `iared.patch`), drops tokens.
+
+    A token policy is an `nn.Module` with
+    ``forward(index, tokens, model, mode) -> (tokens, StageRecord | None)``,
+    called in front of every block; `mode` is a per-forward argument of the policy's
+    own (e.g. "greedy" / "sample" for the IA-RED² interpreters).
+    """
+
+    def __init__(self, config: Optional[ViTConfig] = None, **overrides):
+        super().__init__()
+        config = ViTConfig(**overrides) if config is None else config
+        self.config = config
+        c = config
+        self.num_prefix_tokens = 2 if c.distilled else 1
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim)) if c.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, c.embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.attn_scale, c.norm_eps) for _ in range(c.depth)
+        )
+        self.norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps) if c.final_norm else nn.Identity()
+        self.head = self._make_head(c)
+        self.head_dist = nn.Linear(c.embed_dim, c.num_classes) if c.distilled and c.num_classes > 0 else None
+        self.policy: Optional[nn.Module] = None
+        self._init_weights()
+
+    @staticmethod
+    def _make_head(c: ViTConfig) -> nn.Module:
+        if c.num_classes <= 0:
+            return nn.Identity()
+        if c.head_hidden > 0:
+            return nn.Sequential(nn.Linear(c.embed_dim, c.head_hidden), nn.GELU(), nn.Linear(c.head_hidden, c.num_classes))
+        return nn.Linear(c.embed_dim, c.num_classes)
+
+    def _init_weights(self) -> None:
+        # timm's defaults: truncated normal 0.02 for linear weights and tokens, zero biases.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # -- shape facts ---------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        """Number of patch tokens on the full grid."""
+        return self.patch_embed.num_patches
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    # -- forward -------------------------------------------------------------------
+    def embed(self, x: Tensor, execution: Execution = "compact") -> Tokens:
+        """Patchify, add position embeddings, prepend CLS (and distillation) tokens."""
+        x = self.patch_embed(x)
+        B = x.shape[0]
+        prefix = [self.cls_token.expand(B, -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(B, -1, -1))
+        x = torch.cat(prefix + [x], dim=1) + self.pos_embed
+        return initial_tokens(x, self.num_prefix_tokens, execution)
+
+    def forward_tokens(self, tokens: Tokens, mode: Any = None) -> tuple[Tokens, list[StageRecord], Tensor]:
+        """Run the blocks, letting the policy (if any) drop tokens in front of each."""
+        records: list[StageRecord] = []
+        counts = []
+        for i, blk in enumerate(self.blocks):
+            if self.policy is not None:
+                tokens, rec = self.policy(i, tokens, self, mode)
+                if rec is not None:
+                    records.append(rec)
+            counts.append(tokens.kept_counts() + tokens.num_prefix)
+            tokens = blk(tokens)
+        return tokens, records, torch.stack(counts, dim=1) if counts else torch.zeros(tokens.x.shape[0], 0)
+
+    def forward_head(self, tokens: Tokens) -> Tensor:
+        x = self.norm(tokens.x)
+        if self.head_dist is not None:
+            # DeiT: at inference the class and distillation heads are averaged.
+            return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+        return self.head(x[:, 0])
+
+    def forward(self, x: Tensor, *, return_info: bool = False, mode: Any = None,
+                execution: Optional[Execution] = None):
+        """Classify images (B, C, H, W).
+
+        Args:
+            x: input images.
+            return_info: also return a `ReductionInfo` describing what the policy kept.
+            mode: passed to the policy (e.g. "greedy", "sample", or one per group).
+            execution: "mask" keeps shapes fixed (dropped tokens masked); "compact"
+                really removes them. Default: "mask" in training, "compact" in eval.
+
+        Returns:
+            logits (B, num_classes), or (logits, ReductionInfo) with `return_info`.
+        """
+        execution = execution or ("mask" if self.training else "compact")
+        tokens = self.embed(x, execution)
+        tokens, records, counts = self.forward_tokens(tokens, mode)
+        logits = self.forward_head(tokens)
+        if not return_info:
+            return logits
+        return logits, ReductionInfo(grid_size=self.grid_size, stages=records, block_tokens=counts)

@@ -1,0 +1,152 @@
+"""Token selection as pure functions of tensors.
+
+Every reduction method in iared ends in the same step: given the current tokens and a
+per-image decision of which patch tokens to keep, produce the next tokens. This module
+holds that step (`apply_keep`) and the small value type that carries tokens between
+blocks (`Tokens`). The shape of the idea follows timm's `patch_dropout_forward`: prefix
+tokens (CLS, distillation) are set aside and always kept, patch tokens are chosen, then
+gathered.
+
+Two execution modes give the same logits for the kept tokens:
+
+* ``"mask"``: nothing is removed. Dropped tokens stay in the tensor but are marked
+  invalid, and attention never lets a valid token look at an invalid one. Shapes stay
+  fixed, which is what training (Bernoulli samples, gradients) needs.
+* ``"compact"``: dropped tokens are really removed. Each image's kept tokens move to the
+  front in their original order and the batch is cut to its largest kept count; the
+  positions past an image's own count are padding, masked as keys. With one image (or
+  when every image keeps the same count) there is no padding at all.
+
+Why the two agree: in a pre-norm transformer every operation except attention acts on
+each token alone, and in attention a valid query only reads valid keys. So the values of
+the kept tokens, and hence the CLS token and the logits, do not depend on whether the
+dropped tokens are present-but-masked or absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+Execution = Literal["mask", "compact"]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The token sequence flowing through a ViT, with where each patch token came from.
+
+    Attributes:
+        x: (B, P + N, C) prefix tokens first (CLS, distillation), then patch tokens.
+        pos: (B, N) original index of each patch token on the full patch grid, so any
+            score can be mapped back to the grid (-1 marks padding in compact mode).
+        valid: (B, P + N) bool, False for dropped (mask mode) or padding (compact mode)
+            tokens; None when every token is valid (the fast case: no masking at all).
+        num_prefix: P, the number of prefix tokens, never scored and never dropped.
+        execution: how dropping is carried out, see the module docstring.
+    """
+
+    x: Tensor
+    pos: Tensor
+    valid: Optional[Tensor]
+    num_prefix: int
+    execution: Execution = "compact"
+
+    @property
+    def patch_valid(self) -> Tensor:
+        """(B, N) bool: which patch tokens are real (not dropped, not padding)."""
+        B, N = self.pos.shape
+        if self.valid is None:
+            return torch.ones(B, N, dtype=torch.bool, device=self.x.device)
+        return self.valid[:, self.num_prefix:]
+
+    def kept_counts(self) -> Tensor:
+        """(B,) number of patch tokens still alive per image."""
+        return self.patch_valid.sum(dim=1)
+
+    def with_x(self, x: Tensor) -> "Tokens":
+        return replace(self, x=x)
+
+
+def initial_tokens(x: Tensor, num_prefix: int, execution: Execution = "compact") -> Tokens:
+    """Wrap freshly embedded tokens (B, P + N, C): every patch at its own grid index."""
+    B, L, _ = x.shape
+    pos = torch.arange(L - num_prefix, device=x.device).expand(B, -1)
+    return Tokens(x=x, pos=pos, valid=None, num_prefix=num_prefix, execution=execution)
+
+
+def attention_mask(valid: Optional[Tensor]) -> Optional[Tensor]:
+    """Key mask for `scaled_dot_product_attention`: (B, 1, 1, L) bool, or None.
+
+    Only keys are masked. A padded or dropped query still computes a row (over the
+    valid keys, which always include CLS, so the softmax never sees an empty row); that
+    row is never read by a valid token.
+    """
+    if valid is None:
+        return None
+    return valid[:, None, None, :]
+
+
+def apply_keep(tokens: Tokens, keep: Tensor) -> Tokens:
+    """Drop the patch tokens whose `keep` entry is False.
+
+    Args:
+        tokens: the current tokens.
+        keep: (B, N) bool over the current patch tokens. Tokens that are already invalid
+            stay dropped whatever `keep` says.
+
+    Returns:
+        The next tokens, in `tokens.execution` mode (see the module docstring).
+    """
+    P = tokens.num_prefix
+    keep = keep.bool() & tokens.patch_valid
+    if tokens.execution == "mask":
+        prefix = torch.ones(keep.shape[0], P, dtype=torch.bool, device=keep.device)
+        return replace(tokens, valid=torch.cat([prefix, keep], dim=1))
+    return compact(tokens, keep)
+
+
+def compact(tokens: Tokens, keep: Tensor) -> Tokens:
+    """Really remove dropped tokens: kept tokens to the front, batch cut to the longest.
+
+    Args:
+        tokens: the current tokens.
+        keep: (B, N) bool, already restricted to valid tokens.
+
+    Returns:
+        Tokens of length P + max_b(count_b); `valid` is None when nothing is padded.
+    """
+    x, P = tokens.x, tokens.num_prefix
+    B, N = keep.shape
+    counts = keep.sum(dim=1)
+    k_max = int(counts.max()) if B > 0 else 0
+    if k_max == N and bool((counts == N).all()):
+        return replace(tokens, valid=None) if tokens.valid is not None and bool(tokens.valid.all()) else tokens
+    # A stable sort on "not kept" moves kept tokens to the front in their original order.
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k_max]  # (B, K)
+    patches = x[:, P:].gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))      # (B, K, C)
+    pos = tokens.pos.gather(1, order)                                                  # (B, K)
+    slot_valid = torch.arange(k_max, device=x.device)[None, :] < counts[:, None]       # (B, K)
+    pos = pos.masked_fill(~slot_valid, -1)
+    new_x = torch.cat([x[:, :P], patches], dim=1)
+    if bool((counts == k_max).all()):
+        valid = None
+    else:
+        prefix = torch.ones(B, P, dtype=torch.bool, device=x.device)
+        valid = torch.cat([prefix, slot_valid], dim=1)
+    return replace(tokens, x=new_x, pos=pos, valid=valid)
+
+
+def to_grid(values: Tensor, tokens: Tokens, grid_size: int, fill: float = 0.0) -> Tensor:
+    """Scatter per-token values (B, N, *) back to the full patch grid (B, grid_size, *).
+
+    Invalid tokens (dropped or padding) and grid cells with no token get `fill`; this is
+    how a token dropped in an earlier group scores 0 on a later group's heatmap.
+    """
+    B = values.shape[0]
+    out = values.new_full((B, grid_size) + tuple(values.shape[2:]), fill)
+    b_idx, t_idx = tokens.patch_valid.nonzero(as_tuple=True)
+    out[b_idx, tokens.pos[b_idx, t_idx]] = values[b_idx, t_idx]
+    return out
