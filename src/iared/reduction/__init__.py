@@ -1,0 +1,14 @@
+"""Token policies: the IA-RED² interpreter, ATS and the baselines, on one interface.
+
+Importing this package registers every policy by name (see `policy.register_policy`).
+"""
+
+from . import interpreter  # noqa: F401  (registers "iared")
+from .functional import Tokens, apply_keep, to_grid
+from .interpreter import IARedPolicy, MultiHeadInterpreter, informative_scores, log_keep_drop
+from .policy import TokenPolicy, available_policies, build_policy, register_policy
+
+__all__ = [
+    "IARedPolicy", "MultiHeadInterpreter", "TokenPolicy", "Tokens", "apply_keep", "available_policies",
+    "build_policy", "informative_scores", "log_keep_drop", "register_policy", "to_grid",
+]
