@@ -85,17 +85,18 @@ def find_idx_file(root: str | os.PathLike, stem: str) -> Path:
     raise DataError(f"missing file {root / (stem + '.gz')} (or without .gz)")
 
 
-def load_idx_split(root: str | os.PathLike, split: str, seed: int = 0,
+def load_idx_split(root: str | os.PathLike, split: str, split_seed: int = 0,
                    val_size: int = 6000) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28) uint8 and labels (N,) int64 of one split of an idx data set.
 
-    "train" and "val" are a deterministic partition (by `seed`) of the 60k training files,
+    "train" and "val" are a deterministic partition (by `split_seed`) of the 60k training files,
     "test" is the t10k files.
 
     Args:
         root: directory of idx files.
         split: "train", "val" or "test".
-        seed: seed of the train/val partition.
+        split_seed: seed of the train/val partition (kept apart from the run seed so that
+            changing the run seed never moves validation items into training).
         val_size: number of training items held out as "val".
 
     Returns:
@@ -108,7 +109,7 @@ def load_idx_split(root: str | os.PathLike, split: str, seed: int = 0,
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"idx files in {root} disagree: images {images.shape}, labels {labels.shape}")
     if split != "test":
-        keep = carve_split(len(images), split, seed, val_size)
+        keep = carve_split(len(images), split, split_seed, val_size)
         images, labels = images[keep], labels[keep]
     return images, labels
 
@@ -121,14 +122,15 @@ def default_fashion_dir() -> Optional[str]:
 class IdxDataset(Dataset):
     """MNIST-style 28x28 grayscale digits or clothes from idx files, held in memory (47 MB max)."""
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", seed: int = 0,
+    def __init__(self, root: str | os.PathLike, split: str = "train", split_seed: int = 0,
                  kind: str = "mnist", val_size: int = 6000,
                  mean: Optional[tuple[float, ...]] = None, std: Optional[tuple[float, ...]] = None):
         """
         Args:
             root: directory of idx files.
             split: "train", "val" (deterministic `val_size` items of train) or "test".
-            seed: seed of the train/val partition.
+            split_seed: seed of the train/val partition (kept apart from the run seed so that
+            changing the run seed never moves validation items into training).
             kind: "mnist" or "fashion-mnist" (class names and default mean/std).
             val_size: items held out from train as "val".
             mean, std: override the normalisation (e.g. (0,), (1,) for raw [0, 1] pixels).
@@ -137,7 +139,7 @@ class IdxDataset(Dataset):
             raise DataError(f"unknown idx data set kind {kind!r}")
         if not os.path.isdir(root):
             raise DataError(f"{kind}: not a directory: {root}")
-        self.images, self.labels = load_idx_split(root, split, seed, val_size)
+        self.images, self.labels = load_idx_split(root, split, split_seed, val_size)
         fashion = kind == "fashion-mnist"
         names = FASHION_CLASSES if fashion else MNIST_CLASSES
         self.info = DataInfo(

@@ -1,0 +1,159 @@
+"""The `iared` command line: parse arguments, build a config, call one function.
+
+Every command shares `--device` and `--seed`. A user mistake (bad path, bad file, bad
+flag value) is reported as one line on stderr with exit code 2, never a traceback; the
+library raises `iared.errors.UserError` (or a subclass) for those.
+
+`main(argv)` is callable from Python, so tests run a command as `main([...])`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .errors import UserError
+
+
+def _device(name: Optional[str]) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available")
+    return name
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=float, default=None, help="training budget in epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--limit-batches", type=_positive_int, default=None,
+                   help="stop each epoch after N batches (tiny runs and tests)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iared", description=(
+        "IA-RED² and ATS: faster, explainable vision transformers by dropping uninformative patch tokens."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="end-to-end on the embedded default data (cluttered-digits)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a 2-minute version (used by tests)")
+    _common(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train-backbone", help="train a plain ViT from scratch")
+    p.add_argument("--data", required=True, help="KIND[:PATH], e.g. cluttered-digits, cifar10:DIR")
+    p.add_argument("--arch", required=True, help="registry name, e.g. vit_custom, deit_tiny_patch16_224")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _common(p)
+    _training(p)
+    p.set_defaults(func=_cmd_train_backbone)
+
+    p = sub.add_parser("train", help="IA-RED² training (Algorithm 1: interpreters by REINFORCE, then fine-tuning)")
+    p.add_argument("--data", required=True, help="KIND[:PATH]")
+    p.add_argument("--checkpoint", required=True, help="backbone model file")
+    p.add_argument("--groups", type=_positive_int, default=3, help="D, the number of groups (default 3)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _common(p)
+    _training(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy, FLOPs, throughput and keep ratio per method")
+    p.add_argument("--data", required=True, help="KIND[:PATH]")
+    p.add_argument("--checkpoint", required=True, help="model file (backbone or IA-RED²)")
+    p.add_argument("--methods", default="original,iared", help="comma-separated method names")
+    p.add_argument("--json", required=True, help="where to write the results JSON")
+    p.add_argument("--segmentation", action="store_true", help="add heatmap segmentation metrics")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--limit-batches", type=_positive_int, default=None)
+    _common(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("interpret", help="per-group heatmaps, overlays and kept patches for images")
+    p.add_argument("-p", "--path", dest="paths", action="append", required=True, help="an image (repeatable)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", required=True, help="IA-RED² model file")
+    _common(p)
+    p.set_defaults(func=_cmd_interpret)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bsub.add_parser("speed", help="throughput of every method on one backbone")
+    b.add_argument("--arch", required=True, help="registry name, e.g. deit_small_patch16_224")
+    b.add_argument("--img-size", type=_positive_int, default=None)
+    b.add_argument("--batch-size", type=_positive_int, default=64)
+    b.add_argument("--json", required=True, help="where to write the results JSON")
+    _common(b)
+    b.set_defaults(func=_cmd_bench_speed)
+    return parser
+
+
+# -- command bodies: each builds a config and calls one library function ---------------
+
+def _not_yet(name: str) -> int:
+    print(f"iared {name}: not yet available in this version", file=sys.stderr)
+    return 2
+
+
+def _cmd_demo(args) -> int:
+    return _not_yet("demo")
+
+
+def _cmd_train_backbone(args) -> int:
+    return _not_yet("train-backbone")
+
+
+def _cmd_train(args) -> int:
+    return _not_yet("train")
+
+
+def _cmd_eval(args) -> int:
+    return _not_yet("eval")
+
+
+def _cmd_interpret(args) -> int:
+    return _not_yet("interpret")
+
+
+def _cmd_bench_speed(args) -> int:
+    return _not_yet("bench speed")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.device = _device(getattr(args, "device", None))
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"iared {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"iared {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Image files in folders or zips: CIFAR-10 (`<root>/<split>/<class>/*.jpg`) and ImageNet
+style folders (`DIR/<class>/*.JPEG`, `DIR/<split>/<class>/*`, or a flat folder with
+`labels.tsv`).
+
+Items are decoded lazily with `load_image`. A zip is never extracted: each worker process
+opens its own `ZipFile` on first use (a handle shared across a fork would interleave
+seeks), and pickling drops the handle so spawned workers reopen it too.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .base import DataError, DataInfo, SkipBadMixin, carve_split, check_split, normalize
+from .images import ImageError, load_image, resize_center_crop, to_tensor
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                        ".ppm", ".pgm", ".pbm", ".pnm"})
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+VAL_FRACTION = 0.1  # share of a training set carved out as "val" when no val folder exists
+
+
+def _is_image_name(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return not base.startswith(".") and os.path.splitext(base)[1].lower() in IMAGE_EXTS
+
+
+class ImageFileDataset(SkipBadMixin, Dataset):
+    """Labelled image files, from a directory tree or members of one zip file."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], info: DataInfo,
+                 zip_path: Optional[str] = None, crop_pct: float = 1.0, skip_bad: bool = False):
+        """
+        Args:
+            files: file paths, or member names of `zip_path`.
+            labels: class index of each file.
+            info: the data set's `DataInfo` (mode, size and normalisation come from it).
+            zip_path: read `files` from this zip instead of the file system.
+            crop_pct: see `resize_center_crop`; applied only to images not already `img_size`.
+            skip_bad: replace undecodable files by the next good one (with a warning).
+        """
+        if len(files) == 0:
+            raise DataError(f"{info.kind}: no images found")
+        self.files = list(files)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.info = info
+        self.zip_path = zip_path
+        self.crop_pct = crop_pct
+        self.skip_bad = skip_bad
+        self._zf: Optional[zipfile.ZipFile] = None
+        self._zf_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_zf"], state["_zf_pid"] = None, -1
+        return state
+
+    def source_name(self, index: int) -> str:
+        return f"{self.zip_path}:{self.files[index]}" if self.zip_path else self.files[index]
+
+    def _zip(self) -> zipfile.ZipFile:
+        if self._zf is None or self._zf_pid != os.getpid():
+            self._zf, self._zf_pid = zipfile.ZipFile(self.zip_path), os.getpid()
+        return self._zf
+
+    def _read(self, index: int) -> Any:
+        if self.zip_path is None:
+            return self.files[index]
+        try:
+            return self._zip().read(self.files[index])
+        except (zipfile.BadZipFile, zlib.error, OSError, KeyError, EOFError) as e:
+            raise ImageError(f"cannot read {self.source_name(index)}: {e}") from None
+
+    def _load(self, index: int) -> dict[str, Any]:
+        mode = "L" if self.info.in_chans == 1 else "RGB"
+        img = load_image(self._read(index), mode=mode, name=self.source_name(index))
+        h, w = self.info.img_size
+        if img.size != (w, h):
+            img = resize_center_crop(img, (h, w), self.crop_pct)
+        x = normalize(to_tensor(img), self.info.mean, self.info.std)
+        return {"image": x, "label": int(self.labels[index])}
+
+
+# ---------------------------------------------------------------------------- CIFAR-10
+
+
+def _split_dir_name(split: str) -> str:
+    return "test" if split == "test" else "train"  # val is carved from train
+
+
+def _entries_from_zip(zip_path: Path, split_dir: str) -> list[tuple[str, str]]:
+    """(member, class) of every image at `.../<split_dir>/<class>/<file>` in the zip."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"cannot read zip {zip_path}: {e}") from None
+    out = []
+    for name in names:
+        parts = name.split("/")
+        if len(parts) >= 3 and parts[-3] == split_dir and _is_image_name(name):
+            out.append((name, parts[-2]))
+    return sorted(out)
+
+
+def _entries_from_class_dirs(root: Path) -> list[tuple[str, str]]:
+    """(path, class) of every image in `root/<class>/` (sorted)."""
+    out = []
+    for cls in sorted(d for d in os.listdir(root) if (root / d).is_dir() and not d.startswith(".")):
+        for f in sorted(os.listdir(root / cls)):
+            if _is_image_name(f) and (root / cls / f).is_file():
+                out.append((str(root / cls / f), cls))
+    return out
+
+
+def _find_cifar_entries(path: Path, split_dir: str) -> tuple[list[tuple[str, str]], Optional[str]]:
+    """Find the images of `split_dir` under a folder or zip; returns (entries, zip or None)."""
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"cifar10: {path} is neither a folder nor a zip file")
+        entries = _entries_from_zip(path, split_dir)
+        if not entries:
+            raise DataError(f"cifar10: no '{split_dir}/<class>/<image>' entries in {path}")
+        return entries, str(path)
+    # A folder: the split folder directly inside it or one level down, else zips in it.
+    for cand in [path / split_dir] + [d / split_dir for d in sorted(path.iterdir()) if d.is_dir()]:
+        if cand.is_dir():
+            entries = _entries_from_class_dirs(cand)
+            if entries:
+                return entries, None
+    zips = sorted(path.glob("*.zip"), key=lambda z: (split_dir not in z.name, z.name))
+    for z in zips:
+        entries = _entries_from_zip(z, split_dir)
+        if entries:
+            return entries, str(z)
+    raise DataError(f"cifar10: no '{split_dir}' split in {path} "
+                    f"(expected {split_dir}/<class>/*.jpg in the folder or in a zip there)")
+
+
+def cifar10(path: str, split: str = "train", split_seed: int = 0, img_size: Optional[int] = None,
+            mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+            skip_bad: bool = False, val_fraction: float = VAL_FRACTION) -> ImageFileDataset:
+    """CIFAR-10 (or any `<split>/<class>/` image set) from a folder or a zip.
+
+    Args:
+        path: a zip, a folder holding `<split>/<class>/` (possibly one level down), or a
+            folder holding zips of that layout (e.g. `cifar10_jpg_{train,test}.zip`).
+        split: "train", "val" (deterministic `val_fraction` of train) or "test".
+        split_seed: seed of the train/val partition.
+        img_size: side of the returned images (default 32; others are resized/cropped).
+        mean, std: normalisation (default: CIFAR-10's; the shared pretrained tiny ViT was
+            trained on raw [0, 1] pixels, i.e. mean (0, 0, 0), std (1, 1, 1)).
+        skip_bad: replace undecodable files by the next good one (with a warning).
+        val_fraction: share of train held out as "val".
+
+    Returns:
+        An `ImageFileDataset`.
+    """
+    check_split(split)
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"cifar10: path does not exist: {path}")
+    entries, zip_path = _find_cifar_entries(p, _split_dir_name(split))
+    class_names = tuple(sorted({c for _, c in entries}))
+    if split != "test":
+        keep = carve_split(len(entries), split, split_seed, round(val_fraction * len(entries)))
+        entries = [entries[i] for i in keep]
+    index = {c: i for i, c in enumerate(class_names)}
+    side = img_size or 32
+    info = DataInfo(kind="cifar10", num_classes=len(class_names), class_names=class_names,
+                    in_chans=3, img_size=(side, side),
+                    mean=tuple(mean) if mean is not None else CIFAR10_MEAN,
+                    std=tuple(std) if std is not None else CIFAR10_STD, has_masks=False)
+    return ImageFileDataset([f for f, _ in entries], [index[c] for _, c in entries], info,
+                            zip_path=zip_path, crop_pct=1.0, skip_bad=skip_bad)
+
+
+# ------------------------------------------------------------------------- imagefolder
+
+
+def _read_synsets(path: Path) -> tuple[list[str], list[str]]:
+    """wnids and short names from a `synset_words.txt` ("n01440764 tench, Tinca tinca")."""
+    wnids, names = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            wnid, _, text = line.strip().partition(" ")
+            wnids.append(wnid)
+            names.append(text.split(",")[0].strip() or wnid)
+    return wnids, names
+
+
+def _read_labels_tsv(root: Path) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+    """Entries and class names of a flat folder described by `labels.tsv`.
+
+    Each row is `file<TAB>class` with `file` relative to the folder; `class` is an index
+    (names then come from `synset_words.txt` next to it, if present) or a class name.
+    A first row whose class column is not an integer and names a column ("class...") is
+    taken as the header.
+    """
+    rows = []
+    with open(root / "labels.tsv", newline="", encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t"):
+            if len(row) >= 2 and row[0].strip():
+                rows.append((row[0].strip(), row[1].strip()))
+    if rows and not rows[0][1].lstrip("-").isdigit() and rows[0][1].lower().startswith("class"):
+        rows = rows[1:]
+    if not rows:
+        raise DataError(f"imagefolder: {root / 'labels.tsv'} lists no files")
+    synsets = root / "synset_words.txt"
+    if all(c.isdigit() for _, c in rows):
+        labels = [int(c) for _, c in rows]
+        if synsets.is_file():
+            names = tuple(_read_synsets(synsets)[1])
+        else:
+            names = tuple(str(i) for i in range(max(labels) + 1))
+        if max(labels) >= len(names):
+            raise DataError(f"imagefolder: label {max(labels)} in labels.tsv but only {len(names)} classes")
+    else:
+        names = tuple(sorted({c for _, c in rows}))
+        labels = [names.index(c) for _, c in rows]
+    return [(str(root / f), y) for (f, _), y in zip(rows, labels)], names
+
+
+def _class_dir_entries(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    return [(f, index[c]) for f, c in _entries_from_class_dirs(root) if c in index]
+
+
+def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: int = 224,
+                crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD, skip_bad: bool = False,
+                val_fraction: float = VAL_FRACTION) -> ImageFileDataset:
+    """An ImageNet-style folder of real photos, resized and centre-cropped.
+
+    Layouts, tried in this order:
+      * `DIR/labels.tsv` (flat folder; see `_read_labels_tsv`),
+      * `DIR/{train,val,test}/<class>/*` (split folders; class indices from `train/` when
+        present; without `val/`, "train" and "val" are carved from `train/`),
+      * `DIR/<class>/*` (one set).
+    Without split folders the whole folder is "test", and "train"/"val" are a
+    deterministic (1 - val_fraction, val_fraction) partition of it.
+
+    Args:
+        path: the folder.
+        split: "train", "val" or "test".
+        split_seed: seed of any carved train/val partition.
+        img_size: side of the square output.
+        crop_pct: resize the shorter side to img_size / crop_pct, then centre-crop.
+        mean, std: normalisation (ImageNet's by default).
+        skip_bad: replace undecodable files by the next good one (with a warning).
+        val_fraction: share carved out as "val" when there is no `val/` folder.
+
+    Returns:
+        An `ImageFileDataset`.
+    """
+    check_split(split)
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"imagefolder: not a directory: {path}")
+    carve = False
+    if (root / "labels.tsv").is_file():
+        entries, names = _read_labels_tsv(root)
+        carve = split != "test"
+    elif any((root / s).is_dir() for s in ("train", "val", "test")):
+        ref = root / "train" if (root / "train").is_dir() else root / split
+        if not ref.is_dir():
+            raise DataError(f"imagefolder: no {split}/ folder in {path}")
+        names = tuple(sorted(d for d in os.listdir(ref) if (ref / d).is_dir() and not d.startswith(".")))
+        # Without a val/ folder, train and val are both carved from train/ so they stay disjoint.
+        carve = split in ("train", "val") and not (root / "val").is_dir()
+        source = root / ("train" if carve else split)
+        if not source.is_dir():
+            raise DataError(f"imagefolder: no {split}/ folder in {path}")
+        entries = _class_dir_entries(source, names)
+    else:
+        names = tuple(sorted(d for d in os.listdir(root) if (root / d).is_dir() and not d.startswith(".")))
+        entries = _class_dir_entries(root, names)
+        carve = split != "test"
+        synsets = root / "synset_words.txt"
+        if synsets.is_file():  # show "tench" rather than "n01440764"
+            lookup = dict(zip(*_read_synsets(synsets)))
+            names = tuple(lookup.get(n, n) for n in names)
+    if not entries:
+        raise DataError(f"imagefolder: no images found in {path}")
+    if carve:
+        keep = carve_split(len(entries), split, split_seed, round(val_fraction * len(entries)))
+        entries = [entries[i] for i in keep]
+    info = DataInfo(kind="imagefolder", num_classes=len(names), class_names=tuple(names), in_chans=3,
+                    img_size=(img_size, img_size), mean=tuple(mean), std=tuple(std), has_masks=False)
+    return ImageFileDataset([f for f, _ in entries], [y for _, y in entries], info,
+                            crop_pct=crop_pct, skip_bad=skip_bad)
