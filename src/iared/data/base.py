@@ -9,7 +9,6 @@ where the data has masks) and which carries a `DataInfo` at `.info`.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -144,11 +143,3 @@ def scan(dataset: Dataset, limit: Optional[int] = None) -> list[tuple[int, str, 
             bad.append((i, name(i), str(e)))
     return bad
 
-
-def require_path(kind: str, path: Optional[str], hint: str = "") -> str:
-    """Check that a spec path was given and exists; return it as a string."""
-    if not path:
-        raise DataError(f"{kind} needs a path: use {kind}:PATH{hint}")
-    if not os.path.exists(path):
-        raise DataError(f"{kind}: path does not exist: {path}")
-    return path

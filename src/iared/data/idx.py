@@ -69,7 +69,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 
-def find_idx_file(root: str | os.PathLike, stem: str) -> Path:
+def find_idx_file(root: str | os.PathLike, stem: str, needed_for: str = "") -> Path:
     """Locate `stem` (e.g. "train-images-idx3-ubyte") in `root`, gzipped or plain.
 
     Also accepts the `train-images.idx3-ubyte` spelling some mirrors use.
@@ -82,7 +82,8 @@ def find_idx_file(root: str | os.PathLike, stem: str) -> Path:
     for name in (stem + ".gz", stem, dotted + ".gz", dotted):
         if (root / name).is_file():
             return root / name
-    raise DataError(f"missing file {root / (stem + '.gz')} (or without .gz)")
+    why = f", needed for the {needed_for!r} split" if needed_for else ""
+    raise DataError(f"missing file {root / (stem + '.gz')} (or without .gz){why}")
 
 
 def load_idx_split(root: str | os.PathLike, split: str, split_seed: int = 0,
@@ -104,8 +105,8 @@ def load_idx_split(root: str | os.PathLike, split: str, split_seed: int = 0,
     """
     check_split(split)
     prefix = "t10k" if split == "test" else "train"
-    images = read_idx(find_idx_file(root, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(find_idx_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    images = read_idx(find_idx_file(root, f"{prefix}-images-idx3-ubyte", split))
+    labels = read_idx(find_idx_file(root, f"{prefix}-labels-idx1-ubyte", split)).astype(np.int64)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"idx files in {root} disagree: images {images.shape}, labels {labels.shape}")
     if split != "test":
