@@ -173,6 +173,9 @@ def load_into(model: nn.Module, sd: Mapping[str, Tensor], strict: bool = True) -
         CheckpointError: listing missing keys, unexpected keys and keys of the wrong shape.
     """
     sd = dict(sd)
+    adapt = getattr(model, "adapt_state_dict", None)  # e.g. JointST resamples time_embed
+    if callable(adapt):
+        sd = adapt(sd)
     own = model.state_dict()
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
