@@ -277,3 +277,17 @@ def test_iared_scores_from_policy_records():
 
 def test_methods_list_is_what_explain_accepts():
     assert set(METHODS) == set(BASELINES) | {"iared"}
+
+
+def test_iared_scores_with_the_real_policy():
+    """The same contract through `iared.patch(model, policy="iared")` (the lead's policy)."""
+    import iared
+
+    model, x = tiny_vit(depth=6), images()
+    iared.patch(model, policy="iared", groups=3)
+    _, info = model(x, return_info=True)
+    groups = explain(model, x, "iared", group=None)
+    assert len(groups) == 3
+    for g, stage in zip(groups, info.stages):
+        assert g.shape == (2, model.grid_size) and torch.all((g >= 0) & (g <= 1))
+        assert torch.equal(g, stage.scores.float())
