@@ -97,6 +97,11 @@ def test_build_dataset_errors_are_one_line(spec, match):
     assert "\n" not in str(e.value)
 
 
+def test_data_errors_are_user_errors():
+    from iared.errors import UserError  # what the CLI turns into one line and exit code 2
+    assert issubclass(DataError, UserError) and issubclass(ImageError, DataError)
+
+
 def test_unknown_split_and_empty_folder(tmp_path):
     with pytest.raises(DataError, match="unknown split"):
         build_dataset("cluttered-digits", "training")

@@ -17,13 +17,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
-    """A user-facing data problem (bad spec, missing file, empty folder); one-line message."""
+class DataError(UserError):
+    """A user-facing data problem (bad spec, missing file, empty folder); one-line message.
+
+    A `UserError` (hence a `ValueError`): the CLI prints it as one line, exit code 2.
+    """
 
 
 @dataclass(frozen=True)
