@@ -174,6 +174,17 @@ def test_fashion_mnist_class_names(tmp_path):
     assert ds.info.class_names[0] == "T-shirt/top" and ds.info.num_classes == 10
 
 
+def test_fashion_mnist_default_system_dir(tmp_path, monkeypatch):
+    import iared.data.idx as idx
+    monkeypatch.setattr(idx, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "none"))
+    with pytest.raises(DataError, match="fashion-mnist:DIR"):
+        build_dataset("fashion-mnist", "test")
+    make_idx_dir(tmp_path / "sys")  # stands in for the Debian package's folder
+    monkeypatch.setattr(idx, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "sys"))
+    assert len(build_dataset("fashion-mnist", "test")) == 20
+    assert len(build_dataset("cluttered-fashion", "test")) == 20
+
+
 # ------------------------------------------------------------------------------ cifar10
 
 
