@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     _common(p)
     _training(p)
+    p.add_argument("--embed-dim", type=_positive_int, default=None, help="token width (vit_custom default 64)")
+    p.add_argument("--depth", type=_positive_int, default=None, help="blocks (vit_custom default 6)")
+    p.add_argument("--heads", type=_positive_int, default=None, help="attention heads (vit_custom default 4)")
+    p.add_argument("--patch-size", type=_positive_int, default=None, help="patch side (vit_custom default 4)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    p.add_argument("--warmup-epochs", type=float, default=0.3, help="linear warmup (default 0.3 epochs)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="default 0.1")
+    p.add_argument("--clutter-ramp", default="",
+                   help="clutter fragments for the first epochs, e.g. 0,2,4 (cluttered data only)")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips (mirror-symmetric classes)")
+    p.add_argument("--val-size", type=_positive_int, default=None, help="validate on the first N items")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train_backbone)
 
     p = sub.add_parser("train", help="IA-RED² training (Algorithm 1: interpreters by REINFORCE, then fine-tuning)")
@@ -121,8 +134,30 @@ def _cmd_demo(args) -> int:
     return _not_yet("demo")
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} expects comma-separated integers, got {text!r}") from None
+
+
 def _cmd_train_backbone(args) -> int:
-    return _not_yet("train-backbone")
+    from .training.backbone import BackboneOptions, train_backbone
+
+    options = BackboneOptions(
+        data=args.data, arch=args.arch, out=args.out, embed_dim=args.embed_dim, depth=args.depth,
+        num_heads=args.heads, patch_size=args.patch_size,
+        epochs=args.epochs if args.epochs is not None else 10.0,
+        batch_size=args.batch_size or 128, lr=args.lr if args.lr is not None else 1e-3,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        clutter_ramp=_int_list(args.clutter_ramp, "--clutter-ramp"), hflip=args.hflip,
+        limit_batches=args.limit_batches, val_size=args.val_size, checkpoint_every=args.checkpoint_every,
+        workers=args.workers, seed=args.seed, device=args.device, resume=args.resume,
+        progress=not args.no_progress)
+    summary = train_backbone(options)
+    if summary.get("val"):
+        print(f"val top1 {summary['val']['top1']:.2f} -> {options.out}/model.safetensors")
+    return 0
 
 
 def _cmd_train(args) -> int:
