@@ -113,6 +113,11 @@ register_dataset("fashion-mnist", _build_fashion_mnist)
 register_dataset("cifar10", _build_cifar10)
 register_dataset("imagefolder", _build_imagefolder)
 
+from .video import build_moving_fashion, build_videofolder  # noqa: E402  (video kinds)
+
+register_dataset("moving-fashion", build_moving_fashion)
+register_dataset("videofolder", build_videofolder)
+
 __all__ = [
     "DATASETS", "SPLITS", "ClutteredDataset", "DataError", "DataInfo", "IdxDataset", "ImageError",
     "ImageFileDataset", "build_dataset", "carve_split", "check_split", "cifar10", "cluttered_digits",
