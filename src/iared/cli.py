@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--path", dest="paths", action="append", required=True, help="an image (repeatable)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--checkpoint", required=True, help="IA-RED² model file")
+    p.add_argument("--cmap", default="jet", help="matplotlib colormap of the heatmaps (default jet)")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay (default 0.5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
     p.set_defaults(func=_cmd_interpret)
 
@@ -169,7 +172,24 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_interpret(args) -> int:
-    return _not_yet("interpret")
+    from tqdm import tqdm
+
+    from .interpret import InterpretOptions, interpret
+
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
+    import matplotlib
+
+    if args.cmap not in matplotlib.colormaps:
+        raise UserError(f"unknown colormap {args.cmap!r} for --cmap")
+    options = InterpretOptions(paths=tuple(args.paths), out=args.out, checkpoint=args.checkpoint,
+                               device=args.device, cmap=args.cmap, alpha=args.alpha,
+                               progress=not args.no_progress)
+    # A bad input is one line naming it; the others are still processed, exit code 2 at the end.
+    result = interpret(options, log=lambda line: tqdm.write(f"iared interpret: error: {line}", file=sys.stderr))
+    for source, folder in result.outputs.items():
+        print(f"{source} -> {folder}")
+    return 0 if result.ok else 2
 
 
 def _cmd_bench_speed(args) -> int:
