@@ -1,7 +1,8 @@
 """Video data: the generated `moving-fashion` clips and `videofolder` (real files via PyAV).
 
 Items are dicts `{"video": float (C, T, H, W) normalised, "label": int[, "mask": bool
-(T, H, W)]}`. With `views=3` (the paper's video-1 protocol: left, centre, right crops of
+(T, H, W)]}`; one-view items also carry the same tensor as "image", the model-input key
+the shared training and evaluation loops read (`iared.training.loop`). With `views=3` (the paper's video-1 protocol: left, centre, right crops of
 the same clip) "video" is (3, C, T, H, W) and "mask" (3, T, H, W), views in that order,
 so `evaluation.video` can score the centre view alone (clip-1) and the three together
 (video-1) from one item.
@@ -226,7 +227,7 @@ class MovingFashionDataset(Dataset):
         m = spatial_crops(m, self.img_size, self.views, offset)             # (V, T, S, S)
         v = (v - self.info.mean[0]) / self.info.std[0]
         if self.views == 1:
-            v, m = v[0], m[0]
+            return {"video": v[0], "image": v[0], "label": label, "mask": m[0]}
         return {"video": v, "label": label, "mask": m}
 
 
@@ -402,7 +403,9 @@ class VideoFolderDataset(Dataset):
         m = torch.as_tensor(self.info.mean).view(3, 1, 1, 1)
         s = torch.as_tensor(self.info.std).view(3, 1, 1, 1)
         v = spatial_crops((v - m) / s, self.img_size, self.views)           # (V, 3, T, S, S)
-        return {"video": v[0] if self.views == 1 else v, "label": self.class_index[label]}
+        if self.views == 1:
+            return {"video": v[0], "image": v[0], "label": self.class_index[label]}
+        return {"video": v, "label": self.class_index[label]}
 
 
 def videofolder(path: str, split: str = "test", **kw: Any) -> VideoFolderDataset:
