@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     _common(p)
     _training(p)
+    p.add_argument("--arch", default=None, help="registry name: needed when --checkpoint is a plain state dict")
+    p.add_argument("--tau", type=float, default=1.0, help="penalty of a wrong prediction, Eq. 2 (default 1.0)")
+    p.add_argument("--schedule", default="10:20", help="E_p:E_b, interpreter vs fine-tuning epochs (default 10:20)")
+    p.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
+                   help="fine-tune the blocks after each interpreter (default on)")
+    p.add_argument("--finetune-lr", type=float, default=None, help="learning rate of the blocks (default: --lr)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="when fine-tuning (default 0)")
+    p.add_argument("--val-size", type=_positive_int, default=None, help="validate on the first N items")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="accuracy, FLOPs, throughput and keep ratio per method")
@@ -164,7 +174,26 @@ def _cmd_train_backbone(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    return _not_yet("train")
+    from .training.curriculum import TrainOptions, train_iared
+
+    try:
+        schedule = tuple(float(v) for v in args.schedule.split(":"))
+    except ValueError:
+        raise UserError(f"--schedule expects E_p:E_b, e.g. 10:20, got {args.schedule!r}") from None
+    options = TrainOptions(
+        data=args.data, checkpoint=args.checkpoint, out=args.out, groups=args.groups, arch=args.arch,
+        epochs=args.epochs if args.epochs is not None else 30.0, schedule=schedule, finetune=args.finetune,
+        tau=args.tau, lr=args.lr if args.lr is not None else 4e-5, finetune_lr=args.finetune_lr,
+        batch_size=args.batch_size or 64, label_smoothing=args.label_smoothing,
+        limit_batches=args.limit_batches, val_size=args.val_size, checkpoint_every=args.checkpoint_every,
+        workers=args.workers, seed=args.seed, device=args.device, resume=args.resume,
+        progress=not args.no_progress)
+    summary = train_iared(options)
+    if summary.get("val"):
+        v = summary["val"]
+        print(f"val top1 {v['top1']:.2f}, keep ratio per group "
+              f"{[round(k, 3) for k in v['keep_ratio_per_group']]} -> {options.out}/model.safetensors")
+    return 0
 
 
 def _cmd_eval(args) -> int:

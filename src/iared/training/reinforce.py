@@ -19,10 +19,10 @@ frozen) and later groups keeping everything ("all"),
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..reduction.interpreter import log_keep_drop
@@ -70,6 +70,26 @@ def group_modes(group: int, groups: int, current: str) -> list[str]:
     return ["greedy"] * group + [current] + ["all"] * (groups - group - 1)
 
 
+@contextmanager
+def only_requires_grad(model: nn.Module, part: nn.Module) -> Iterator[None]:
+    """Within the block, only `part`'s parameters require grad (flags restored after).
+
+    Eq. 3 is a gradient with respect to W_j alone. The log-probabilities also depend on
+    the tokens entering group j, i.e. on the frozen backbone; turning its gradients off
+    makes the loss's gradient reach interpreter j only, whatever the caller froze, and
+    spares building a graph through the backbone.
+    """
+    own = {id(p) for p in part.parameters()}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in own)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
 def _seed_from(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2 ** 62, (1,), generator=generator))
 
@@ -96,7 +116,7 @@ def reinforce_step(model: nn.Module, batch: dict[str, Any], *, group: int, group
                                  execution="mask")
     # The policy draws from the global RNG: fork it and seed it from our own generator.
     devices = [images.device.index or 0] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), only_requires_grad(model, model.policy.interpreters[group]):
         if generator is not None:
             torch.manual_seed(_seed_from(generator))
         logits_s, info_s = model(images, return_info=True, mode=group_modes(group, groups, "sample"),

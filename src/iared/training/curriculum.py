@@ -1,0 +1,246 @@
+"""IA-RED² training (Algorithm 1): interpreters by REINFORCE, group by group, with fine-tuning.
+
+For j = 1..D:
+
+1. *policy-j*: train interpreter j by REINFORCE (`reinforce_step`) for E_p epochs;
+   interpreters 1..j-1 act greedily, j+1..D keep every token, and every other parameter
+   is frozen;
+2. *finetune-j* (optional, `finetune=True`): freeze interpreter j and fine-tune the
+   MSA-FFN blocks of groups j..D with cross-entropy (`finetune_step`) for E_b epochs.
+
+Frozen throughout (the paper): patch embedding, position embedding, class token.
+Decision: the final LayerNorm and the classifier head are fine-tuned together with the
+blocks of groups j..D (they read only the last group's output, which the fine-tuning
+changes; freezing them would make the last blocks chase a fixed readout). They never
+change in the REINFORCE stages, and with `finetune=False` the backbone is untouched.
+
+E_p : E_b = 10 : 20 per group in the paper; `epochs` is the budget per group, split by
+`schedule`. Without fine-tuning only the E_p part runs (the paper's Table 2/3 setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..backbones.checkpoint import CheckpointError, load_pretrained
+from ..backbones.registry import list_models
+from ..errors import UserError
+from ..models import load_model, read_model_meta, save_model
+from ..patch import patch
+from .backbone import build_backbone
+from .distributed import DistInfo, barrier, broadcast_parameters, cleanup, device_for, init_distributed
+from .finetune import finetune_step
+from .loop import LoopOptions, Stage, evaluate, run_stages
+from .reinforce import group_modes, reinforce_step
+from .setup import check_output_dir, data_info_dict, load_data, write_json
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything `train_iared` needs; the CLI fills it in."""
+
+    data: str                              # data spec KIND[:PATH]
+    checkpoint: str                        # backbone: an iared model file, or a state dict with `arch`
+    out: str                               # run folder: model.safetensors, metrics.json, checkpoints/
+    groups: int = 3                        # D: groups of blocks, one interpreter each
+    arch: Optional[str] = None             # registry name; needed for plain state dicts, checked otherwise
+    epochs: float = 30.0                   # budget per group, split policy:finetune by `schedule`
+    schedule: tuple[float, float] = (10.0, 20.0)  # E_p : E_b, the paper's 10 : 20
+    finetune: bool = True                  # run the fine-tuning stages (paper's Tables 2/3: without)
+    tau: float = 1.0                       # Eq. 2 penalty of a wrong prediction (higher: keep more)
+    lr: float = 4e-5                       # Adam peak learning rate of the interpreters (paper: 4e-5)
+    finetune_lr: Optional[float] = None    # Adam peak learning rate of the blocks (None: `lr`)
+    batch_size: int = 64                   # images per step and process (paper: 32 per GPU)
+    label_smoothing: float = 0.0           # cross-entropy label smoothing when fine-tuning
+    limit_batches: Optional[int] = None    # stop each epoch after N steps (tiny runs, tests)
+    val_size: Optional[int] = None         # validate on the first N validation items (None: all)
+    checkpoint_every: int = 100            # steps between checkpoints
+    workers: int = 0                       # DataLoader worker processes
+    seed: int = 0                          # data order, Bernoulli draws, interpreter initialisation
+    device: str = "cpu"                    # "cpu" or "cuda"
+    resume: bool = False                   # continue the run in `out`
+    progress: bool = True                  # tqdm progress bars
+
+    @property
+    def policy_epochs(self) -> float:
+        return self.epochs * self.schedule[0] / sum(self.schedule)
+
+    @property
+    def finetune_epochs(self) -> float:
+        return self.epochs * self.schedule[1] / sum(self.schedule)
+
+
+def load_backbone(path: str, arch: Optional[str], info: Any) -> tuple[nn.Module, str, Optional[dict[str, Any]]]:
+    """The backbone to train interpreters on, checked against `--arch` and the data.
+
+    Args:
+        path: an iared model file (self-contained) or a timm-layout state dict.
+        arch: registry name; required for a state dict, must agree with a model file.
+        info: the training data's `DataInfo`.
+
+    Returns:
+        (model on CPU, its registry name, the data config stored in the model file or None).
+
+    Raises:
+        UserError: missing/damaged file, arch mismatch, or a model that does not fit the data.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"backbone checkpoint not found: {p}")
+    if p.suffix == ".safetensors" and _has_meta(p):
+        meta = read_model_meta(p)
+        if arch is not None and arch != meta["arch"]:
+            raise UserError(f"--arch {arch} does not match the backbone file, which holds a {meta['arch']}")
+        if meta.get("policy"):
+            raise UserError(f"{p} already has a {meta['policy'].get('name')} policy: pass a plain backbone")
+        model, arch, data_meta = load_model(p), meta["arch"], meta.get("data")
+    else:
+        if arch is None:
+            raise UserError(f"{p} is a plain state dict: pass --arch to say which model it holds")
+        if arch not in list_models():
+            raise UserError(f"unknown --arch {arch!r}; available: {', '.join(list_models())}")
+        model, _ = build_backbone(arch, info)
+        try:
+            load_pretrained(model, p)
+        except CheckpointError as e:
+            raise UserError(f"backbone {p} does not match --arch {arch}: {e}") from None
+        data_meta = None
+    c = model.config
+    img = tuple(c.img_size) if isinstance(c.img_size, (list, tuple)) else (c.img_size, c.img_size)
+    if (c.num_classes, c.in_chans, img) != (info.num_classes, info.in_chans, tuple(info.img_size)):
+        raise UserError(f"backbone ({c.num_classes} classes, {c.in_chans} channels, {img[0]}x{img[1]}) does not "
+                        f"fit the data ({info.num_classes} classes, {info.in_chans} channels, "
+                        f"{info.img_size[0]}x{info.img_size[1]})")
+    return model, arch, data_meta
+
+
+def _has_meta(p: Path) -> bool:
+    try:
+        read_model_meta(p)
+        return True
+    except CheckpointError as e:
+        if "no iared metadata" in str(e):
+            return False
+        raise
+
+
+def group_blocks(model: nn.Module, group: int, groups: int) -> list[nn.Module]:
+    """The MSA-FFN blocks of groups `group`..D-1 (0-based)."""
+    per = len(model.blocks) // groups
+    return list(model.blocks[group * per:])
+
+
+def build_stages(model: nn.Module, train: Dataset, options: TrainOptions) -> list[Stage]:
+    """Algorithm 1 as a list of stages: policy-1, finetune-1, policy-2, ..."""
+    D = options.groups
+    stages: list[Stage] = []
+
+    def data_for(offset: int):
+        def fn(epoch: int) -> Dataset:
+            if hasattr(train, "set_epoch"):
+                train.set_epoch(offset + epoch)  # fresh clutter in every epoch of every stage
+            return train
+        return fn
+
+    for j in range(D):
+        eval_mode = group_modes(j, D, "greedy")
+        stages.append(Stage(
+            name=f"policy-{j + 1}",
+            step=lambda m, b, g, _j=j: reinforce_step(m, b, group=_j, groups=D, tau=options.tau, generator=g),
+            trainable=lambda m, _j=j: list(m.policy.interpreters[_j].parameters()),
+            train_data=data_for(len(stages) * 1000), epochs=options.policy_epochs, lr=options.lr,
+            optimizer="adam", eval_mode=eval_mode, extra={"group": j + 1, "kind": "policy", "tau": options.tau},
+        ))
+        if options.finetune and options.finetune_epochs > 0:
+            stages.append(Stage(
+                name=f"finetune-{j + 1}",
+                step=lambda m, b, g, _j=j: finetune_step(m, b, group=_j, groups=D,
+                                                         label_smoothing=options.label_smoothing),
+                trainable=lambda m, _j=j: [p for blk in group_blocks(m, _j, D) for p in blk.parameters()]
+                + list(m.norm.parameters()) + list(m.head.parameters()),
+                train_data=data_for(len(stages) * 1000), epochs=options.finetune_epochs,
+                lr=options.finetune_lr if options.finetune_lr is not None else options.lr,
+                optimizer="adam", eval_mode=eval_mode, extra={"group": j + 1, "kind": "finetune"},
+            ))
+    return stages
+
+
+def train_iared(options: TrainOptions) -> dict[str, Any]:
+    """Run Algorithm 1; write `out/model.safetensors` and `out/metrics.json` (rank 0).
+
+    Returns:
+        The summary written to metrics.json: per-stage validation accuracy and keep
+        ratio per group, and the backbone's accuracy before training.
+
+    Raises:
+        UserError: bad data, backbone, groups or output folder (before any training).
+    """
+    if options.groups < 1:
+        raise UserError("--groups must be at least 1")
+    if len(options.schedule) != 2 or min(options.schedule) < 0 or sum(options.schedule) <= 0:
+        raise UserError("--schedule must be two non-negative numbers E_p:E_b, not both zero")
+    if options.epochs <= 0 or options.policy_epochs <= 0:
+        raise UserError("--epochs and the policy part of --schedule must be positive")
+    dist_info = init_distributed(options.device)
+    try:
+        return _train_iared(options, dist_info)
+    finally:
+        cleanup(dist_info)
+
+
+def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
+    t0 = time.time()
+    out = Path(options.out)
+    train = load_data(options.data, "train", options.seed)
+    val = load_data(options.data, "val", options.seed)
+    model, arch, data_meta = load_backbone(options.checkpoint, options.arch, train.info)
+    depth = model.config.depth
+    if depth % options.groups:
+        raise UserError(f"--groups {options.groups} does not divide the backbone's depth {depth}")
+    if dist_info.is_main:
+        check_output_dir(out)
+    torch.manual_seed(options.seed)  # interpreter initialisation
+    patch(model, policy="iared", groups=options.groups)
+    device = device_for(options.device, dist_info)
+    model.to(device)
+    broadcast_parameters(model, dist_info)
+
+    loop = LoopOptions(out=options.out, batch_size=options.batch_size, limit_batches=options.limit_batches,
+                       workers=options.workers, seed=options.seed, device=options.device,
+                       checkpoint_every=options.checkpoint_every, val_size=options.val_size,
+                       progress=options.progress)
+    before = evaluate(model, val, batch_size=loop.eval_batch_size, device=device, mode="all", limit=options.val_size,
+                      dist_info=dist_info, workers=options.workers)
+    stages = build_stages(model, train, options)
+    run_config = {k: v for k, v in dataclasses.asdict(options).items()
+                  if k not in ("out", "resume", "workers", "progress", "device", "val_size", "checkpoint_every")}
+    run_config["schedule"] = list(options.schedule)
+    run_config["world_size"] = dist_info.world_size
+    history = run_stages(model, stages, val, loop, dist_info=dist_info, resume=options.resume, run_config=run_config)
+
+    summary: dict[str, Any] = {}
+    if dist_info.is_main:
+        per_stage = [{"stage": st["name"], **st["extra"], "val_top1": st["epochs"][-1]["val"]["top1"],
+                      "keep_ratio_per_group": st["epochs"][-1]["val"]["keep_ratio_per_group"]}
+                     for st in history["stages"]]
+        final = history["stages"][-1]["epochs"][-1]["val"]
+        summary = {
+            "command": "train", "data": options.data, "checkpoint": options.checkpoint, "arch": arch,
+            "groups": options.groups, "backbone_val": before, "val": final, "per_stage": per_stage,
+            "history": history, "options": dataclasses.asdict(options), "session_wall_s": time.time() - t0,
+        }
+        save_model(model.cpu(), out / "model.safetensors", arch=arch,
+                   data=data_meta or data_info_dict(options.data, train.info),
+                   extra={"trained_by": "iared train", "val_top1": final["top1"],
+                          "keep_ratio_per_group": final["keep_ratio_per_group"]})
+        write_json(out / "metrics.json", summary)
+    barrier(dist_info)
+    return summary
