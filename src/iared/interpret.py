@@ -137,8 +137,10 @@ def load_interpreter(checkpoint: str, device: str = "cpu") -> tuple[nn.Module, I
 
     try:
         model = load_model(checkpoint)
-    except UserError:
-        raise
+    except UserError as e:
+        if str(checkpoint) in str(e):
+            raise
+        raise type(e)(f"{checkpoint}: {e}") from None  # say which file (e.g. weights that do not fit)
     except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
         # Metadata that names an unknown architecture, bad config fields, and the like.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
