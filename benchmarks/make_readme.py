@@ -1,0 +1,214 @@
+"""Regenerate the README's results tables from `benchmarks/results/*.json`.
+
+The README owns its prose; this script only rewrites the text between marker pairs
+
+    <!-- results:NAME -->
+    ...generated...
+    <!-- /results:NAME -->
+
+Tables are never typed by hand: each is rendered from the JSON files a benchmark wrote
+(each records the exact command that made it). A JSON file that does not exist yet
+renders as "not run yet"; a marker pair missing from the README is reported on stdout
+and nothing is added for it (the README's sections are the lead's to decide).
+
+    .venv/bin/python benchmarks/make_readme.py [--readme README.md] [--results benchmarks/results]
+
+Markers filled (NAME: source files):
+
+    speed              speed_*.json            (`iared bench speed`, one file per arch/batch)
+    threshold_sweep    threshold_sweep.json
+    cluttered_fashion  cluttered_fashion.json  (benchmarks/cluttered_fashion.py)
+    cifar10            cifar10.json            (benchmarks/cifar10.py)
+    offshelf           offshelf.json
+    moving_fashion     moving_fashion.json
+    pruning            pruning.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from iared.evaluation.report import fmt, md_table as table, method_table, metric_table
+
+NOT_RUN = "not run yet"
+
+
+def command_line(doc: dict[str, Any], name: str) -> str:
+    cmd = doc.get("command")
+    return f"Made by `{cmd}` (`benchmarks/results/{name}`)." if cmd else f"From `benchmarks/results/{name}`."
+
+
+# -- one renderer per marker ------------------------------------------------------------------
+
+
+def render_speed(results: Path) -> str:
+    files = sorted(results.glob("speed_*.json"))
+    docs = [(f, _load(f)) for f in files]
+    docs = [(f, d) for f, d in docs if d is not None]
+    if not docs:
+        return NOT_RUN
+    rows, commands = [], []
+    for f, d in docs:
+        arch = f"{d.get('arch', '?')} @{d.get('img_size', '?')}"
+        dev = f"{d.get('device', '?')}/{d.get('threads', '?')}"
+        for name, m in (d.get("methods") or {}).items():
+            ratio = m.get("flops_ratio")
+            speed_vs_flops = m["speedup"] / ratio if ratio and m.get("speedup") is not None else None
+            rows.append([arch, fmt(d.get("batch_size")), name, fmt(m.get("img_per_s"), 1),
+                         fmt(m.get("gflops_per_img"), 3), fmt(m.get("speedup"), 2), fmt(speed_vs_flops, 2), dev])
+        commands.append(f"- `{d['command']}`" if d.get("command") else f"- `{f.name}`")
+    header = ["arch", "batch", "method", "img/s", "GFLOPs/img", "speedup", "speedup / FLOPs ratio", "device/threads"]
+    return table(header, rows) + "\n\nMade by:\n" + "\n".join(commands)
+
+
+def render_cluttered_fashion(results: Path) -> str:
+    name = "cluttered_fashion.json"
+    d = _load(results / name)
+    if d is None:
+        return NOT_RUN
+    parts = [command_line(d, name)]
+    if d.get("backbone_top1") is not None or d.get("wall_s") is not None:
+        parts.append(f"Backbone val top-1 while training: {fmt(d.get('backbone_top1'))} %; "
+                     f"whole benchmark {fmt((d.get('wall_s') or 0) / 60, 1)} min on {d.get('device', '?')} "
+                     f"({d.get('threads', '?')} threads).")
+    if d.get("methods"):
+        parts.append("**Table 2: accuracy at matched cost** (baselines' budgets chosen to match IA-RED²'s GFLOPs)\n\n"
+                     + method_table(d["methods"]))
+    if d.get("segmentation"):
+        parts.append("**Table 1: heatmaps as foreground segmentation** (heatmap > its mean vs the item's pixel mask)\n\n"
+                     + metric_table(d["segmentation"]))
+    if d.get("attention_blocks"):
+        parts.append("**Table 5: raw attention of block b** (CLS row, mean over heads)\n\n"
+                     + metric_table({f"block {k}": v for k, v in d["attention_blocks"].items()}, first="block"))
+    if d.get("targets"):
+        parts.append("SPEC §5 targets: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in d["targets"].items()))
+    return "\n\n".join(parts)
+
+
+def render_trade_off(file_name: str) -> Callable[[Path], str]:
+    """Tables of a task whose JSON has `methods` (and optionally `segmentation`)."""
+
+    def render(results: Path) -> str:
+        d = _load(results / file_name)
+        if d is None:
+            return NOT_RUN
+        parts = [command_line(d, file_name)]
+        if d.get("note"):
+            parts.append(str(d["note"]))
+        parts += _generic_body(d)
+        return "\n\n".join(parts)
+
+    return render
+
+
+def _generic_body(d: dict[str, Any]) -> list[str]:
+    """Whatever tables a results document supports: methods, segmentation, per-model sections."""
+    parts = []
+    if isinstance(d.get("methods"), dict) and d["methods"]:
+        parts.append(method_table(d["methods"]))
+    if isinstance(d.get("segmentation"), dict) and any(d["segmentation"].values()):
+        parts.append(metric_table(d["segmentation"]))
+    # Several models or settings in one file: {"models": {name: {"methods": ...}}} or a list of such.
+    for key in ("models", "runs", "settings"):
+        group = d.get(key)
+        items = group.items() if isinstance(group, dict) else (
+            ((g.get("name") or g.get("arch") or str(i)), g) for i, g in enumerate(group)) if isinstance(group, list) else ()
+        for sub_name, sub in items:
+            if isinstance(sub, dict):
+                body = _generic_body(sub)
+                if body:
+                    parts.append(f"**{sub_name}**" + (f" ({sub['checkpoint']})" if sub.get("checkpoint") else "")
+                                 + "\n\n" + "\n\n".join(body))
+    if not parts and isinstance(d.get("rows"), list) and d["rows"] and all(isinstance(r, dict) for r in d["rows"]):
+        keys = list(dict.fromkeys(k for r in d["rows"] for k in r))
+        parts.append(table(keys, [[fmt(r.get(k), 3) for k in keys] for r in d["rows"]]))
+    return parts
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "speed": render_speed,
+    "threshold_sweep": render_trade_off("threshold_sweep.json"),
+    "cluttered_fashion": render_cluttered_fashion,
+    "cifar10": render_trade_off("cifar10.json"),
+    "offshelf": render_trade_off("offshelf.json"),
+    "moving_fashion": render_trade_off("moving_fashion.json"),
+    "pruning": render_trade_off("pruning.json"),
+}
+
+
+def _load(path: Path) -> Optional[dict[str, Any]]:
+    """The JSON document at `path`, or None when it does not exist (a damaged file is an error)."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"make_readme: {path} is not valid JSON: {e}")
+    if not isinstance(doc, dict):
+        raise SystemExit(f"make_readme: {path} does not hold a JSON object")
+    return doc
+
+
+# -- rewriting the README -------------------------------------------------------------------
+
+
+def marker_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(.*?)(<!-- /results:{re.escape(name)} -->)", re.S)
+
+
+def update_readme(text: str, results: Path, renderers: Optional[dict[str, Callable[[Path], str]]] = None
+                  ) -> tuple[str, list[str]]:
+    """Replace the body of every marker pair with its generated table.
+
+    Args:
+        text: the README's text.
+        results: the folder of results JSON files.
+        renderers: marker name -> renderer (default `RENDERERS`).
+
+    Returns:
+        (new text, names of markers that were not found as a pair).
+    """
+    missing = []
+    for name, render in (renderers or RENDERERS).items():
+        pattern = marker_pattern(name)
+        if not pattern.search(text):
+            missing.append(name)
+            continue
+        body = render(results).rstrip("\n") + "\n"
+        text = pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
+    return text, missing
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readme", default=str(root / "README.md"), help="README to update in place")
+    parser.add_argument("--results", default=str(root / "benchmarks" / "results"), help="folder of results JSON")
+    args = parser.parse_args(argv)
+    readme = Path(args.readme)
+    if not readme.is_file():
+        print(f"make_readme: no README at {readme}", file=sys.stderr)
+        return 2
+    text = readme.read_text()
+    new, missing = update_readme(text, Path(args.results))
+    for name in missing:
+        print(f"make_readme: marker pair <!-- results:{name} --> ... <!-- /results:{name} --> not in {readme}; "
+              f"table not written")
+    if new != text:
+        tmp = readme.with_name(readme.name + ".tmp")
+        tmp.write_text(new)
+        os.replace(tmp, readme)
+        print(f"make_readme: updated {readme}")
+    else:
+        print(f"make_readme: {readme} already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
