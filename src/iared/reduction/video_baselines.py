@@ -49,9 +49,13 @@ def temporal_difference_scores(patch_tokens: Tensor, num_frames: int) -> Tensor:
 
 
 def top_fraction(scores: Tensor, keep_ratio: float) -> Tensor:
-    """(B, N) bool keeping the ceil(keep_ratio * N) highest scores of each row (at least one)."""
+    """(B, N) bool keeping the round(keep_ratio * N) highest scores of each row (at least one).
+
+    Rounded half up, as the random and attention baselines count (`baselines.keep_count`),
+    so all methods keep the same number of tokens at the same ratio.
+    """
     B, N = scores.shape
-    k = max(1, min(N, math.ceil(keep_ratio * N - 1e-9)))
+    k = max(1, min(N, math.floor(keep_ratio * N + 0.5)))
     idx = scores.topk(k, dim=1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
 
