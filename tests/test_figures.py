@@ -67,9 +67,13 @@ def test_kept_patches_shades_exactly_the_dropped_patches():
     keep = torch.tensor([True, False, True, True, True, False])  # (2, 3) grid of 4x4 patches
     mask = keep_mask_pixels(keep, (2, 3), (8, 12))
     assert mask[:4, 4:8].sum() == 0 and mask[4:, 8:].sum() == 0 and mask.sum() == 4 * 16
-    out = kept_patches(img, keep, (2, 3), shade=0.0)
+    out = kept_patches(img, keep, (2, 3), fill=0.0, fade=1.0)
     assert out[:4, 4:8].max() == 0.0 and out[4:, 8:].max() == 0.0
     assert out[:4, :4].min() == 1.0 and out[4:, :8].min() == 1.0
+    # Default: dropped patches washed towards grey, so a dropped black patch is visible too.
+    black = kept_patches(np.zeros((8, 12, 3), dtype=np.float32), keep, (2, 3), fill=0.5, fade=0.8)
+    np.testing.assert_allclose(black[:4, 4:8], 0.4)
+    assert black[:4, :4].max() == 0.0
 
 
 def test_display_image_layouts():
@@ -167,7 +171,9 @@ def test_video_strip_maps_the_jointst_order_to_frames():
         np.testing.assert_allclose(overlay_t[..., 0], t / 2, atol=1 / 255)
         assert _texts(rows[1, t])[0] == ("0.00" if t == 1 else "1.00")
         np.testing.assert_allclose(rows[0, t].images[0].get_array(), frames[:, t].permute(1, 2, 0).numpy(), atol=1e-6)
-    assert rows[2, 1].images[0].get_array().max() <= 0.15 + 1e-6   # dropped frame shaded
+    dropped = rows[2, 1].images[0].get_array()                     # frame 1: washed towards grey
+    np.testing.assert_allclose(dropped, 0.2 * frames[:, 1].permute(1, 2, 0).numpy() + 0.4, atol=1e-6)
+    np.testing.assert_allclose(rows[2, 0].images[0].get_array(), frames[:, 0].permute(1, 2, 0).numpy(), atol=1e-6)
 
 
 def test_save_figure_writes_a_png_atomically(tmp_path):

@@ -40,7 +40,10 @@ ArrayLike = Union[np.ndarray, Tensor]
 
 DEFAULT_CMAP = "jet"      # the paper's heatmaps are jet-coloured
 DEFAULT_ALPHA = 0.5       # heatmap weight in the blend
-DROPPED_SHADE = 0.15      # brightness of dropped patches in the kept-patch image
+# Dropped patches are washed towards mid-grey rather than darkened: on the dark canvases of
+# the cluttered data a darkened background patch would look exactly like a kept one.
+DROPPED_FILL = 0.5        # the grey dropped patches are washed towards
+DROPPED_FADE = 0.8        # how far (0: unchanged, 1: flat grey)
 
 
 # -- pure array helpers -------------------------------------------------------------------
@@ -141,20 +144,21 @@ def keep_mask_pixels(keep: ArrayLike, grid_hw: tuple[int, int], out_hw: tuple[in
 
 
 def kept_patches(image: np.ndarray, keep: ArrayLike, grid_hw: tuple[int, int],
-                 shade: float = DROPPED_SHADE) -> np.ndarray:
-    """The image with dropped patches darkened to `shade` of their brightness.
+                 fill: float = DROPPED_FILL, fade: float = DROPPED_FADE) -> np.ndarray:
+    """The image with dropped patches greyed out: (1 - fade) * pixel + fade * fill.
 
     Args:
         image: (H, W, 3) in [0, 1].
         keep: (G,) bool, True for patches the model still computes on.
         grid_hw: (h, w).
-        shade: brightness factor of dropped patches (0: black).
+        fill: the grey level dropped patches move towards (0 with fade 1: black).
+        fade: how far they move.
 
     Returns:
-        (H, W, 3) float32.
+        (H, W, 3) float32; kept patches unchanged.
     """
     mask = keep_mask_pixels(keep, grid_hw, image.shape[:2])
-    return np.where(mask[:, :, None], image, image * shade).astype(np.float32)
+    return np.where(mask[:, :, None], image, (1.0 - fade) * image + fade * fill).astype(np.float32)
 
 
 def keep_ratio(keep: ArrayLike) -> float:
