@@ -260,6 +260,10 @@ class VisionTransformer(nn.Module):
                     records.append(rec)
             counts.append(tokens.kept_counts() + tokens.num_prefix)
             tokens = blk(tokens)
+            if isinstance(tokens, tuple):  # a block that drops tokens inside itself (ATS) returns its record
+                tokens, rec = tokens
+                if rec is not None:
+                    records.append(rec)
         return tokens, records, torch.stack(counts, dim=1) if counts else torch.zeros(tokens.x.shape[0], 0)
 
     def forward_head(self, tokens: Tokens) -> Tensor:

@@ -1,0 +1,398 @@
+"""ATS: the Adaptive Token Sampler (Fayyaz et al., ECCV 2022), parameter-free, plug-in.
+
+Inside the self-attention of a stage block, ATS scores the patch tokens with the CLS
+token's attention, samples at most K of them by inverse transform sampling, and computes
+the block's output only for the sampled tokens (plus CLS):
+
+    S_j = sum_h  A^h_{1,j} ||V^h_j|| / sum_i A^h_{1,i} ||V^h_i||        (Eq. 3, per head)
+    CDF_i = sum_{j<=i} S_j                                            (Eq. 4)
+    Psi(k) = CDF^{-1}(k),  k in {1/2K, 3/2K, ..., (2K-1)/2K}          (Eq. 5)
+    O = A^s V,  A^s = the rows of A of CLS and the sampled tokens     (Eq. 6)
+
+then the block's output projection, residual and FFN run on those K'+1 tokens only. The
+unsampled tokens still serve as keys and values in this block (A^s keeps all N+1
+columns); they are gone from the next block on.
+
+Choices where the paper is loose (so a reader can undo them):
+
+* Eq. 3 normalises per head; summed over H heads the scores add up to H. We divide by H
+  so S is a distribution (Eq. 4 needs CDF_N = 1); this changes neither the ranking nor
+  the sampled set.
+* "Nearest token" in Eq. 5: a quantile k selects the token whose CDF interval
+  (CDF_{j-1}, CDF_j] contains k (`searchsorted`). With this reading the paper's remark
+  holds exactly: a token with S_j >= 2/K owns at least two quantiles, so K' < K. It also
+  never selects a token of score 0 (an empty interval), so dropped or padded tokens are
+  never revived. (The authors' released code differs in detail, e.g. it sorts the scores
+  before building the CDF; we follow the paper's text.)
+* The budget: K per stage, or K_n = max(round(rho * #input tokens_n), 8) per image with
+  #input tokens counting CLS (the paper's K = 197 for DeiT-S's 196 patches + CLS means
+  "no limit"); rounding is half-up.
+* Placement: the paper's multi-stage DeiT-S uses blocks 3..11 (0-indexed) of 12. For a
+  depth-d model `default_stages` starts at round(3d/12) and runs to the last block
+  (depth 6: blocks 2..5); the single stage is that first block.
+* Distilled DeiT: both prefix tokens (CLS, distillation) are always kept; only the CLS
+  row scores.
+
+The block modification is `ATSBlock`, a subclass of the backbone's `Block` that
+`ATSPolicy.attach` swaps in (class swap, no weight copy), as ToMe patches timm's blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones.vit import Block, StageRecord
+from .functional import Tokens, apply_keep, attention_mask, to_grid
+from .policy import TokenPolicy, register_policy
+
+# -- the math, as pure functions --------------------------------------------------------
+
+
+def significance_scores(attn_row: Tensor, v_norm: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """Eq. 3: attention times value norm, normalised per head, summed over heads, / H.
+
+    Args:
+        attn_row: (B, H, N) attention each candidate token receives (ATS: the CLS row
+            A_{1,j}; the self-attention variant: column sums).
+        v_norm: (B, H, N) L2 norm of each candidate's value vector, per head.
+        valid: (B, N) bool, candidates that exist (dropped / padding tokens score 0).
+
+    Returns:
+        (B, N) scores, each row summing to 1 (uniform over valid tokens if every
+        weighted attention is 0).
+    """
+    w = attn_row * v_norm                                           # (B, H, N)
+    if valid is not None:
+        w = w * valid[:, None, :].to(w.dtype)
+    total = w.sum(dim=-1, keepdim=True)                             # (B, H, 1)
+    per_head = torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+    s = per_head.sum(dim=1)                                         # (B, N)
+    s_total = s.sum(dim=-1, keepdim=True)
+    if valid is None:
+        valid = torch.ones_like(s, dtype=torch.bool)
+    uniform = valid.to(s.dtype) / valid.sum(dim=-1, keepdim=True).clamp_min(1)
+    return torch.where(s_total > 0, s / s_total.clamp_min(torch.finfo(s.dtype).tiny), uniform)
+
+
+def sampling_quantiles(K: Tensor) -> tuple[Tensor, Tensor]:
+    """The fixed quantiles k_i = (2i - 1) / (2K), i = 1..K, per image.
+
+    Args:
+        K: (B,) int budgets.
+
+    Returns:
+        (B, max K) quantiles and a (B, max K) bool mask of the real ones (i <= K_b).
+    """
+    K = K.long()
+    k_max = int(K.max()) if K.numel() else 0
+    i = torch.arange(1, k_max + 1, device=K.device, dtype=torch.float64)[None, :]   # (1, Kmax)
+    q = (2 * i - 1) / (2 * K[:, None].double())
+    return q, i <= K[:, None]
+
+
+def inverse_transform_sample(scores: Tensor, K: Union[int, Tensor]) -> Tensor:
+    """Eq. 4-5: tokens hit by the fixed quantiles of the scores' CDF, duplicates removed.
+
+    Args:
+        scores: (B, N) non-negative scores, each row summing to 1 (zeros never chosen).
+        K: the number of quantiles (the maximum number of tokens), an int or (B,) ints.
+
+    Returns:
+        (B, N) bool keep mask with K'_b = keep[b].sum() <= min(K_b, N) tokens.
+    """
+    B, N = scores.shape
+    K = torch.as_tensor(K, device=scores.device).long().expand(B)
+    if bool((K < 1).any()):
+        raise ValueError("K must be at least 1")
+    q, real = sampling_quantiles(K)                                # (B, Kmax)
+    cdf = scores.detach().double().cumsum(dim=1)                   # (B, N)
+    cdf = cdf / cdf[:, -1:].clamp_min(torch.finfo(torch.float64).tiny)  # CDF_N exactly 1
+    # First j with CDF_j >= k: the token whose interval (CDF_{j-1}, CDF_j] holds k.
+    idx = torch.searchsorted(cdf.contiguous(), q.contiguous(), side="left").clamp_max(N - 1)  # (B, Kmax)
+    # Count hits per token (padding quantiles of images with a smaller K add 0).
+    hits = torch.zeros(B, N, dtype=torch.long, device=scores.device).scatter_add_(1, idx, real.long())
+    keep = hits > 0
+    return keep
+
+
+def topk_keep(scores: Tensor, K: Union[int, Tensor], valid: Optional[Tensor] = None) -> Tensor:
+    """Top-K selection on the same scores (the ATS paper's main ablation).
+
+    Args:
+        scores: (B, N) scores.
+        K: int or (B,) ints; each image keeps min(K_b, its valid count) tokens.
+        valid: (B, N) bool candidates.
+
+    Returns:
+        (B, N) bool keep mask.
+    """
+    B, N = scores.shape
+    K = torch.as_tensor(K, device=scores.device).long().expand(B)
+    s = scores.detach()
+    if valid is not None:
+        s = s.masked_fill(~valid, float("-inf"))
+    order = s.argsort(dim=1, descending=True, stable=True)         # ties: lower index first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=s.device).expand(B, -1))
+    keep = rank < K[:, None]
+    return keep if valid is None else keep & valid
+
+
+def budget_k(input_tokens: Tensor, rho: Optional[float] = None, K: Optional[int] = None,
+             min_k: int = 8) -> Tensor:
+    """Per-image K for one stage: a fixed K, or K_n = max(round(rho * #input tokens), min_k).
+
+    Args:
+        input_tokens: (B,) tokens entering the stage, CLS included.
+        rho: ratio of the input tokens (Appendix 0.E.1); ignored when K is given.
+        K: a fixed budget.
+        min_k: the floor of the ratio rule (8 in the paper).
+
+    Returns:
+        (B,) long budgets.
+    """
+    if K is not None:
+        return torch.full_like(input_tokens, int(K), dtype=torch.long)
+    if rho is None:
+        raise ValueError("give either K or rho")
+    k = torch.floor(float(rho) * input_tokens.double() + 0.5).long()  # round half up
+    return k.clamp_min(min_k)
+
+
+def default_stages(depth: int) -> list[int]:
+    """Blocks 3..11 for a 12-block model, scaled for other depths: round(3d/12)..d-1."""
+    start = min(depth - 1, int(math.floor(3 * depth / 12 + 0.5)))
+    return list(range(start, depth))
+
+
+# -- the block --------------------------------------------------------------------------
+
+
+@dataclass
+class ATSSettings:
+    """How the ATS blocks of one model sample (shared by reference with those blocks)."""
+
+    stages: list[int]                       # block indices (0-based) that carry an ATS module
+    rho: Optional[float] = 1.0              # K_n = max(round(rho * input tokens), min_k) ...
+    K: Optional[Union[int, list[int]]] = None  # ... or a fixed K (one, or one per stage)
+    min_k: int = 8                          # floor of the rho rule
+    score: str = "cls"                      # "cls": CLS row (Eq. 3); "selfattn": column sums
+    select: str = "sample"                  # "sample": inverse transform sampling; "topk"
+    enforce_cls: bool = True                # False: CLS competes in the sampling (App. 0.F.1)
+
+    def stage_k(self, block: int) -> Optional[int]:
+        if self.K is None:
+            return None
+        if isinstance(self.K, (list, tuple)):
+            return int(self.K[self.stages.index(block)])
+        return int(self.K)
+
+
+class ATSBlock(Block):
+    """A transformer block with an Adaptive Token Sampler in its self-attention.
+
+    Modifications from `iared.backbones.vit.Block`:
+      * computes the attention explicitly enough to read the CLS row (or all rows for the
+        self-attention score) and the value norms, and scores the patch tokens (Eq. 3);
+      * samples K' <= K tokens by inverse transform sampling (or top-K) (Eq. 4-5);
+      * the attention output, projection, residual and FFN are computed for CLS and the
+        sampled tokens only, all tokens still serving as keys and values (Eq. 6);
+      * returns ``(tokens, StageRecord)`` instead of tokens.
+
+    Set by `ATSPolicy.attach`: `ats` (the shared `ATSSettings`) and `ats_index`.
+    """
+
+    ats: ATSSettings
+    ats_index: int
+
+    def forward(self, tokens: Tokens) -> tuple[Tokens, StageRecord]:  # type: ignore[override]
+        cfg = self.ats
+        x, P, valid = tokens.x, tokens.num_prefix, tokens.valid
+        B, L, D = x.shape
+        attn = self.attn
+        q, k, v = attn.qkv_heads(self.norm1(x))                          # each (B, H, L, hd)
+        mask = attention_mask(valid)                                    # (B, 1, 1, L) or None
+        token_valid = torch.ones(B, L, dtype=torch.bool, device=x.device) if valid is None else valid
+
+        # Attention rows that score: CLS only (Eq. 3), or every valid row (self-attention score).
+        rows = q[:, :, :1] if cfg.score == "cls" else q
+        logits = (rows * attn.scale) @ k.transpose(-2, -1)              # (B, H, R, L)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if cfg.score == "cls":
+            received = probs[:, :, 0]                                   # (B, H, L)
+        elif cfg.score == "selfattn":
+            received = (probs * token_valid[:, None, :, None].to(probs.dtype)).sum(dim=2)
+        else:
+            raise ValueError(f"unknown ATS score {cfg.score!r}")
+        v_norm = v.norm(dim=-1)                                         # (B, H, L)
+
+        # Candidates: patch tokens, or (CLS not enforced) CLS and patch tokens.
+        first = P if cfg.enforce_cls else P - 1
+        cand_valid = token_valid[:, first:]
+        scores = significance_scores(received[..., first:], v_norm[..., first:], cand_valid)  # (B, M)
+        n_in = tokens.kept_counts() + P
+        K = budget_k(n_in, cfg.rho, cfg.stage_k(self.ats_index), cfg.min_k)
+        if cfg.select == "sample":
+            chosen = inverse_transform_sample(scores, K) & cand_valid
+        elif cfg.select == "topk":
+            chosen = topk_keep(scores, K, cand_valid)
+        else:
+            raise ValueError(f"unknown ATS selection {cfg.select!r}")
+        k_prime = chosen.sum(dim=1)
+
+        keep = chosen[:, 1:] if not cfg.enforce_cls else chosen          # (B, N) over patch tokens
+        x_in, q_in = x, q
+        if not cfg.enforce_cls:
+            # CLS not sampled: it leaves the sequence, and the first sampled token takes
+            # position 0, which the head reads (what "discarding the CLS token" means for a
+            # ViT whose classifier reads the first token).
+            lost = ~chosen[:, 0]
+            first_kept = keep.to(torch.int8).argmax(dim=1)               # (B,)
+            b = lost.nonzero(as_tuple=True)[0]
+            if b.numel():
+                src = P + first_kept[b]
+                x_in, q_in = x.clone(), q.clone()
+                x_in[b, P - 1] = x[b, src]
+                q_in[b, :, P - 1] = q[b, :, src]
+                keep = keep.clone()
+                keep[b, first_kept[b]] = False
+        entering = tokens.patch_valid
+        keep = keep & entering
+
+        if tokens.execution == "mask":
+            # Shapes stay fixed: every row is computed; unsampled rows are marked invalid.
+            out = F.scaled_dot_product_attention(q_in, k, v, attn_mask=mask, scale=attn.scale)
+            h = x_in + attn.proj(out.transpose(1, 2).reshape(B, L, D))
+            new = apply_keep(tokens.with_x(h), keep)
+            new = new.with_x(new.x + self.mlp(self.norm2(new.x)))
+        else:
+            # Gather the sampled rows of x and q together (one apply_keep keeps them aligned),
+            # then attend with those queries only: O = A^s V.
+            qf = q_in.transpose(1, 2).reshape(B, L, D)
+            sel = apply_keep(tokens.with_x(torch.cat([x_in, qf], dim=-1)), keep)
+            xs, qs = sel.x[..., :D], sel.x[..., D:]
+            Ls = xs.shape[1]
+            qs = qs.reshape(B, Ls, attn.num_heads, attn.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=attn.scale)
+            h = xs + attn.proj(out.transpose(1, 2).reshape(B, Ls, D))
+            h = h + self.mlp(self.norm2(h))
+            new = sel.with_x(h)
+
+        G = self.ats_grid
+        patch_scores = scores[:, 1:] if not cfg.enforce_cls else scores
+        extras = {"k_prime": k_prime, "budget": K}
+        if not cfg.enforce_cls:
+            extras["cls_kept"] = chosen[:, 0]
+        record = StageRecord(
+            block=self.ats_index,
+            entering=to_grid(entering, tokens, G, fill=False),
+            keep=to_grid(keep, tokens, G, fill=False),
+            scores=to_grid(patch_scores, tokens, G),
+            extras=extras,
+        )
+        return new, record
+
+
+# -- the policy -------------------------------------------------------------------------
+
+
+class ATSPolicy(TokenPolicy):
+    """Attaches ATS to stage blocks of a ViT; the work happens in the swapped-in blocks.
+
+    Change the budget after patching with ``model.policy.settings.rho = 0.7`` (the blocks
+    share the settings object).
+
+    Args:
+        depth: the backbone's depth (for the default stages).
+        stages: block indices with an ATS module (default: `default_stages(depth)`).
+        rho: K_n = max(round(rho * input tokens_n), min_k); default 1.0 (no limit).
+        K: fixed budget per stage (int, or one per stage); overrides rho.
+        min_k: floor of the rho rule.
+        score, select, enforce_cls: the variants (see `ATSSettings`).
+    """
+
+    name = "ats"
+
+    def __init__(self, depth: int, stages: Optional[Sequence[int]] = None, rho: Optional[float] = None,
+                 K: Optional[Union[int, Sequence[int]]] = None, min_k: int = 8, score: str = "cls",
+                 select: str = "sample", enforce_cls: bool = True):
+        super().__init__()
+        stages = sorted(int(s) for s in (default_stages(depth) if stages is None else stages))
+        if not stages or stages[0] < 0 or stages[-1] >= depth:
+            raise ValueError(f"ATS stages {stages} must be block indices in 0..{depth - 1}")
+        if isinstance(K, (list, tuple)):
+            K = [int(k) for k in K]
+            if len(K) != len(stages):
+                raise ValueError(f"{len(K)} values of K for {len(stages)} stages")
+        if K is None and rho is None:
+            rho = 1.0
+        if score not in ("cls", "selfattn") or select not in ("sample", "topk"):
+            raise ValueError(f"unknown ATS variant score={score!r} select={select!r}")
+        self.settings = ATSSettings(stages=stages, rho=None if K is not None else float(rho), K=K,
+                                    min_k=int(min_k), score=score, select=select, enforce_cls=bool(enforce_cls))
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self.settings)}
+
+    def attach(self, model: nn.Module) -> None:
+        """Swap the stage blocks' class to `ATSBlock` (same object, same weights)."""
+        for i in self.settings.stages:
+            blk = model.blocks[i]
+            if not isinstance(blk, Block):
+                raise TypeError(f"block {i} is a {type(blk).__name__}, not an iared Block")
+            if type(blk) is not ATSBlock:
+                blk._ats_original_class = type(blk)
+                blk.__class__ = ATSBlock
+            blk.ats = self.settings
+            blk.ats_index = i
+            blk.ats_grid = model.grid_size
+
+    def detach_from(self, model: nn.Module) -> None:
+        """Restore the original block classes."""
+        for blk in model.blocks:
+            if isinstance(blk, ATSBlock):
+                blk.__class__ = blk.__dict__.pop("_ats_original_class", Block)
+                for name in ("ats", "ats_index", "ats_grid"):
+                    blk.__dict__.pop(name, None)
+
+    def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
+        return tokens, None  # nothing happens in front of blocks
+
+
+def _builder(name: str, **fixed):
+    def build(model: nn.Module, **kw) -> ATSPolicy:
+        kw = {**fixed, **kw}
+        kw.pop("name", None)
+        p = ATSPolicy(model.config.depth, **kw)
+        p.name = name
+        return p
+
+    return build
+
+
+register_policy("ats")(_builder("ats"))
+# Top-K on the same scores, everything else equal (ATS Fig. 5a, Table A.3).
+register_policy("topk")(_builder("topk", select="topk"))
+# "Self-attention score": attention received from every row, not just CLS's (Fig. 3).
+register_policy("ats_selfattn")(_builder("ats_selfattn", score="selfattn"))
+# App. 0.F.1 "Self-Attention Score (CLS Not Enforced)": CLS is one more candidate.
+register_policy("ats_nocls")(_builder("ats_nocls", score="selfattn", enforce_cls=False))
+
+
+def _single(model: nn.Module, **kw) -> ATSPolicy:
+    """Single-stage ATS: one stage at the first default block (DeiT-S: block 3)."""
+    kw.pop("name", None)
+    kw.setdefault("stages", default_stages(model.config.depth)[:1])
+    p = ATSPolicy(model.config.depth, **kw)
+    p.name = "ats_single"
+    return p
+
+
+register_policy("ats_single")(_single)
