@@ -1,0 +1,138 @@
+"""`iared train-backbone` / `iared train` end to end on tiny models, bad input, SIGKILL + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import iared
+from iared.cli import main
+from iared.backbones.checkpoint import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = "cluttered-digits"
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    """A tiny random backbone model file for cluttered-digits (48x48, 1 channel, 10 classes)."""
+    torch.manual_seed(0)
+    model = iared.create_model("vit_custom", img_size=48, patch_size=8, in_chans=1, num_classes=10,
+                               embed_dim=16, depth=2, num_heads=2)
+    path = tmp_path_factory.mktemp("bb") / "backbone.safetensors"
+    iared.save_model(model, path, arch="vit_custom", data={"spec": DATA})
+    return path
+
+
+def _train_args(backbone, out, *extra):
+    return ["train", "--data", DATA, "--checkpoint", str(backbone), "--groups", "2", "--out", str(out),
+            "--epochs", "3", "--schedule", "1:2", "--limit-batches", "2", "--batch-size", "4", "--val-size", "8",
+            "--lr", "1e-3", "--device", "cpu", "--no-progress", *extra]
+
+
+def test_train_backbone_tiny(tmp_path):
+    out = tmp_path / "bb"
+    rc = main(["train-backbone", "--data", DATA, "--arch", "vit_custom", "--out", str(out), "--embed-dim", "16",
+               "--depth", "2", "--heads", "2", "--patch-size", "8", "--epochs", "1", "--limit-batches", "2",
+               "--batch-size", "8", "--val-size", "8", "--clutter-ramp", "0", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    model = iared.load_model(out / "model.safetensors")
+    assert model.config.embed_dim == 16 and model.config.num_classes == 10 and model.policy is None
+    assert model.model_meta["data"]["kind"] == DATA
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["val"]["top1"] <= 100 and metrics["history"]["stages"][0]["epochs"][0]["steps"] == 2
+
+
+def test_train_curriculum_tiny(tmp_path, backbone):
+    out = tmp_path / "ia"
+    assert main(_train_args(backbone, out)) == 0
+    model = iared.load_model(out / "model.safetensors")
+    assert model.policy is not None and model.policy.groups == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [s["stage"] for s in metrics["per_stage"]] == ["policy-1", "finetune-1", "policy-2", "finetune-2"]
+    assert len(metrics["val"]["keep_ratio_per_group"]) == 2
+    # frozen throughout: patch embedding, position embedding, class token; fine-tuned: the blocks
+    before = read_checkpoint(backbone)
+    after = read_checkpoint(out / "model.safetensors")
+    for k in ("patch_embed.proj.weight", "pos_embed", "cls_token"):
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["blocks.1.mlp.fc1.weight"], after["blocks.1.mlp.fc1.weight"])
+
+
+def test_no_finetune_leaves_backbone_untouched(tmp_path, backbone):
+    out = tmp_path / "ia"
+    assert main(_train_args(backbone, out, "--no-finetune")) == 0
+    before, after = read_checkpoint(backbone), read_checkpoint(out / "model.safetensors")
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert any(k.startswith("policy.") for k in after)
+
+
+@pytest.mark.parametrize("case", ["missing_data", "arch_mismatch", "groups", "unwritable", "no_backbone",
+                                  "state_dict_wrong_arch"])
+def test_bad_input_exit_2_before_training(tmp_path, backbone, capsys, case):
+    out = tmp_path / "out"
+    args = _train_args(backbone, out)
+    if case == "missing_data":
+        args[args.index("--data") + 1] = f"cifar10:{tmp_path / 'nope'}"
+    elif case == "arch_mismatch":
+        args += ["--arch", "deit_tiny_patch16_224"]
+    elif case == "groups":
+        args[args.index("--groups") + 1] = "3"
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+        args[args.index("--out") + 1] = str(out)
+    elif case == "no_backbone":
+        args[args.index("--checkpoint") + 1] = str(tmp_path / "missing.safetensors")
+    elif case == "state_dict_wrong_arch":
+        sd_path = tmp_path / "sd.pth"
+        torch.save(read_checkpoint(backbone), sd_path)
+        args[args.index("--checkpoint") + 1] = str(sd_path)
+        args += ["--arch", "vit_tiny8_patch4_32"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iared train: error:"), err
+    assert not (out / "checkpoints").exists()
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "iared.cli", *args]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_sigkill_then_resume_gives_identical_weights(tmp_path, backbone):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = ("--checkpoint-every", "1")
+    ref = subprocess.Popen(_cli(*_train_args(backbone, full, *extra)), env=_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_cli(*_train_args(backbone, killed, *extra)), env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    # 12 steps in all (2 + 4 + 2 + 4); kill inside finetune-1 once step 4 is on disk.
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        ckpts = list((killed / "checkpoints").glob("step-*.pt")) if (killed / "checkpoints").exists() else []
+        if any(int(p.stem.split("-")[1]) >= 4 for p in ckpts):
+            break
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "model.safetensors").exists()
+    resumed = subprocess.run(_cli(*_train_args(backbone, killed, *extra), "--resume"), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at stage" in resumed.stderr
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    a, b = read_checkpoint(full / "model.safetensors"), read_checkpoint(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different

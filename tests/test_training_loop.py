@@ -1,0 +1,78 @@
+"""The training loop's pure parts, checkpoint files and RNG state round trips."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from iared.training.checkpointing import (ResumeError, list_checkpoints, load_checkpoint, load_latest, rng_state,
+                                          save_checkpoint, set_rng_state)
+from iared.training.loop import cosine_lr, epoch_indices, steps_per_epoch
+
+
+def test_cosine_lr_hand_values():
+    assert cosine_lr(0, 10, 1.0) == pytest.approx(1.0)
+    assert cosine_lr(5, 10, 1.0) == pytest.approx(0.5)           # half way: (1 + cos(pi/2)) / 2
+    assert cosine_lr(10, 10, 1.0) == pytest.approx(0.0)
+    assert cosine_lr(10, 10, 1.0, min_ratio=0.1) == pytest.approx(0.1)
+    # warmup: linear to the peak, then the cosine over the remaining steps
+    assert cosine_lr(0, 12, 2.0, warmup=4) == pytest.approx(0.5)
+    assert cosine_lr(3, 12, 2.0, warmup=4) == pytest.approx(2.0)
+    assert cosine_lr(8, 12, 2.0, warmup=4) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_epoch_indices_deterministic_and_epoch_dependent():
+    a = epoch_indices(50, seed=3, stage=0, epoch=0)
+    assert a == epoch_indices(50, seed=3, stage=0, epoch=0)
+    assert sorted(a) == list(range(50))
+    assert a != epoch_indices(50, seed=3, stage=0, epoch=1)
+    assert a != epoch_indices(50, seed=3, stage=1, epoch=0)
+
+
+def test_epoch_indices_shards_cover_data_evenly():
+    shards = [epoch_indices(11, seed=0, stage=0, epoch=2, rank=r, world_size=3) for r in range(3)]
+    assert {len(s) for s in shards} == {4}                       # padded to 12
+    assert set().union(*map(set, shards)) == set(range(11))
+    assert steps_per_epoch(11, 4, None) == 3 and steps_per_epoch(11, 4, 2) == 2
+
+
+def test_checkpoints_atomic_keep_two_weights_only(tmp_path):
+    for step in (5, 10, 15):
+        save_checkpoint({"model": {"w": torch.full((2,), float(step))}, "position": {"step": step}}, tmp_path, step)
+    files = list_checkpoints(tmp_path)
+    assert [f.name for f in files] == ["step-00000010.pt", "step-00000015.pt"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    # plain containers only: loads with weights_only=True
+    raw = torch.load(files[-1], weights_only=True)
+    assert raw["position"] == {"step": 15}
+    assert torch.equal(load_latest(tmp_path)["model"]["w"], torch.full((2,), 15.0))
+
+
+def test_damaged_checkpoint_clear_error_previous_kept(tmp_path):
+    save_checkpoint({"x": torch.ones(3)}, tmp_path, 1)
+    save_checkpoint({"x": torch.ones(1000)}, tmp_path, 2)
+    newest = list_checkpoints(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])   # truncated
+    with pytest.raises(ResumeError, match="damaged or incomplete.*step-00000001.pt is intact"):
+        load_latest(tmp_path)
+    assert torch.equal(load_checkpoint(list_checkpoints(tmp_path)[0])["x"], torch.ones(3))
+
+
+def test_foreign_file_is_refused(tmp_path):
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    torch.save({"something": 1}, d / "step-00000003.pt")
+    with pytest.raises(ResumeError, match="not an iared training checkpoint"):
+        load_latest(tmp_path)
+    assert load_latest(tmp_path / "nothing") is None
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    save_checkpoint({"rng": rng_state()}, tmp_path, 1)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(load_latest(tmp_path)["rng"])        # through a weights_only load
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
