@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmentation", action="store_true", help="add heatmap segmentation metrics")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--limit-batches", type=_positive_int, default=None)
+    p.add_argument("--limit-images", type=_positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--arch", default=None,
+                   help="registry name for a foreign .pth/.pt checkpoint (e.g. vit_mnist_patch7_28)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep threshold of the checkpoint's IA-RED² interpreters (default: as saved)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--flops-images", type=_positive_int, default=32,
+                   help="GFLOPs are averaged over the first N images (default 32)")
+    p.add_argument("--no-throughput", action="store_true", help="skip the img/s measurement")
+    p.add_argument("--mean", default=None, help="input normalisation mean, comma-separated (default: model file's)")
+    p.add_argument("--std", default=None, help="input normalisation std, comma-separated")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     _common(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -196,8 +208,41 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+
+
+def _command_line(args) -> str:
+    """The exact command line (`main` stores the arguments it parsed in `args.argv`)."""
+    import shlex
+
+    return shlex.join(["iared"] + list(getattr(args, "argv", None) or sys.argv[1:]))
+
+
 def _cmd_eval(args) -> int:
-    return _not_yet("eval")
+    import torch
+
+    from .evaluation.run import EvalConfig, run_eval
+
+    torch.manual_seed(args.seed)
+    cfg = EvalConfig(
+        data=args.data, checkpoint=args.checkpoint, methods=args.methods, json_path=args.json, arch=args.arch,
+        threshold=args.threshold, split=args.split, batch_size=args.batch_size, limit_batches=args.limit_batches,
+        limit_images=args.limit_images, flops_images=args.flops_images, throughput=not args.no_throughput,
+        segmentation=args.segmentation, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
+        device=args.device, seed=args.seed, workers=args.workers, command=_command_line(args))
+    out = run_eval(cfg)
+    for name, r in out["methods"].items():
+        speed = f"{r['img_per_s']:.1f} img/s" if r.get("img_per_s") else "-"
+        print(f"{name:>20s}  top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}  {r['gflops_per_img']:.4f} GFLOPs  "
+              f"keep {r['keep_ratio']:.3f}  {speed}")
+    print(f"wrote {args.json}")
+    return 0
 
 
 def _cmd_interpret(args) -> int:
@@ -228,6 +273,7 @@ def _cmd_bench_speed(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the "command" key of result files
     try:
         args.device = _device(getattr(args, "device", None))
         return int(args.func(args) or 0)

@@ -1,0 +1,373 @@
+"""`iared eval`: every method on one checkpoint and one data set, written as SPEC §3 JSON.
+
+Methods are named as in SPEC §2, each with an optional budget knob after `@`, so a sweep
+draws a trade-off curve:
+
+    original                    the backbone, no policy
+    iared[@T]                   the checkpoint's own interpreters, keep threshold T (default: as saved)
+    ats[@RHO]                   multi-stage ATS, K_n = max(round(RHO * input tokens), 8)
+    ats_single[@RHO]            single-stage ATS (use ats_single@K=48 for a fixed K)
+    topk[@RHO], ats_selfattn[@RHO], ats_nocls[@RHO]   the ATS variants, same knob
+    random[@R], attention[@R]   drop at the input, keep ratio R (default 0.7)
+
+`NAME@KEY=VALUE` sets any setting of the policy instead (several joined by `+`, e.g.
+`ats@K=48+stages=3`; a stage list is written `3-11` for a range). The method string
+itself is the key under "methods" in the JSON, so `ats@0.7,ats@0.5` are two entries.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .accuracy import evaluate
+
+# The knob `@VALUE` of each method, as a policy setting.
+KNOBS = {"iared": "threshold", "ats": "rho", "ats_single": "rho", "topk": "rho", "ats_selfattn": "rho",
+         "ats_nocls": "rho", "random": "keep_ratio", "attention": "keep_ratio"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of `--methods`: its label (the text given), policy name and settings."""
+
+    label: str                                   # e.g. "ats@0.7", the key in the JSON
+    name: str                                    # "original", "iared" or a registered policy
+    settings: dict[str, Any] = field(default_factory=dict)  # policy keyword arguments
+
+
+def _value(text: str) -> Any:
+    text = text.strip()
+    rng = re.fullmatch(r"(\d+)-(\d+)", text)
+    if rng:  # "3-11": the blocks 3..11
+        return list(range(int(rng.group(1)), int(rng.group(2)) + 1))
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lower() == "none":
+        return None
+    raise UserError(f"cannot read method setting value {text!r}")
+
+
+def parse_methods(text: str, available: Sequence[str]) -> list[MethodSpec]:
+    """Parse `--methods` ("original,ats@0.7,random@keep_ratio=0.5", see the module docstring).
+
+    Args:
+        text: the comma-separated list.
+        available: registered policy names (besides "original").
+
+    Returns:
+        One MethodSpec per entry, in order.
+
+    Raises:
+        UserError: empty list, unknown method, duplicate entry, or a malformed knob.
+    """
+    specs: list[MethodSpec] = []
+    for label in (t.strip() for t in text.split(",")):
+        if not label:
+            continue
+        name, _, knob = label.partition("@")
+        name = name.strip()
+        if name != "original" and name not in available:
+            raise UserError(f"unknown method {name!r}; available: original, {', '.join(sorted(available))}")
+        settings: dict[str, Any] = {}
+        if knob:
+            if name == "original":
+                raise UserError("method 'original' takes no budget")
+            for part in knob.split("+"):
+                key, eq, val = part.partition("=")
+                if eq:
+                    settings[key.strip()] = _value(val)
+                elif name in KNOBS:
+                    settings[KNOBS[name]] = _value(key)
+                else:
+                    raise UserError(f"method {name!r} has no default knob: write {name}@SETTING=VALUE")
+        if any(s.label == label for s in specs):
+            raise UserError(f"method {label!r} is listed twice")
+        specs.append(MethodSpec(label, name, settings))
+    if not specs:
+        raise UserError("--methods is empty")
+    return specs
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything `iared eval` needs (the CLI fills it in)."""
+
+    data: str                                   # KIND[:PATH]
+    checkpoint: str                             # iared .safetensors model file, or a foreign .pth/.pt with arch
+    methods: str = "original,iared"             # see the module docstring
+    json_path: Optional[str] = None             # where the results go (None: not written)
+    arch: Optional[str] = None                  # registry name for a foreign checkpoint
+    threshold: Optional[float] = None           # iared keep threshold override (default: the saved one)
+    split: str = "test"                         # which split to evaluate
+    batch_size: int = 64                        # evaluation batch size
+    limit_batches: Optional[int] = None         # stop after this many batches
+    limit_images: Optional[int] = None          # evaluate only the first N images
+    flops_images: int = 32                      # GFLOPs averaged over the first N images (one at a time)
+    throughput: bool = True                     # measure img_per_s (on one batch of batch_size images)
+    throughput_repeats: int = 5                 # timed repetitions (median)
+    segmentation: bool = False                  # heatmap segmentation metrics (data with masks)
+    mean: Optional[tuple[float, ...]] = None    # input normalisation (default: the model file's data config,
+    std: Optional[tuple[float, ...]] = None     # else the data set's own)
+    device: str = "cpu"
+    seed: int = 0                               # seeds the random baseline and torch
+    workers: int = 0                            # data-loading processes
+    command: str = ""                           # the exact command line, recorded in the JSON
+    progress: bool = True                       # progress bars
+
+
+def load_for_eval(checkpoint: str, arch: Optional[str] = None) -> nn.Module:
+    """Load an iared model file, or a foreign checkpoint into `arch`; eval mode, CPU.
+
+    Raises:
+        UserError: missing file, a foreign file without `arch`, an unknown arch.
+    """
+    from ..backbones.checkpoint import load_pretrained
+    from ..backbones.registry import create_model, list_models
+    from ..models import load_model
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UserError(f"checkpoint {checkpoint} does not exist")
+    if path.suffix == ".safetensors" and arch is None:
+        return load_model(path)
+    if arch is None:
+        raise UserError(f"{path.name} is not an iared model file: pass --arch NAME (e.g. vit_mnist_patch7_28)")
+    if arch not in list_models():
+        raise UserError(f"unknown --arch {arch!r}; available: {', '.join(list_models())}")
+    model = create_model(arch)
+    load_pretrained(model, path)
+    model.model_meta = {"arch": arch, "data": None, "policy": None}
+    return model.eval()
+
+
+def build_method(model: nn.Module, spec: MethodSpec, seed: int = 0, threshold: Optional[float] = None) -> nn.Module:
+    """A copy of `model` set up for one method (the original model is not touched).
+
+    "original" is the bare backbone, "iared" the checkpoint's own interpreters, any other
+    name the bare backbone patched with that policy.
+    """
+    from ..patch import patch, unpatch
+
+    if spec.name == "iared":
+        if type(getattr(model, "policy", None)).__name__ != "IARedPolicy":
+            raise UserError("method 'iared' needs an IA-RED² checkpoint (written by iared train)")
+        m = copy.deepcopy(model)
+        t = spec.settings.get("threshold", threshold)
+        if t is not None:
+            m.policy.threshold = t
+        unknown = set(spec.settings) - {"threshold"}
+        if unknown:
+            raise UserError(f"method 'iared' takes only a threshold, got {', '.join(sorted(unknown))}")
+        return m
+    m = copy.deepcopy(model)
+    if getattr(m, "policy", None) is not None:
+        unpatch(m)
+    if spec.name == "original":
+        return m
+    settings = dict(spec.settings)
+    if spec.name == "random":
+        settings.setdefault("seed", seed)
+    try:
+        return patch(m, policy=spec.name, **settings)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"method {spec.label!r}: {str(e).splitlines()[0]}") from None
+
+
+def _dataset(cfg: EvalConfig, model: nn.Module):
+    from ..data import build_dataset
+
+    meta_data = (getattr(model, "model_meta", None) or {}).get("data") or {}
+    kw: dict[str, Any] = {}
+    mean = cfg.mean if cfg.mean is not None else meta_data.get("mean")
+    std = cfg.std if cfg.std is not None else meta_data.get("std")
+    if mean is not None:
+        kw["mean"] = tuple(mean)
+    if std is not None:
+        kw["std"] = tuple(std)
+    try:
+        ds = build_dataset(cfg.data, cfg.split, seed=cfg.seed, **kw)
+    except TypeError as e:  # a kind without normalisation options
+        raise UserError(f"data {cfg.data!r} does not accept --mean/--std: {e}") from None
+    info = ds.info
+    c = model.config
+    if tuple(info.img_size) != tuple(model.patch_embed.img_size) or info.in_chans != c.in_chans:
+        raise UserError(f"data {cfg.data!r} gives {info.in_chans}x{info.img_size[0]}x{info.img_size[1]} images, "
+                        f"the model expects {c.in_chans}x{model.patch_embed.img_size[0]}x{model.patch_embed.img_size[1]}")
+    if info.num_classes != c.num_classes:
+        raise UserError(f"data has {info.num_classes} classes, the model's head {c.num_classes}")
+    if cfg.limit_images is not None:
+        ds = _Subset(ds, range(min(cfg.limit_images, len(ds))))
+    return ds
+
+
+class _Subset(torch.utils.data.Subset):
+    """`Subset` that keeps the data set's `.info`."""
+
+    @property
+    def info(self):
+        return self.dataset.info
+
+
+def _first_images(ds, n: int) -> torch.Tensor:
+    return torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
+
+
+def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], device: str,
+                             limit_batches: Optional[int]) -> dict[str, dict[str, float]]:
+    """Heatmap segmentation metrics (SPEC §3 "segmentation") of each explainer.
+
+    Args:
+        model: the checkpoint's model (its IA-RED² policy is used for "iared"; the other
+            explainers read the backbone's attention and never call the policy).
+        loader: yields dicts with "image" and "mask".
+        methods: explainer names of `iared.evaluation.heatmaps.explain`.
+        device: where to run.
+        limit_batches: stop after this many batches.
+
+    Returns:
+        {method: {"pixel_acc", "mAcc", "mIoU", "mAP"}} in percent.
+    """
+    from .heatmaps import explain
+    from .segmentation import SegmentationMeter
+
+    h, w = model.patch_embed.grid_size
+    meters = {m: SegmentationMeter() for m in methods}
+    for i, batch in enumerate(loader):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        images, masks = batch["image"].to(device), batch["mask"]
+        for name, meter in meters.items():
+            heat = explain(model, images, name)
+            meter.update(heat.detach().float().reshape(-1, h, w).cpu(), masks)
+    return {name: meter.compute() for name, meter in meters.items()}
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate every method of `cfg.methods` and write the JSON (SPEC §3) if asked.
+
+    Returns:
+        The results dict that was written.
+
+    Raises:
+        UserError: bad checkpoint, data, method or mismatch between them (one line).
+    """
+    from ..reduction.policy import available_policies
+    from .flops import count_flops
+
+    specs = parse_methods(cfg.methods, available_policies())
+    torch.manual_seed(cfg.seed)
+    model = load_for_eval(cfg.checkpoint, cfg.arch).to(cfg.device)
+    ds = _dataset(cfg, model)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
+    flops_images = _first_images(ds, cfg.flops_images).to(cfg.device)
+    speed_images = _first_images(ds, cfg.batch_size).to(cfg.device) if cfg.throughput else None
+
+    results: dict[str, Any] = {}
+    for spec in specs:
+        m = build_method(model, spec, cfg.seed, cfg.threshold).to(cfg.device).eval()
+        policy = getattr(m, "policy", None)
+        if hasattr(policy, "reset"):
+            policy.reset()  # the random baseline: same draws whatever ran before
+        stats = evaluate(m, loader, cfg.device, cfg.limit_batches, progress=cfg.progress, desc=spec.label)
+        entry: dict[str, Any] = {
+            "top1": stats["top1"], "top5": stats["top5"],
+            "gflops_per_img": float(count_flops(m, flops_images).mean()) / 1e9,
+            "img_per_s": None,
+            "keep_ratio": stats["keep_ratio"], "token_ratio": stats["token_ratio"],
+            "keep_ratio_per_stage": stats["keep_ratio_per_stage"], "stage_blocks": stats["stage_blocks"],
+            "n_images": stats["n"],
+            "policy": policy.config() if hasattr(policy, "config") else None,
+        }
+        if spec.name == "iared":
+            entry["keep_ratio_per_group"] = stats["keep_ratio_per_stage"]
+        if speed_images is not None:
+            entry["img_per_s"] = _throughput(m, speed_images, cfg.throughput_repeats)
+        results[spec.label] = entry
+        del m
+
+    ref = results.get("original")
+    if ref is not None:
+        for entry in results.values():
+            entry["flops_ratio"] = ref["gflops_per_img"] / entry["gflops_per_img"] if entry["gflops_per_img"] else None
+            if entry["img_per_s"] and ref["img_per_s"]:
+                entry["speedup"] = entry["img_per_s"] / ref["img_per_s"]
+
+    out: dict[str, Any] = {
+        "data": cfg.data, "checkpoint": cfg.checkpoint, "command": cfg.command, "split": cfg.split,
+        "device": cfg.device, "threads": torch.get_num_threads(),
+        "notes": {
+            "gflops_per_img": f"multiply-adds / 1e9 per image, counted one image at a time on the first "
+                              f"{int(flops_images.shape[0])} images",
+            "img_per_s": f"median of {cfg.throughput_repeats} timed forwards of one batch of "
+                         f"{0 if speed_images is None else int(speed_images.shape[0])} images",
+            "keep_ratio": "fraction of patch tokens alive after the last stage; token_ratio: mean over blocks "
+                          "of tokens entering the block / all tokens",
+        },
+        "methods": results,
+    }
+    if cfg.segmentation:
+        out["segmentation"] = _segmentation(cfg, model, ds, specs)
+    if cfg.json_path:
+        write_json_atomic(out, cfg.json_path)
+    return out
+
+
+def _throughput(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
+    from .throughput import measure_throughput
+
+    return float(measure_throughput(model, images, warmup=1, repeats=repeats))
+
+
+def _segmentation(cfg: EvalConfig, model: nn.Module, ds, specs) -> dict[str, Any]:
+    if not ds.info.has_masks:
+        return {"note": f"data {cfg.data!r} has no masks: no segmentation metrics"}
+    names = ["attention", "rollout", "gradcam"]
+    if type(getattr(model, "policy", None)).__name__ == "IARedPolicy":
+        names.insert(0, "iared")
+    m = copy.deepcopy(model).to(cfg.device).eval()
+    if cfg.threshold is not None and "iared" in names:
+        m.policy.threshold = cfg.threshold
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
+    return segmentation_metrics_for(m, loader, names, cfg.device, cfg.limit_batches)
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+    """Write JSON to `path` through a temporary file, so a crash leaves nothing half-written."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=_jsonable)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _jsonable(o: Any) -> Any:
+    if torch.is_tensor(o):
+        return o.tolist()
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
