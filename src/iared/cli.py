@@ -156,7 +156,17 @@ def _not_yet(name: str) -> int:
 
 
 def _cmd_demo(args) -> int:
-    return _not_yet("demo")
+    import dataclasses
+
+    from .demo import DemoOptions, demo_command, run_demo
+
+    options = DemoOptions(out=args.out, quick=args.quick, seed=args.seed, device=args.device)
+    options = dataclasses.replace(options, command=demo_command(options))
+    results = run_demo(options)
+    i, o = results["methods"]["iared"], results["methods"]["original"]
+    print(f"original top1 {o['top1']:.2f} | IA-RED² top1 {i['top1']:.2f} keeping {i['keep_ratio']:.2f} of the tokens, "
+          f"{o['gflops_per_img'] / i['gflops_per_img']:.2f}x fewer GFLOPs -> {args.out}/report.md")
+    return 0
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:

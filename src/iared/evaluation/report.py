@@ -240,6 +240,7 @@ def write_text_atomic(path: Union[str, os.PathLike], text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -248,6 +249,12 @@ def write_text_atomic(path: Union[str, os.PathLike], text: str) -> Path:
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_report(path: Union[str, os.PathLike], results: Mapping[str, Any], **kwargs: Any) -> Path:
