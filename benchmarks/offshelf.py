@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the shared data/models folder")
     ap.add_argument("--limit", type=int, default=2000, help="test images per model (a fixed random subset)")
-    ap.add_argument("--flops-images", type=int, default=8)
+    ap.add_argument("--flops-images", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--threads", type=int, default=2)
