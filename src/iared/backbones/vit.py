@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reduction.functional import Execution, Tokens, attention_mask, initial_tokens
+from ..reduction.functional import (Execution, Tokens, attention_mask, initial_tokens, length_buckets,
+                                     packed_index)
 
 
 def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -83,6 +84,38 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(valid), scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
+    def forward_packed(self, x: Tensor, valid: Tensor, index: Tensor,
+                       buckets: list[tuple[Optional[Tensor], int]]) -> Tensor:
+        """Attention on packed tokens: `forward` for the valid tokens only.
+
+        Args:
+            x: (T, D) the valid tokens of the batch, packed image-major (`packed_index`).
+            valid: (B, L) which slots of the padded layout the packed tokens come from.
+            index: (T,) `packed_index(valid)`.
+            buckets: `length_buckets(valid)`: attention runs once per bucket.
+
+        Returns:
+            (T, D) the attention output (after `proj`) of each packed token.
+        """
+        B, L = valid.shape
+        D = x.shape[-1]
+        # qkv only for real tokens, then scattered into a zeroed padded layout: padded
+        # keys/values must be finite (0 * NaN would leak through the masked softmax).
+        qkv = x.new_zeros(B * L, 3 * D).index_copy_(0, index, self.qkv(x))
+        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
+        out = x.new_empty(B, L, D)  # slots outside every bucket are padding, never read
+        for images, Lb in buckets:
+            part = qkv[:, :Lb] if images is None else qkv[images, :Lb]
+            q, k, v = part.permute(2, 0, 3, 1, 4)                              # (n, H, Lb, hd)
+            keys = valid[:, :Lb] if images is None else valid[images, :Lb]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(keys), scale=self.scale)
+            o = o.transpose(1, 2).reshape(-1, Lb, D)
+            if images is None:
+                out[:, :Lb] = o
+            else:
+                out[images, :Lb] = o
+        return self.proj(out.view(B * L, D).index_select(0, index))
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -96,7 +129,13 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (MSA + FFN), mapping `Tokens` to `Tokens`."""
+    """Pre-norm transformer block (MSA + FFN), mapping `Tokens` to `Tokens`.
+
+    Compact tokens with padding (images of a batch keeping different counts) run packed:
+    every per-token layer sees only the batch's real tokens (see "packed execution" in
+    `iared.reduction.functional`). The result equals the padded computation for every
+    valid token; padded slots keep their input values, which nothing reads.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  attn_scale: Optional[float] = None, eps: float = 1e-6):
@@ -107,10 +146,23 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, tokens: Tokens) -> Tokens:
+        if tokens.execution == "compact" and tokens.valid is not None:
+            return self.forward_packed(tokens)
         x = tokens.x
         x = x + self.attn(self.norm1(x), tokens.valid)
         x = x + self.mlp(self.norm2(x))
         return tokens.with_x(x)
+
+    def forward_packed(self, tokens: Tokens) -> Tokens:
+        """`forward` on the valid tokens only, gathered into one (T, D) sequence."""
+        x, valid = tokens.x, tokens.valid
+        B, L, D = x.shape
+        index = packed_index(valid)                       # (T,)
+        flat = x.reshape(B * L, D)
+        h = flat.index_select(0, index)                   # (T, D)
+        h = h + self.attn.forward_packed(self.norm1(h), valid, index, length_buckets(valid))
+        h = h + self.mlp(self.norm2(h))
+        return tokens.with_x(flat.index_copy(0, index, h).view(B, L, D))
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,50 @@ def to_grid(values: Tensor, tokens: Tokens, grid_size: int, fill: float = 0.0) -
     b_idx, t_idx = tokens.patch_valid.nonzero(as_tuple=True)
     out[b_idx, tokens.pos[b_idx, t_idx]] = values[b_idx, t_idx]
     return out
+
+
+# -- packed execution: the linear layers see only real tokens ---------------------------
+#
+# Compact mode cuts the batch to its longest image, so with very different kept counts
+# per image most of the padded slots would still go through qkv, proj and the MLP
+# (about 90 % of a ViT block's FLOPs). `Block` therefore runs padded compact tokens
+# "packed": the valid tokens of the whole batch are gathered into one (T, C) sequence
+# for the per-token layers, and only attention, which mixes tokens of one image, goes
+# back to a padded layout, in buckets of images of similar length so it does not pay
+# for the longest image either. See `benchmarks/execution_options.py` for measurements.
+
+
+def packed_index(valid: Tensor) -> Tensor:
+    """(T,) positions of the valid tokens in the flattened (B * L) token axis, image-major."""
+    return valid.reshape(-1).nonzero().squeeze(1)
+
+
+def length_buckets(valid: Tensor, max_buckets: int = 8, slack: float = 1.15) -> list[tuple[Optional[Tensor], int]]:
+    """Group images of similar length so attention pads each group to its own longest.
+
+    Attention per bucket costs about n_images · L_bucket²; one call over the whole batch
+    costs B · L_max². Images are sorted by extent (last valid slot + 1, which equals the
+    count for compacted tokens) and cut into at most `max_buckets` groups of equal image
+    count: a bounded Python loop over buckets, never over images.
+
+    Args:
+        valid: (B, L) bool, valid tokens (prefix included).
+        max_buckets: upper bound on the number of attention calls.
+        slack: one bucket is used when padding to the batch's longest costs at most this
+            factor over the sum of per-image attention costs.
+
+    Returns:
+        [(images, L_b)]: image indices (None for "the whole batch, in order") and the
+        sequence length to cut the bucket to.
+    """
+    B, L = valid.shape
+    slot = torch.arange(1, L + 1, device=valid.device)
+    extent = (valid * slot).amax(dim=1)                                   # (B,)
+    e_max = int(extent.max())
+    if B == 1 or B * e_max ** 2 <= slack * float((extent.double() ** 2).sum()):
+        return [(None, e_max)]
+    order = torch.argsort(extent, descending=True)
+    buckets = []
+    for images in torch.tensor_split(order, min(B, max_buckets)):
+        buckets.append((images, int(extent[images[0]])))
+    return buckets

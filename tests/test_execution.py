@@ -1,0 +1,104 @@
+"""Packed compact execution equals the masked reference (not timed: speed is benchmarked).
+
+A hand-made keep policy gives very different kept counts per image, including an image
+that keeps only its CLS token, at several stages; the compact (packed) logits must equal
+the mask-mode logits, and each image run alone must equal its row of the batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import iared
+from iared.reduction.functional import Tokens, apply_keep, length_buckets, packed_index
+from iared.reduction.policy import TokenPolicy
+
+
+class FixedKeep(TokenPolicy):
+    """Drops, in front of the given blocks, the grid cells given per image (a test double)."""
+
+    def __init__(self, grid_keep: dict[int, torch.Tensor]):
+        super().__init__()
+        self.grid_keep = grid_keep  # block -> (B, G) bool on the full grid
+        self.rows = None            # which images of the full batch this forward holds
+
+    def forward(self, index, tokens: Tokens, model, mode=None):
+        if index not in self.grid_keep:
+            return tokens, None
+        g = self.grid_keep[index] if self.rows is None else self.grid_keep[index][self.rows]
+        keep = g.gather(1, tokens.pos.clamp(min=0))  # per current token, from its grid cell
+        return apply_keep(tokens, keep), None
+
+
+def tiny_model(depth: int = 6, distilled: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return iared.create_model("vit_custom", img_size=32, patch_size=4, embed_dim=32, depth=depth, num_heads=4,
+                              num_classes=7, distilled=distilled).eval()
+
+
+def uneven_keeps(B: int, G: int, blocks: list[int], seed: int = 0) -> dict[int, torch.Tensor]:
+    """Nested per-image masks: image b keeps a very different share; image 1 keeps only CLS."""
+    gen = torch.Generator().manual_seed(seed)
+    share = torch.linspace(1.0, 0.05, B)[torch.randperm(B, generator=gen)]
+    rank = torch.rand(B, G, generator=gen).argsort(1).argsort(1)
+    out = {}
+    for j, blk in enumerate(blocks):
+        k = (share[:, None] ** ((j + 1) / len(blocks)) * G).floor()
+        m = rank < k
+        m[1] = False  # an image that keeps no patch token at all (CLS only)
+        out[blk] = m
+    return out
+
+
+@pytest.mark.parametrize("blocks,distilled", [([0], False), ([0, 2, 4], False), ([1, 3], True), ([5], False)])
+def test_packed_equals_masked_reference(blocks, distilled):
+    model = tiny_model(distilled=distilled)
+    B = 6
+    model.policy = FixedKeep(uneven_keeps(B, model.grid_size, blocks))
+    x = torch.randn(B, 3, 32, 32)
+    with torch.no_grad():
+        ref, info_ref = model(x, execution="mask", return_info=True)
+        out, info = model(x, execution="compact", return_info=True)
+    counts = info.block_tokens[:, -1]
+    assert len(set(counts.tolist())) > 2 and int(counts[1]) == model.num_prefix_tokens  # the case we mean
+    assert torch.equal(info.block_tokens, info_ref.block_tokens)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # each image alone (no padding at all) equals its row of the batch
+    for b in range(B):
+        model.policy.rows = torch.tensor([b])
+        with torch.no_grad():
+            one = model(x[b:b + 1], execution="compact")
+        torch.testing.assert_close(one, out[b:b + 1], rtol=1e-5, atol=1e-5)
+    model.policy.rows = None
+
+
+def test_packed_path_is_taken_and_matches_padded_attention():
+    """Block.forward_packed on padded compact tokens equals the padded computation."""
+    model = tiny_model(depth=1)
+    blk = model.blocks[0]
+    B, L, D = 5, 9, 32
+    x = torch.randn(B, L, D)
+    counts = torch.tensor([9, 1, 4, 7, 2])
+    valid = torch.arange(L)[None] < counts[:, None]
+    tokens = Tokens(x=x, pos=torch.zeros(B, L - 1, dtype=torch.long), valid=valid, num_prefix=1)
+    with torch.no_grad():
+        packed = blk(tokens).x
+        padded = x + blk.attn(blk.norm1(x), valid)
+        padded = padded + blk.mlp(blk.norm2(padded))
+    torch.testing.assert_close(packed[valid], padded[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[~valid], x[~valid])  # padding untouched
+
+
+def test_length_buckets_cover_every_image_once():
+    valid = torch.arange(20)[None] < torch.tensor([20, 1, 3, 18, 5, 11, 2, 20, 7, 9])[:, None]
+    buckets = length_buckets(valid, max_buckets=4)
+    assert 1 < len(buckets) <= 4
+    seen = torch.cat([imgs for imgs, _ in buckets])
+    assert sorted(seen.tolist()) == list(range(10))
+    for imgs, Lb in buckets:
+        assert int(valid[imgs].sum(1).max()) == Lb  # cut to the bucket's own longest
+    # equal lengths: one call over the whole batch
+    assert length_buckets(torch.ones(4, 6, dtype=torch.bool)) == [(None, 6)]
+    assert packed_index(valid[:2]).tolist() == list(range(20)) + [20]
