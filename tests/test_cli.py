@@ -1,0 +1,75 @@
+"""The command line as a user meets it: help, and one clear line for a bad checkpoint."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from iared.cli import main
+
+COMMANDS = ["demo", "train-backbone", "train", "eval", "interpret", "bench"]
+
+
+def test_help_lists_every_spec_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_console_script_runs():
+    exe = os.path.join(os.path.dirname(sys.executable), "iared")
+    res = subprocess.run([exe, "bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "speed" in res.stdout
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _bad_checkpoints(tmp_path):
+    good = tmp_path / "ok.pth"
+    from iared import create_model
+
+    torch.save(create_model("vit_custom", img_size=48, patch_size=8, in_chans=1, embed_dim=16, depth=3,
+                            num_heads=2, num_classes=10).state_dict(), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:500])
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": _Payload()}, evil)
+    wrong = tmp_path / "wrong.pth"  # a real checkpoint of another architecture
+    torch.save(create_model("deit_tiny_patch16_224", depth=1).state_dict(), wrong)
+    return {"truncated": truncated, "code payload": evil, "wrong architecture": wrong}
+
+
+def _argv(command, ckpt, tmp_path, image):
+    if command == "train":
+        return ["train", "--data", "cluttered-digits", "--checkpoint", str(ckpt), "--arch", "vit_custom",
+                "--groups", "3", "--out", str(tmp_path / "run"), "--limit-batches", "1", "--epochs", "1"]
+    if command == "eval":
+        return ["eval", "--data", "cluttered-digits", "--checkpoint", str(ckpt), "--arch", "vit_custom",
+                "--methods", "original", "--json", str(tmp_path / "e.json"), "--limit-batches", "1"]
+    return ["interpret", "-p", str(image), "-o", str(tmp_path / "interp"), "--checkpoint", str(ckpt)]
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "interpret"])
+def test_bad_checkpoint_is_exit_2_and_one_line(tmp_path, capfd, command):
+    from PIL import Image
+
+    image = tmp_path / "img.png"
+    Image.new("L", (48, 48), 128).save(image)
+    for what, ckpt in _bad_checkpoints(tmp_path).items():
+        code = main(_argv(command, ckpt, tmp_path, image))
+        captured = capfd.readouterr()
+        lines = [ln for ln in captured.err.strip().splitlines() if ln.strip()]
+        assert code == 2, f"{command} with a {what} checkpoint: exit {code}"
+        assert len(lines) == 1, f"{command} with a {what} checkpoint printed: {captured.err!r}"
+        assert "Traceback" not in captured.err
+        assert ckpt.name in lines[0] or "checkpoint" in lines[0] or "fit" in lines[0], lines[0]
+        assert "pwned" not in captured.out
+        assert not (tmp_path / "e.json").exists()
