@@ -22,8 +22,8 @@ Choices where the paper is loose (so a reader can undo them):
   (CDF_{j-1}, CDF_j] contains k (`searchsorted`). With this reading the paper's remark
   holds exactly: a token with S_j >= 2/K owns at least two quantiles, so K' < K. It also
   never selects a token of score 0 (an empty interval), so dropped or padded tokens are
-  never revived. (The authors' released code differs in detail, e.g. it sorts the scores
-  before building the CDF; we follow the paper's text.)
+  never revived. (As far as we recall, the authors' released code differs in detail, e.g.
+  it sorts the scores before building the CDF; not checked here. We follow the paper's text.)
 * The budget: K per stage, or K_n = max(round(rho * #input tokens_n), 8) per image with
   #input tokens counting CLS (the paper's K = 197 for DeiT-S's 196 patches + CLS means
   "no limit"); rounding is half-up.
