@@ -14,7 +14,8 @@ The whole pipeline, in one command:
 4. per-frame heatmaps of the interpreter (and of temporal difference) for a few clips.
 
 Writes `<out>/results.json`, `<out>/heatmaps.png`, and with `--json` a copy of the
-results (with the exact command) to e.g. `benchmarks/results/moving_fashion.json`.
+results (with the exact command) to e.g. `benchmarks/results/moving_fashion.json`, and
+the figure beside it (`moving_fashion_heatmaps.png`).
 
     python benchmarks/moving_fashion.py --quick --json benchmarks/results/moving_fashion.json
     python benchmarks/moving_fashion.py --budget-minutes 90 --json benchmarks/results/moving_fashion.json
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ class Preset:
     val_size: int         # validation clips after each epoch
     test_size: int        # 3-view test videos
     speed_batch: int      # clips per timed forward
+    clutter_ramp: tuple[int, ...] = (0, 0, 4)  # clutter fragments in the first backbone epochs (then 8)
 
 
 QUICK = Preset(patch_size=12, embed_dim=64, depth=4, num_heads=4, backbone_epochs=4, backbone_steps=15,
@@ -204,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         num_heads=preset.num_heads, patch_size=preset.patch_size, epochs=preset.backbone_epochs,
         batch_size=preset.batch_size, lr=1e-3, weight_decay=0.05, warmup_epochs=0.5, label_smoothing=0.1,
         limit_batches=preset.backbone_steps, val_size=preset.val_size, seed=args.seed, resume=args.resume,
-        checkpoint_every=50))
+        checkpoint_every=50, clutter_ramp=preset.clutter_ramp))
     t_bb = time.time() - t_bb
 
     # The paper's video schedule: interpreter 5 epochs, then 1 epoch of fine-tuning.
@@ -243,8 +246,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        dest = Path(args.json)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(results, indent=2))
+        shutil.copyfile(out / "heatmaps.png", dest.with_name(dest.stem + "_heatmaps.png"))
     print(f"{'method':10s} {'clips/s':>8s} {'clip-1':>7s} {'video-1':>7s} {'GFLOPs':>7s} {'keep':>5s}")
     for name, r in methods.items():
         print(f"{name:10s} {r['clips_per_s']:8.1f} {r['clip1_err']:7.1f} {r['video1_err']:7.1f} "
