@@ -60,3 +60,15 @@ def test_evaluate_video_with_tempdiff_keeps_and_saves_flops():
     for r in (full, cut):
         assert set(r) >= {"clip1_err", "video1_err", "clips_per_s", "gflops_per_clip", "keep_ratio", "n"}
         assert 0 <= r["clip1_err"] <= 100 and r["n"] == 6 and r["clips_per_s"] > 0
+
+
+def test_interleaved_throughput_times_every_model():
+    from iared.evaluation.video import interleaved_throughput
+
+    full, data = _tiny_setup()
+    cut, _ = _tiny_setup("tempdiff", keep_ratio=0.25)
+    clips = torch.stack([data[i]["video"][1] for i in range(4)])
+    full.train()
+    speeds = interleaved_throughput({"full": (full, {}), "cut": (cut, {})}, clips, warmup=1, repeats=3)
+    assert set(speeds) == {"full", "cut"} and all(v > 0 for v in speeds.values())
+    assert full.training  # modes are restored

@@ -14,7 +14,9 @@ left/centre/right) so both errors come from the same forwards.
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from typing import Any, Optional
 
 import torch
@@ -98,7 +100,8 @@ def evaluate_video(model: nn.Module, data: Dataset, *, batch_size: int = 16, mod
         limit: evaluate the first `limit` items.
         device: where to run.
         speed_batch: clips per timed forward (centre views of the first items).
-        speed_repeats: timed forwards; the median is used.
+        speed_repeats: timed forwards; the median is used (0: skip the speed, e.g. to time
+            several methods together with `interleaved_throughput`).
         flops_clips: clips whose FLOPs are counted (0: skip).
         progress: show a tqdm bar.
 
@@ -113,8 +116,9 @@ def evaluate_video(model: nn.Module, data: Dataset, *, batch_size: int = 16, mod
     k = min(max(speed_batch, flops_clips), len(data))
     centre = torch.stack([data[i]["video"][CENTRE_VIEW] for i in range(k)]).to(device)   # (k, C, T, H, W)
     fwd = {"mode": mode} if mode is not None else {}
-    result["clips_per_s"] = measure_throughput(model, centre[:speed_batch], warmup=2, repeats=speed_repeats,
-                                               forward_kwargs=fwd)
+    if speed_repeats > 0:
+        result["clips_per_s"] = measure_throughput(model, centre[:speed_batch], warmup=2, repeats=speed_repeats,
+                                                   forward_kwargs=fwd)
     if flops_clips > 0:
         was_training = model.training
         model.eval()
@@ -123,3 +127,44 @@ def evaluate_video(model: nn.Module, data: Dataset, *, batch_size: int = 16, mod
         finally:
             model.train(was_training)
     return result
+
+
+def interleaved_throughput(models: dict[str, tuple[nn.Module, dict[str, Any]]], clips: Tensor, warmup: int = 2,
+                           repeats: int = 7) -> dict[str, float]:
+    """Clips per second of several models, timed round-robin on the same batch.
+
+    On a shared machine the load changes over minutes; timing method A's repeats, then
+    B's, would charge each method with whatever load its own minute had. Interleaving
+    the repeats (A, B, C, A, B, C, ...) exposes every method to the same load, so their
+    ratios (speedups) are comparable even when the absolute numbers are not.
+
+    Args:
+        models: name -> (model, forward keyword arguments).
+        clips: (B, C, T, H, W) the batch every model is timed on.
+        warmup: untimed forwards per model first.
+        repeats: timed forwards per model; the median is used.
+
+    Returns:
+        name -> clips per second.
+    """
+    modes = {name: m.training for name, (m, _) in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        with torch.inference_mode():
+            for m, kw in models.values():
+                m.eval()
+                for _ in range(warmup):
+                    m(clips, **kw)
+            for _ in range(repeats):
+                for name, (m, kw) in models.items():
+                    if clips.device.type == "cuda":
+                        torch.cuda.synchronize(clips.device)
+                    t0 = time.perf_counter()
+                    m(clips, **kw)
+                    if clips.device.type == "cuda":
+                        torch.cuda.synchronize(clips.device)
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        for name, (m, _) in models.items():
+            m.train(modes[name])
+    return {name: clips.shape[0] / statistics.median(t) for name, t in times.items()}
