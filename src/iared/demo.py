@@ -69,15 +69,19 @@ class DemoSchedule:
     figure_images: int                      # examples in the heatmap figures
 
 
-# Measured on this machine class (2 CPU cores): see `docs` in the report and the issue
-# notes. The backbone gets most of the budget because a ViT from scratch is the slow part;
-# the curriculum needs only a few epochs per group on top of a trained backbone.
+# Sized by measurement on 2 CPU cores: this ViT trains at about 27 images per CPU-second
+# (~50 img/s on 2 idle cores), so 16 epochs of the 1437 training digits take about 8 min;
+# the curriculum (2 REINFORCE epochs, each step two forwards but no backbone backward, and
+# 1 fine-tuning epoch per group) about 4 min; the sweep, the matched evaluation and the
+# figures about 2 min. Patch 6 gives an 8x8 grid (64 tokens): fine enough for heatmaps,
+# cheap enough to train in the budget. Batch 32: more steps per image, which is what a
+# ViT trained from scratch on a small data set is short of.
 FULL = DemoSchedule(
-    embed_dim=64, depth=6, num_heads=4, patch_size=6, backbone_epochs=30.0, backbone_lr=1e-3,
-    clutter_ramp=(0, 0, 2, 4), groups=3, iared_epochs=3.0, schedule=(1.0, 2.0), iared_lr=1e-3,
-    finetune_lr=1e-4, tau=1.0, batch_size=64, limit_batches=None, val_size=None, eval_images=None, flops_images=16,
-    speed_batch=64,
-    sweep={"iared": (0.3, 0.5, 0.7, 0.85), "ats": (0.2, 0.4, 0.6, 0.8), "topk": (0.2, 0.4, 0.6, 0.8),
+    embed_dim=64, depth=6, num_heads=4, patch_size=6, backbone_epochs=16.0, backbone_lr=1e-3,
+    clutter_ramp=(0, 0, 2, 4), groups=3, iared_epochs=3.0, schedule=(2.0, 1.0), iared_lr=1e-3,
+    finetune_lr=1e-4, tau=1.0, batch_size=32, limit_batches=None, val_size=None, eval_images=None,
+    flops_images=16, speed_batch=64,
+    sweep={"iared": (0.3, 0.4, 0.6, 0.7, 0.8), "ats": (0.2, 0.4, 0.6, 0.8), "topk": (0.2, 0.4, 0.6, 0.8),
            "random": (0.2, 0.4, 0.6, 0.8), "attention": (0.2, 0.4, 0.6, 0.8)},
     figure_images=4,
 )
@@ -261,17 +265,23 @@ def _eval_config(model_path: Path, sched: DemoSchedule, options: DemoOptions, **
                       seed=options.seed, progress=options.progress, **kw)
 
 
-def _sweep(model_path: Path, sched: DemoSchedule, options: DemoOptions
-           ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """Stage 3: every method over its budget range (accuracy and GFLOPs; no timing).
+def budget_sweep(base: Any, budgets: dict[str, Sequence[float]]
+                 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Every method over its budget range: accuracy and GFLOPs (no timing).
+
+    Args:
+        base: an `EvalConfig` naming the data, the IA-RED² model file and the split.
+        budgets: method -> knob values (`evaluation.run.KNOBS`), e.g. {"ats": (0.4, 0.6)}.
 
     Returns:
-        (method -> sweep points sorted by cost, the IA-RED² point at the model's own threshold).
+        (method -> sweep points sorted by cost, including "original" and "iared" at the
+        model's own threshold; that IA-RED² point).
     """
     from .evaluation.run import run_eval
 
-    labels = ["original", "iared"] + [f"{m}@{v:g}" for m, values in sched.sweep.items() for v in values]
-    res = run_eval(_eval_config(model_path, sched, options, methods=",".join(labels), throughput=False))
+    labels = ["original", "iared"] + [f"{m}@{v:g}" for m, values in budgets.items() for v in values]
+    res = run_eval(dataclasses.replace(base, methods=",".join(labels), throughput=False, segmentation=False,
+                                       json_path=None))
     default = sweep_points({"iared": res["methods"]["iared"]})["iared"][0]
     sweep = sweep_points(res["methods"])
     for points in sweep.values():  # cheapest first, as the plot and the table read
@@ -279,30 +289,41 @@ def _sweep(model_path: Path, sched: DemoSchedule, options: DemoOptions
     return sweep, default
 
 
-def _matched(model_path: Path, sched: DemoSchedule, options: DemoOptions,
-             sweep: dict[str, list[dict[str, Any]]], target: float) -> dict[str, Any]:
-    """Stage 4: the six methods at IA-RED²'s cost `target` (GFLOPs), with speed and segmentation."""
+def matched_eval(base: Any, sweep: dict[str, list[dict[str, Any]]], target: float,
+                 methods: Sequence[str] = MATCHED_METHODS, segmentation: bool = True) -> dict[str, Any]:
+    """`methods` with every baseline's budget set to cost `target` GFLOPs, timed, as SPEC §3 results.
+
+    Args:
+        base: an `EvalConfig` (data, IA-RED² model file, split, command, ...).
+        sweep: the `budget_sweep` that the budgets are interpolated on.
+        target: GFLOPs per image to match (IA-RED²'s).
+        methods: method names; "original" and "iared" are run as they are.
+        segmentation: add the heatmap segmentation metrics (data with masks).
+
+    Returns:
+        The `run_eval` results with methods keyed by plain name, each baseline carrying
+        its "budget", and "matched_to".
+    """
     from .evaluation.run import KNOBS, run_eval
 
     budgets: dict[str, float] = {}
-    for name in MATCHED_METHODS:
+    for name in methods:
         if name in ("original", "iared"):
             continue
         knob = KNOBS[name]
         pts = [(p["gflops_per_img"], p["budget"][knob]) for p in sweep.get(name, []) if p["budget"]]
         budgets[name] = round(match_budget(pts, target), 3)
-    labels = ["original", "iared"] + [f"{n}@{budgets[n]:g}" for n in MATCHED_METHODS if n in budgets]
-    res = run_eval(_eval_config(model_path, sched, options, methods=",".join(labels), throughput=True,
-                                segmentation=True, command=options.command))
-    methods: dict[str, Any] = {}
+    labels = [n if n not in budgets else f"{n}@{budgets[n]:g}" for n in methods]
+    res = run_eval(dataclasses.replace(base, methods=",".join(labels), throughput=True, segmentation=segmentation))
+    named: dict[str, Any] = {}
     for label, entry in res["methods"].items():
         name = label.partition("@")[0]
         if name in budgets:
             entry["budget"] = {KNOBS[name]: budgets[name]}
         elif name == "iared":
             entry["budget"] = {"threshold": (entry.get("policy") or {}).get("threshold")}
-        methods[name] = entry
-    res["methods"] = methods
+        named[name] = entry
+    res["methods"] = named
     res["matched_to"] = {"method": "iared", "gflops_per_img": target,
                          "how": "each baseline's budget knob interpolated linearly on its sweep to IA-RED²'s GFLOPs"}
     return res
@@ -391,13 +412,14 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = lambda s: print(
 
     log("[demo] 3/5 budget sweep of every method")
     t = time.time()
-    sweep, iared_point = _sweep(model_path, sched, options)
+    base = _eval_config(model_path, sched, options, command=options.command)
+    sweep, iared_point = budget_sweep(base, sched.sweep)
     wall["sweep"] = time.time() - t
 
     log(f"[demo] 4/5 methods at IA-RED²'s cost ({iared_point['gflops_per_img']:.4f} GFLOPs), "
         "speed and heatmap segmentation")
     t = time.time()
-    results = _matched(model_path, sched, options, sweep, iared_point["gflops_per_img"])
+    results = matched_eval(base, sweep, iared_point["gflops_per_img"])
     wall["matched"] = time.time() - t
 
     log("[demo] 5/5 figures and report")
