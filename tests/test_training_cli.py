@@ -136,3 +136,15 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, backbone):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different
+
+
+def test_train_backbone_init_from_model_file(tmp_path, backbone, capsys):
+    common = ["train-backbone", "--data", DATA, "--arch", "vit_custom", "--embed-dim", "16", "--depth", "2",
+              "--heads", "2", "--epochs", "1", "--limit-batches", "1", "--batch-size", "4", "--val-size", "4",
+              "--lr", "1e-9", "--device", "cpu", "--no-progress", "--init", str(backbone)]
+    assert main(common + ["--out", str(tmp_path / "a"), "--patch-size", "8"]) == 0
+    before, after = read_checkpoint(backbone), read_checkpoint(tmp_path / "a" / "model.safetensors")
+    assert torch.allclose(before["pos_embed"], after["pos_embed"], atol=1e-6)   # started from the file
+    # another patch size does not fit the file: one-line error, exit 2
+    assert main(common + ["--out", str(tmp_path / "b"), "--patch-size", "4"]) == 2
+    assert "does not fit" in capsys.readouterr().err

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clutter-ramp", default="",
                    help="clutter fragments for the first epochs, e.g. 0,2,4 (cluttered data only)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (mirror-symmetric classes)")
+    p.add_argument("--init", default=None, help="start from this model file's weights (same architecture)")
     p.add_argument("--val-size", type=_positive_int, default=None, help="validate on the first N items")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -143,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--img-size", type=_positive_int, default=None)
     b.add_argument("--batch-size", type=_positive_int, default=64)
     b.add_argument("--json", required=True, help="where to write the results JSON")
+    b.add_argument("--keep-ratio", type=float, default=0.6,
+                   help="budget: every method keeps about this share of patch tokens per block (default 0.6)")
+    b.add_argument("--methods", default=None, help="comma-separated (default: original + every registered policy)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed forwards per method (default 2)")
+    b.add_argument("--repeats", type=_positive_int, default=5, help="timed forwards per method; median (default 5)")
+    b.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    b.add_argument("--calib-images", type=_positive_int, default=8, help="calibration batch for the budgets")
+    b.add_argument("--flops-images", type=_positive_int, default=2, help="images counted exactly for GFLOPs")
     _common(b)
     b.set_defaults(func=_cmd_bench_speed)
     return parser
@@ -185,7 +194,7 @@ def _cmd_train_backbone(args) -> int:
         epochs=args.epochs if args.epochs is not None else 10.0,
         batch_size=args.batch_size or 128, lr=args.lr if args.lr is not None else 1e-3,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        clutter_ramp=_int_list(args.clutter_ramp, "--clutter-ramp"), hflip=args.hflip,
+        clutter_ramp=_int_list(args.clutter_ramp, "--clutter-ramp"), hflip=args.hflip, init=args.init,
         limit_batches=args.limit_batches, val_size=args.val_size, checkpoint_every=args.checkpoint_every,
         workers=args.workers, seed=args.seed, device=args.device, resume=args.resume,
         progress=not args.no_progress)
@@ -277,7 +286,34 @@ def _cmd_interpret(args) -> int:
 
 
 def _cmd_bench_speed(args) -> int:
-    return _not_yet("bench speed")
+    from .backbones.registry import list_models
+    from .evaluation.run import write_json_atomic
+    from .evaluation.throughput import SpeedConfig, bench_speed
+    from .reduction.policy import available_policies
+
+    if args.arch not in list_models():
+        raise UserError(f"unknown --arch {args.arch!r}; see iared.list_models()")
+    if not 0 < args.keep_ratio <= 1:
+        raise UserError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
+    methods = None
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m != "original" and m not in available_policies()]
+        if unknown:
+            raise UserError(f"unknown method(s) {', '.join(unknown)}; available: original, "
+                            f"{', '.join(available_policies())}")
+    cfg = SpeedConfig(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
+                      methods=methods, warmup=max(args.warmup, 0), repeats=args.repeats,
+                      calib_images=args.calib_images, flops_images=args.flops_images, threads=args.threads,
+                      device=args.device, seed=args.seed, command=_command_line(args))
+    out = bench_speed(cfg, log=lambda line: print(f"iared bench speed: {line}", file=sys.stderr))
+    print(f"{out['arch']} {out['img_size']}px batch {out['batch_size']} on {out['device']}, {out['threads']} threads")
+    for name, r in out["methods"].items():
+        print(f"{name:>14s}  {r['img_per_s']:8.2f} img/s  {r['gflops_per_img']:7.3f} GFLOPs  keep {r['keep_ratio']:.3f}  "
+              f"speedup {r['speedup']:.3f}  flops ratio {r['flops_ratio']:.3f}  ({r['of_limit']:.2f} of the limit)")
+    write_json_atomic(out, args.json)
+    print(f"wrote {args.json}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

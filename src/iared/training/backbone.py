@@ -44,6 +44,7 @@ class BackboneOptions:
     depth: Optional[int] = None            # number of blocks (vit_custom default 6)
     num_heads: Optional[int] = None        # attention heads (vit_custom default 4)
     patch_size: Optional[int] = None       # patch side in pixels (vit_custom default 4)
+    init: Optional[str] = None             # start from this model file's weights (same architecture)
     epochs: float = 10.0                   # training length in epochs
     batch_size: int = 128                  # images per step and process
     lr: float = 1e-3                       # peak AdamW learning rate
@@ -95,6 +96,16 @@ def build_backbone(arch: str, info: Any, embed_dim: Optional[int] = None, depth:
     except (ValueError, AssertionError, TypeError) as e:
         raise UserError(f"cannot build {arch} for this data: {e}") from None
     return model, overrides
+
+
+def _load_init(model: nn.Module, path: str) -> None:
+    """Continue from a model file's weights (e.g. a longer schedule after a short one)."""
+    from ..backbones.checkpoint import CheckpointError, load_pretrained
+
+    try:
+        load_pretrained(model, path)
+    except CheckpointError as e:
+        raise UserError(f"--init {path} does not fit this architecture: {e}") from None
 
 
 def classify_step(model: nn.Module, batch: dict[str, Any], generator: torch.Generator, *,
@@ -161,6 +172,8 @@ def _train_backbone(options: BackboneOptions, dist_info: DistInfo) -> dict[str, 
     torch.manual_seed(options.seed)
     model, overrides = build_backbone(options.arch, info, options.embed_dim, options.depth, options.num_heads,
                                       options.patch_size)
+    if options.init:
+        _load_init(model, options.init)
     device = device_for(options.device, dist_info)
     model.to(device)
     broadcast_parameters(model, dist_info)
