@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", required=True, help="where to write the results JSON")
     b.add_argument("--keep-ratio", type=float, default=0.6,
                    help="budget: every method keeps about this share of patch tokens per block (default 0.6)")
-    b.add_argument("--methods", default=None, help="comma-separated (default: original + every registered policy)")
+    b.add_argument("--methods", default=None,
+                   help="comma-separated, or 'all' for every policy (default: original,iared,ats,topk,random,attention)")
     b.add_argument("--warmup", type=int, default=2, help="untimed forwards per method (default 2)")
     b.add_argument("--repeats", type=_positive_int, default=5, help="timed forwards per method; median (default 5)")
     b.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
@@ -298,7 +299,7 @@ def _cmd_bench_speed(args) -> int:
     methods = None
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        unknown = [m for m in methods if m != "original" and m not in available_policies()]
+        unknown = [m for m in methods if m not in ("original", "all") and m not in available_policies()]
         if unknown:
             raise UserError(f"unknown method(s) {', '.join(unknown)}; available: original, "
                             f"{', '.join(available_policies())}")

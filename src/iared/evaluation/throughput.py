@@ -11,6 +11,7 @@ mode, so policies drop tokens for real (compact execution).
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -76,3 +77,293 @@ def measure_throughput(model: nn.Module, images: Tensor, warmup: int = 3, repeat
     finally:
         model.train(was_training)
     return images.shape[0] / statistics.median(times)
+
+
+# -- `iared bench speed`: every method on one backbone, budgets matched ----------------
+#
+# Budgets. Every method is set to keep about `keep_ratio` of the patch tokens, measured
+# as the mean over blocks and images of the patch tokens entering each block (from
+# `ReductionInfo.block_tokens`): that is the quantity the FLOPs follow, so methods that
+# drop at different depths (once at the input, per group, per block) are comparable.
+#
+# * IA-RED² with random weights has no meaningful scores, so its thresholds are
+#   calibrated: with D groups the cumulative keep after group j is q^(j+1), q solving
+#   mean_j q^(j+1) = keep_ratio (a geometric schedule, decreasing like the paper's
+#   Fig. 4; r = 0.6, D = 3 gives 0.77 / 0.59 / 0.45). Group j's threshold is the
+#   (1 - q)-quantile of its scores over the tokens entering it in a calibration batch,
+#   set group by group (later groups keep everything while an earlier one is set).
+# * Other policies: their one scalar knob (`keep_ratio`, ATS's `rho`) is bisected until
+#   the calibration batch's keep ratio is within 0.01 of the target (6 steps at most).
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+
+from ..backbones.vit import ReductionInfo
+
+
+def mean_keep(info: ReductionInfo, num_prefix: int) -> Tensor:
+    """(B,) mean over blocks of the fraction of patch tokens entering each block."""
+    return ((info.block_tokens.double() - num_prefix) / info.grid_size).mean(dim=1)
+
+
+def geometric_schedule(keep_ratio: float, groups: int) -> list[float]:
+    """Cumulative keep after each group, q^(j+1), with mean_j q^(j+1) = keep_ratio."""
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # the mean is increasing in q: bisection
+        q = (lo + hi) / 2
+        if sum(q ** (j + 1) for j in range(groups)) / groups < keep_ratio:
+            lo = q
+        else:
+            hi = q
+    q = (lo + hi) / 2
+    return [q ** (j + 1) for j in range(groups)]
+
+
+@torch.inference_mode()
+def calibrate_iared(model: nn.Module, images: Tensor, keep_ratio: float) -> list[float]:
+    """Set the IA-RED² thresholds so the model keeps about `keep_ratio` (see above).
+
+    Args:
+        model: a backbone patched with the "iared" policy (eval mode).
+        images: the calibration batch.
+        keep_ratio: target mean fraction of patch tokens entering a block.
+
+    Returns:
+        The thresholds, one per group (also set on `model.policy.threshold`).
+    """
+    policy = model.policy
+    D = policy.groups
+    cumulative = geometric_schedule(keep_ratio, D)
+    thresholds = [-math.inf] * D  # scores are in (0, 1): -inf keeps every token
+    for j in range(D):
+        policy.threshold = list(thresholds)
+        _, info = model(images, return_info=True, mode="greedy", execution="compact")
+        rec = info.stages[j]
+        step = cumulative[j] / (cumulative[j - 1] if j else 1.0)  # keep share of the tokens entering
+        scores = rec.scores[rec.entering].double()
+        thresholds[j] = float(torch.quantile(scores, 1.0 - step)) if step < 1 else -math.inf
+    policy.threshold = thresholds
+    return thresholds
+
+
+def _knob(policy: nn.Module) -> Optional[tuple[Any, str]]:
+    """The object and attribute of a policy's scalar budget knob, if it has one."""
+    settings = getattr(policy, "settings", None)
+    if settings is not None and hasattr(settings, "rho"):
+        return settings, "rho"
+    if hasattr(policy, "keep_ratio"):
+        return policy, "keep_ratio"
+    return None
+
+
+@torch.inference_mode()
+def calibrate_knob(model: nn.Module, images: Tensor, keep_ratio: float, steps: int = 6,
+                   tol: float = 0.01) -> Optional[float]:
+    """Bisect a policy's scalar knob (`rho`, `keep_ratio`) until the keep ratio is near the target.
+
+    Args:
+        model: a backbone with a policy attached (eval mode).
+        images: the calibration batch.
+        keep_ratio: target mean fraction of patch tokens entering a block.
+        steps: at most this many forwards.
+        tol: stop when the keep ratio is within `tol` of the target.
+
+    Returns:
+        The knob value set on the policy, or None when the policy has no knob.
+    """
+    knob = _knob(model.policy)
+    if knob is None:
+        return None
+    obj, attr = knob
+    lo, hi, value = 0.0, 1.0, keep_ratio  # every knob keeps more as it grows, up to 1
+    best = (math.inf, value)
+    P = model.num_prefix_tokens
+    for _ in range(steps):
+        setattr(obj, attr, value)
+        reset = getattr(model.policy, "reset", None)
+        if callable(reset):
+            reset()
+        _, info = model(images, return_info=True, execution="compact")
+        got = float(mean_keep(info, P).mean())
+        best = min(best, (abs(got - keep_ratio), value))
+        if abs(got - keep_ratio) <= tol:
+            break
+        lo, hi = (value, hi) if got < keep_ratio else (lo, value)
+        value = (lo + hi) / 2
+    setattr(obj, attr, best[1])
+    return best[1]
+
+
+def synthetic_images(n: int, img_size: int, seed: int, in_chans: int = 3) -> Tensor:
+    """Random images that differ from each other: smooth fields plus noise of varied strength.
+
+    Speed depends only on token counts, but with identical noise statistics every image
+    would keep about the same count; varying the mix makes per-image counts differ, the
+    case where padding to the batch's longest image costs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, in_chans, 7, 7, generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    noise = torch.randn(n, in_chans, img_size, img_size, generator=gen)
+    mix = torch.rand(n, 1, 1, 1, generator=gen) ** 2
+    return (1 - mix) * smooth + 2 * mix * noise
+
+
+# SPEC §2's image methods; `methods=("all",)` adds every other registered policy (the ATS
+# ablations), at the cost of a longer run.
+DEFAULT_METHODS = ("iared", "ats", "topk", "random", "attention")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Settings of `iared bench speed`."""
+
+    arch: str                          # registry name of the backbone (random weights)
+    img_size: Optional[int] = None     # None: the architecture's own
+    batch_size: int = 64               # images per timed forward
+    keep_ratio: float = 0.6            # budget every reduction method is calibrated to
+    methods: Optional[tuple[str, ...]] = None  # None: original + DEFAULT_METHODS; ("all",): every policy
+    warmup: int = 2                    # untimed forwards per method
+    repeats: int = 5                   # timed forwards per method (interleaved rounds; median)
+    calib_images: int = 8              # calibration batch for the budgets
+    flops_images: int = 2              # images counted exactly by `count_flops`
+    threads: Optional[int] = None      # torch threads (None: torch's default)
+    device: str = "cpu"
+    seed: int = 0
+    command: str = ""                  # the exact command line, stored in the JSON
+
+
+def _build_methods(model: nn.Module, names: list[str], calib: Tensor, keep_ratio: float,
+                   log) -> dict[str, Optional[nn.Module]]:
+    """name -> calibrated policy module (None for "original"); unusable policies are skipped."""
+    from ..patch import patch, unpatch
+    from ..reduction.policy import build_policy
+
+    methods: dict[str, Optional[nn.Module]] = {}
+    for name in names:
+        if name == "original":
+            methods[name] = None
+            continue
+        try:
+            policy = build_policy(name, model)
+            patch(model, policy)
+            if name == "iared":
+                calibrate_iared(model, calib, keep_ratio)
+            else:
+                calibrate_knob(model, calib, keep_ratio)
+            methods[name] = policy
+        except (ValueError, TypeError, RuntimeError) as e:  # e.g. a video-only policy
+            log(f"skipping {name}: {e}")
+        finally:
+            unpatch(model)
+    return methods
+
+
+def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
+    """Throughput, GFLOPs and keep ratio of every method on one backbone (SPEC §3).
+
+    Args:
+        cfg: the settings.
+        log: where progress lines go.
+
+    Returns:
+        The SPEC §3 dictionary: arch, img_size, batch_size, device, threads, command,
+        methods: {name: img_per_s, gflops_per_img, keep_ratio, speedup, flops_ratio, ...}.
+    """
+    from tqdm import tqdm
+
+    from ..backbones.registry import create_model
+    from ..patch import available_policies, patch, unpatch
+    from .flops import count_flops, vit_macs
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    overrides = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    model = create_model(cfg.arch, **overrides).to(cfg.device).eval()
+    img_size = model.patch_embed.img_size[0]
+    P, dim = model.num_prefix_tokens, model.embed_dim
+    mlp_ratio = model.config.mlp_ratio
+    images = synthetic_images(cfg.batch_size, img_size, cfg.seed, model.config.in_chans).to(cfg.device)
+    calib = synthetic_images(cfg.calib_images, img_size, cfg.seed + 1, model.config.in_chans).to(cfg.device)
+    if cfg.methods is None:  # the SPEC's image methods that are registered
+        names = ["original"] + [m for m in DEFAULT_METHODS if m in available_policies()]
+    elif tuple(cfg.methods) == ("all",):
+        names = ["original"] + available_policies()
+    else:
+        names = list(cfg.methods)
+    load_before = os.getloadavg()[0]
+
+    log(f"calibrating budgets to keep ratio {cfg.keep_ratio} on {cfg.calib_images} images")
+    methods = _build_methods(model, names, calib, cfg.keep_ratio, log)
+
+    results: dict[str, dict[str, Any]] = {}
+    # no_grad, not inference_mode: FlopCounterMode's module tracker needs autograd tensors.
+    with torch.no_grad():
+        for name, policy in tqdm(methods.items(), desc="FLOPs", file=sys.stderr, leave=False):
+            if policy is not None:
+                patch(model, policy)
+            try:
+                reset = getattr(policy, "reset", None)
+                if callable(reset):
+                    reset()
+                _, info = model(images, return_info=True, execution="compact")
+                analytic = vit_macs(info.block_tokens, dim, mlp_ratio)              # (B,) blocks only
+                k = min(cfg.flops_images, cfg.batch_size)
+                counted = count_flops(model, images[:k])                            # (k,) exact
+                residual = float((counted - analytic[:k]).mean())  # embed, head, policy cost
+                keep = mean_keep(info, P)
+                results[name] = {"gflops_per_img": float(analytic.mean()) / 1e9 + residual / 1e9,
+                                 "keep_ratio": float(keep.mean()), "keep_ratio_min": float(keep.min()),
+                                 "keep_ratio_max": float(keep.max()), "_residual": residual}
+                if name == "iared":
+                    results[name]["thresholds"] = list(policy.threshold)
+                knob = _knob(policy) if policy is not None else None
+                if knob is not None:
+                    results[name][knob[1]] = getattr(*knob)
+            finally:
+                if policy is not None:
+                    unpatch(model)
+
+    # Interleaved rounds: each round times every method once, so a neighbour's burst of
+    # load hits all methods alike instead of one; the median over rounds is reported.
+    with torch.inference_mode():
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        rounds = [False] * cfg.warmup + [True] * cfg.repeats
+        for timed in tqdm(rounds, desc=f"timing {len(methods)} methods", file=sys.stderr, leave=False):
+            for name, policy in methods.items():
+                if policy is not None:
+                    patch(model, policy)
+                try:
+                    t = time_forward(lambda: model(images, execution="compact"), images.device, 0, 1)[0]
+                finally:
+                    if policy is not None:
+                        unpatch(model)
+                if timed:
+                    times[name].append(t)
+    load_after = os.getloadavg()[0]
+
+    base = results.get("original")
+    base_residual = base["_residual"] if base else 0.0
+    full_gflops = base["gflops_per_img"] if base else float("nan")
+    base_ips = cfg.batch_size / statistics.median(times["original"]) if base else float("nan")
+    out_methods = {}
+    for name, r in results.items():
+        ips = cfg.batch_size / statistics.median(times[name])
+        policy_cost = (r.pop("_residual") - base_residual) / 1e9
+        row = {"img_per_s": ips, "gflops_per_img": r["gflops_per_img"], "keep_ratio": r["keep_ratio"],
+               "speedup": ips / base_ips, "flops_ratio": full_gflops / r["gflops_per_img"]}
+        row["of_limit"] = row["speedup"] / row["flops_ratio"]
+        row["reduction_gflops_per_img"] = policy_cost
+        row["reduction_cost_pct"] = 100.0 * policy_cost / full_gflops
+        row.update({k: v for k, v in r.items() if k not in row})
+        row["times_s"] = times[name]
+        out_methods[name] = row
+    return {"arch": cfg.arch, "img_size": img_size, "batch_size": cfg.batch_size, "device": cfg.device,
+            "threads": torch.get_num_threads(), "command": cfg.command, "keep_ratio_target": cfg.keep_ratio,
+            "warmup": cfg.warmup, "repeats": cfg.repeats, "torch": torch.__version__,
+            "load_avg_1min": [load_before, load_after], "methods": out_methods}

@@ -1,0 +1,145 @@
+"""Which way of running a batch with per-image token counts is fastest on CPU?
+
+The full model (DeiT-S shape by default, random weights) with a fixed test policy that
+drops tokens in front of blocks 0, 4, 8: image b keeps r_b^((j+1)/3) of the grid at
+stage j, r_b uniform in [--lo, --hi], so kept counts differ a lot between images.
+Options (all give the same logits as mask mode, checked before timing):
+
+  full           no token dropped (reference speed)
+  padded         compact: batch cut to its longest image, padding masked as keys, every
+                 layer runs on the padded (B, L_max) tensor (the previous implementation)
+  packed-1       per-token layers (qkv, proj, MLP) on the packed (T, C) valid tokens;
+                 attention on one padded (B, L_max) copy of q/k/v with a key mask
+  packed         as packed-1, attention in <= 8 buckets of images of similar length
+                 (the implementation `Block` uses)
+  nested         as packed-1, attention through jagged nested tensors (torch.nested)
+
+Timing: rounds interleave the options (fair under a neighbour's load); per option the
+fastest round is reported, the closest to its uncontended speed on a shared machine.
+
+    .venv/bin/python benchmarks/execution_options.py --batch-size 64
+    .venv/bin/python benchmarks/execution_options.py --batch-size 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import iared
+from iared.backbones import vit
+from iared.evaluation.flops import vit_macs
+from iared.reduction.functional import Tokens, apply_keep, attention_mask
+from iared.reduction.policy import TokenPolicy
+
+
+class StagedKeep(TokenPolicy):
+    """Test policy: in front of the given blocks, keep the given grid cells per image."""
+
+    def __init__(self, grid_keep: dict[int, torch.Tensor]):
+        super().__init__()
+        self.grid_keep = grid_keep
+
+    def forward(self, index, tokens: Tokens, model, mode=None):
+        if index not in self.grid_keep:
+            return tokens, None
+        keep = self.grid_keep[index].gather(1, tokens.pos.clamp(min=0))
+        return apply_keep(tokens, keep), None
+
+
+def staged_masks(B: int, G: int, blocks: list[int], lo: float, hi: float, seed: int = 1) -> dict[int, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    r = lo + (hi - lo) * torch.rand(B, generator=gen)
+    rank = torch.rand(B, G, generator=gen).argsort(1).argsort(1)
+    return {b: rank < (r[:, None] ** ((j + 1) / len(blocks)) * G).round() for j, b in enumerate(blocks)}
+
+
+def _padded_block(self, tokens: Tokens) -> Tokens:
+    x = tokens.x
+    x = x + self.attn(self.norm1(x), tokens.valid)
+    x = x + self.mlp(self.norm2(x))
+    return tokens.with_x(x)
+
+
+def _nested_attention(self, x, valid, index, buckets):
+    T, D = x.shape
+    lens = valid.sum(1)
+    offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+    qkv = self.qkv(x).view(T, 3, self.num_heads, self.head_dim)
+    q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2) for t in qkv.unbind(1))
+    out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).values()
+    return self.proj(out.reshape(T, D))
+
+
+def run_option(name: str, model, x):
+    """Forward under option `name`, by swapping the execution functions for this call."""
+    saved = (vit.Block.forward_packed, vit.Attention.forward_packed, vit.length_buckets)
+    try:
+        if name == "padded":
+            vit.Block.forward_packed = _padded_block
+        elif name == "packed-1":
+            vit.length_buckets = functools.partial(saved[2], max_buckets=1, slack=1e9)
+        elif name == "nested":
+            vit.Attention.forward_packed = _nested_attention
+        return model(x)
+    finally:
+        vit.Block.forward_packed, vit.Attention.forward_packed, vit.length_buckets = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="deit_small_patch16_224")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lo", type=float, default=0.15)
+    ap.add_argument("--hi", type=float, default=0.95)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--options", default="full,padded,packed-1,packed,nested")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = iared.create_model(args.arch).eval()
+    B, G = args.batch_size, model.grid_size
+    every = len(model.blocks) // 3
+    masks = staged_masks(B, G, [0, every, 2 * every], args.lo, args.hi)
+    x = torch.randn(B, 3, *model.patch_embed.img_size)
+    options = args.options.split(",")
+    with torch.inference_mode():
+        model.policy = StagedKeep(masks)
+        _, info = model(x, return_info=True)
+        ratio = float(vit_macs(torch.full_like(info.block_tokens, G + 1), model.embed_dim).sum()
+                      / vit_macs(info.block_tokens, model.embed_dim).sum())
+        ref = model(x, execution="mask")
+        for name in options:
+            if name != "full":
+                err = (run_option(name, model, x) - ref).abs().max().item()
+                print(f"{name}: max |logit diff| vs mask mode = {err:.1e}", flush=True)
+        best = {name: float("inf") for name in options}
+        for _ in range(args.rounds + 1):  # the first round is the warm-up
+            for name in options:
+                model.policy = None if name == "full" else StagedKeep(masks)
+                t0 = time.perf_counter()
+                run_option(name, model, x)
+                best[name] = min(best[name], time.perf_counter() - t0) if _ else best[name]
+    last = info.block_tokens[:, -1] - 1
+    print(f"{args.arch} B={B} threads={torch.get_num_threads()} patch tokens at the last block "
+          f"min/mean/max {int(last.min())}/{last.float().mean():.0f}/{int(last.max())}; "
+          f"FLOPs ratio (blocks) {ratio:.3f}")
+    rows = {}
+    for name in options:
+        ips = B / best[name]
+        sp = ips / (B / best["full"]) if "full" in best else float("nan")
+        rows[name] = {"img_per_s": round(ips, 2), "speedup": round(sp, 3), "of_limit": round(sp / ratio, 3)}
+        print(f"  {name:9s} {ips:8.2f} img/s  speedup {sp:.3f}  = {sp / ratio:.2f} x the FLOPs limit", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "flops_ratio": ratio, "options": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Throughput measurement and `iared bench speed` (tiny models: nothing here is timed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import iared
+from iared.cli import main
+from iared.evaluation.throughput import (SpeedConfig, bench_speed, calibrate_iared, calibrate_knob,
+                                         geometric_schedule, mean_keep, measure_throughput)
+
+TINY = "vit_tiny8_patch4_32"  # dim 8, depth 6, 64 patches: fast enough for tests
+
+
+def test_geometric_schedule_hand_values():
+    # D = 1: keep r; D = 2: q + q^2 = 2r, r = 0.75 -> q = (-1 + sqrt(1 + 6)) / 2
+    assert geometric_schedule(0.6, 1) == pytest.approx([0.6])
+    q = (-1 + math.sqrt(7)) / 2
+    assert geometric_schedule(0.75, 2) == pytest.approx([q, q * q])
+    c = geometric_schedule(0.6, 3)
+    assert sum(c) / 3 == pytest.approx(0.6) and c[0] > c[1] > c[2]
+    with pytest.raises(ValueError):
+        geometric_schedule(0.0, 3)
+
+
+def test_measure_throughput_restores_mode_and_is_positive():
+    model = iared.create_model(TINY)
+    model.train()
+    ips = measure_throughput(model, torch.randn(3, 3, 32, 32), warmup=1, repeats=2)
+    assert ips > 0 and model.training
+    with pytest.raises(ValueError):
+        measure_throughput(model, torch.randn(1, 3, 32, 32), repeats=0)
+
+
+def test_calibrated_iared_lands_near_the_keep_ratio():
+    torch.manual_seed(0)
+    model = iared.patch(iared.create_model(TINY).eval(), policy="iared", groups=3)
+    images = torch.randn(16, 3, 32, 32)
+    thresholds = calibrate_iared(model, images, 0.6)
+    assert len(thresholds) == 3 and model.policy.threshold == thresholds
+    with torch.no_grad():
+        _, info = model(images, return_info=True)
+    # quantiles on 16 x 64 tokens: within a couple of tokens per image of the target
+    assert float(mean_keep(info, 1).mean()) == pytest.approx(0.6, abs=0.03)
+    kept_after = [float(s.keep.float().mean()) for s in info.stages]
+    assert kept_after == pytest.approx(geometric_schedule(0.6, 3), abs=0.03)
+
+
+@pytest.mark.parametrize("name,attr", [("random", "keep_ratio"), ("topk", "rho")])
+def test_calibrate_knob_moves_the_budget(name, attr):
+    model = iared.patch(iared.create_model(TINY).eval(), policy=name)
+    images = torch.randn(4, 3, 32, 32)
+    value = calibrate_knob(model, images, 0.5)
+    with torch.no_grad():
+        _, info = model(images, return_info=True)
+    got = float(mean_keep(info, 1).mean())
+    assert value is not None and value < 1.0
+    assert got == pytest.approx(0.5, abs=0.08)
+
+
+def test_bench_speed_layout_and_ratios():
+    cfg = SpeedConfig(arch=TINY, batch_size=3, methods=("original", "iared", "random"), warmup=0, repeats=1,
+                      calib_images=4, flops_images=3, command="test")
+    out = bench_speed(cfg, log=lambda line: None)
+    for key in ("arch", "img_size", "batch_size", "device", "threads", "command", "methods"):
+        assert key in out
+    assert out["img_size"] == 32 and out["batch_size"] == 3 and out["threads"] == torch.get_num_threads()
+    rows = out["methods"]
+    assert set(rows) == {"original", "iared", "random"}
+    for r in rows.values():
+        assert {"img_per_s", "gflops_per_img", "keep_ratio", "speedup", "flops_ratio"} <= set(r)
+    assert rows["original"]["speedup"] == 1.0 and rows["original"]["flops_ratio"] == 1.0
+    assert rows["original"]["keep_ratio"] == 1.0
+    # with every image counted exactly, GFLOPs equal count_flops of the calibrated model
+    model = iared.create_model(TINY).eval()
+    counted = iared.evaluation.flops.count_flops(model, torch.randn(3, 3, 32, 32))
+    assert rows["original"]["gflops_per_img"] == pytest.approx(float(counted.mean()) / 1e9)
+    for name in ("iared", "random"):
+        r = rows[name]
+        assert r["keep_ratio"] == pytest.approx(0.6, abs=0.1)
+        assert r["flops_ratio"] == pytest.approx(rows["original"]["gflops_per_img"] / r["gflops_per_img"])
+        assert r["flops_ratio"] > 1.2
+    assert rows["iared"]["reduction_gflops_per_img"] > 0  # the interpreters' own cost is counted
+
+
+def test_cli_bench_speed_writes_json(tmp_path):
+    path = tmp_path / "speed.json"
+    rc = main(["bench", "speed", "--arch", TINY, "--batch-size", "2", "--json", str(path), "--methods",
+               "original,random", "--warmup", "0", "--repeats", "1", "--calib-images", "2", "--device", "cpu"])
+    assert rc == 0
+    d = json.loads(path.read_text())
+    assert d["command"].startswith("iared bench speed --arch " + TINY)
+    assert set(d["methods"]) == {"original", "random"}
+
+
+def test_cli_bench_speed_user_errors(tmp_path, capsys):
+    path = tmp_path / "x.json"
+    assert main(["bench", "speed", "--arch", "nope", "--json", str(path)]) == 2
+    assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--methods", "original,bogus"]) == 2
+    assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--keep-ratio", "1.5"]) == 2
+    assert not path.exists()
+    assert "error" in capsys.readouterr().err
