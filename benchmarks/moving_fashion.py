@@ -254,6 +254,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         "methods": methods,
         "wall_s": {"backbone": t_bb, "iared": t_ia, "eval": t_ev, "total": time.time() - t0},
     }
+    if args.quick:
+        results["note"] = (
+            f"Preliminary --quick smoke run ({preset.backbone_epochs * preset.backbone_steps} backbone steps of "
+            f"{preset.batch_size} clips, {len(test)} test videos, speeds on a shared CPU). Backbone val top-1 "
+            f"{results['backbone']['val_top1']:.1f}% (chance {100 / test.info.num_classes:.1f}%): errors say little "
+            "at this size; token counts, keep ratios and GFLOPs are exact. Use --budget-minutes 90 for the real run.")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if args.json:
         dest = Path(args.json)
