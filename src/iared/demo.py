@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
 
 DATA = "cluttered-digits"
 MATCHED_METHODS = ("original", "iared", "ats", "topk", "random", "attention")
@@ -164,12 +163,13 @@ def _jsonable(obj: Any) -> Any:
 def _stage_ready(folder: Path, settings: dict[str, Any]) -> bool:
     """A stage's finished output is in `folder` and was made with the same `settings`."""
     marker = folder / "stage.json"
-    if not (marker.is_file() and (folder / "model.safetensors").is_file()):
+    if not all(p.is_file() for p in (marker, folder / "model.safetensors", folder / "metrics.json")):
         return False
     try:
-        return json.loads(marker.read_text()).get("settings") == _jsonable(settings)
+        state = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    return bool(state.get("finished")) and state.get("settings") == _jsonable(settings)
 
 
 def _prepare_stage(folder: Path, settings: dict[str, Any]) -> None:
@@ -193,7 +193,7 @@ def _prepare_stage(folder: Path, settings: dict[str, Any]) -> None:
     _write_json(marker, {"settings": _jsonable(settings), "finished": False})
 
 
-def _finish_stage(folder: Path, settings: dict[str, Any], summary: dict[str, Any]) -> None:
+def _finish_stage(folder: Path, settings: dict[str, Any]) -> None:
     _write_json(folder / "stage.json", {"settings": _jsonable(settings), "finished": True})
 
 
@@ -223,7 +223,7 @@ def _train_backbone(folder: Path, sched: DemoSchedule, options: DemoOptions, log
         f"(patch {sched.patch_size}) on {DATA}")
     _prepare_stage(folder, settings)
     summary = train_backbone(bopts)
-    _finish_stage(folder, settings, summary)
+    _finish_stage(folder, settings)
     return path, summary, False
 
 
@@ -252,7 +252,7 @@ def _train_iared(folder: Path, backbone: Path, sched: DemoSchedule, options: Dem
         f"({sched.iared_epochs:g} epochs per group, E_p:E_b = {sched.schedule[0]:g}:{sched.schedule[1]:g})")
     _prepare_stage(folder, settings)
     summary = train_iared(topts)
-    _finish_stage(folder, settings, summary)
+    _finish_stage(folder, settings)
     return path, summary
 
 
@@ -367,8 +367,7 @@ def _figures(out: Path, model_path: Path, sched: DemoSchedule, options: DemoOpti
 
     heat = {m: explain(model, images, m).detach().cpu() for m in HEATMAP_METHODS if m != "iared"}
     heat["iared"] = explain(model, images, "iared", group=None)
-    # Fig. 3 shows one IA-RED² map: the group whose scores are the first computed on every
-    # token of a later group's input, i.e. group 2 (index 1) when there are several.
+    # The paper's Fig. 3 shows the second group's scores (index 1).
     heat["iared"] = heat["iared"][min(1, len(heat["iared"]) - 1)].detach().cpu()
     fig = method_grid(shown, {m: list(heat[m]) for m in HEATMAP_METHODS}, grid_hw,
                       row_labels=[info.class_names[y] for y in labels],
