@@ -138,14 +138,14 @@ def calibrate_iared(model: nn.Module, images: Tensor, keep_ratio: float) -> list
     policy = model.policy
     D = policy.groups
     cumulative = geometric_schedule(keep_ratio, D)
-    thresholds = [-math.inf] * D  # scores are in (0, 1): -inf keeps every token
+    thresholds = [-1.0] * D  # scores are in (0, 1): -1 keeps every token (and is valid JSON)
     for j in range(D):
         policy.threshold = list(thresholds)
         _, info = model(images, return_info=True, mode="greedy", execution="compact")
         rec = info.stages[j]
         step = cumulative[j] / (cumulative[j - 1] if j else 1.0)  # keep share of the tokens entering
         scores = rec.scores[rec.entering].double()
-        thresholds[j] = float(torch.quantile(scores, 1.0 - step)) if step < 1 else -math.inf
+        thresholds[j] = float(torch.quantile(scores, 1.0 - step)) if step < 1 else -1.0
     policy.threshold = thresholds
     return thresholds
 
