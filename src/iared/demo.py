@@ -68,17 +68,22 @@ class DemoSchedule:
     figure_images: int                      # examples in the heatmap figures
 
 
-# Sized by measurement on 2 CPU cores: this ViT trains at about 27 images per CPU-second
-# (~50 img/s on 2 idle cores), so 16 epochs of the 1437 training digits take about 8 min;
-# the curriculum (2 REINFORCE epochs, each step two forwards but no backbone backward, and
-# 1 fine-tuning epoch per group) about 4 min; the sweep, the matched evaluation and the
-# figures about 2 min. Patch 6 gives an 8x8 grid (64 tokens): fine enough for heatmaps,
-# cheap enough to train in the budget. Batch 32: more steps per image, which is what a
-# ViT trained from scratch on a small data set is short of.
+# Sized by measurement (single-thread CPU time, because on a loaded machine OpenMP's
+# spin-waiting inflates 2-thread CPU time): `train_backbone` on this ViT (width 64, 6
+# blocks, 64 tokens of 6x6) runs at ~220 training images per CPU-second, validation and
+# checkpoints included; `train_iared` (REINFORCE + fine-tuning) at ~320. A ViT trained
+# from scratch on the 1437 training digits stays at chance for at least the first ~6k
+# images (measured: 4 epochs, four widths/learning rates), as the SPEC's hint on
+# cluttered-fashion (43 % after 74k images) leads one to expect, so the backbone gets
+# 60 epochs (86k images: fresh positions and clutter every epoch, clean canvases for
+# the first 10, then 2 and 4 fragments): ~6.5 CPU-min. The curriculum: per group 10
+# REINFORCE and 10 fine-tuning epochs (86k images in all): ~4.5 CPU-min. Sweep, matched
+# evaluation and figures ~1.5 min. On 2 cores that is about 9-12 min of wall time.
+# Patch 6 gives an 8x8 grid (64 tokens): fine enough for heatmaps, cheap enough to train.
 FULL = DemoSchedule(
-    embed_dim=64, depth=6, num_heads=4, patch_size=6, backbone_epochs=16.0, backbone_lr=1e-3,
-    clutter_ramp=(0, 0, 2, 4), groups=3, iared_epochs=3.0, schedule=(2.0, 1.0), iared_lr=1e-3,
-    finetune_lr=1e-4, tau=1.0, batch_size=32, limit_batches=None, val_size=None, eval_images=None,
+    embed_dim=64, depth=6, num_heads=4, patch_size=6, backbone_epochs=60.0, backbone_lr=1e-3,
+    clutter_ramp=(0,) * 10 + (2,) * 10 + (4,) * 10, groups=3, iared_epochs=20.0, schedule=(1.0, 1.0),
+    iared_lr=1e-3, finetune_lr=1e-4, tau=1.0, batch_size=64, limit_batches=None, val_size=None, eval_images=None,
     flops_images=16, speed_batch=64,
     sweep={"iared": (0.3, 0.4, 0.6, 0.7, 0.8), "ats": (0.2, 0.4, 0.6, 0.8), "topk": (0.2, 0.4, 0.6, 0.8),
            "random": (0.2, 0.4, 0.6, 0.8), "attention": (0.2, 0.4, 0.6, 0.8)},
