@@ -100,8 +100,9 @@ def render_trade_off(file_name: str) -> Callable[[Path], str]:
         if d is None:
             return NOT_RUN
         parts = [command_line(d, file_name)]
-        if d.get("note"):
-            parts.append(str(d["note"]))
+        for key in ("note", "notes"):
+            if isinstance(d.get(key), str):
+                parts.append(d[key])
         parts += _generic_body(d)
         return "\n\n".join(parts)
 
@@ -126,10 +127,34 @@ def _generic_body(d: dict[str, Any]) -> list[str]:
                 if body:
                     parts.append(f"**{sub_name}**" + (f" ({sub['checkpoint']})" if sub.get("checkpoint") else "")
                                  + "\n\n" + "\n\n".join(body))
-    if not parts and isinstance(d.get("rows"), list) and d["rows"] and all(isinstance(r, dict) for r in d["rows"]):
-        keys = list(dict.fromkeys(k for r in d["rows"] for k in r))
-        parts.append(table(keys, [[fmt(r.get(k), 3) for k in keys] for r in d["rows"]]))
+    # Curves or points: lists of flat-ish records ({"b64": {"img_per_s": ...}} becomes "b64.img_per_s").
+    for key in ("rows", "points"):
+        if _records(d.get(key)):
+            parts.append(_record_table([_flatten(r) for r in d[key]]))
+    curves = d.get("curves")
+    if isinstance(curves, dict) and any(_records(c) for c in curves.values()):
+        parts.append(_record_table([{"curve": name, **_flatten(r)} for name, c in curves.items() if _records(c)
+                                    for r in c]))
     return parts
+
+
+def _records(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(r, dict) for r in x)
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif k not in ("times_s",):  # raw timing samples: too long for a table cell
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _record_table(records: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    return table(keys, [[fmt(r.get(k), 3) for k in keys] for r in records])
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {

@@ -194,3 +194,23 @@ def test_make_readme_missing_results_folder_says_not_run(tmp_path):
     text = readme.read_text()
     for name in ("speed", "cluttered_fashion", "cifar10", "offshelf"):
         assert mr.marker_pattern(name).search(text).group(2).strip() == "not run yet"
+
+
+def test_make_readme_renders_points_and_curves(tmp_path):
+    mr = _make_readme()
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "threshold_sweep.json").write_text(json.dumps({
+        "command": "sweep", "points": [{"target_keep_ratio": 0.5, "b1": {"img_per_s": 12.5}},
+                                       {"target_keep_ratio": 0.25, "b1": {"img_per_s": 20.0}}]}))
+    (res / "pruning.json").write_text(json.dumps({
+        "command": "prune", "notes": "no fine-tuning",
+        "curves": {"pruning": [{"reduction": 0.1, "top1": 90.0}], "iared": [{"reduction": 0.3, "top1": 89.0}]}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:threshold_sweep -->\n<!-- /results:threshold_sweep -->\n"
+                      "<!-- results:pruning -->\n<!-- /results:pruning -->\n")
+    assert mr.main(["--readme", str(readme), "--results", str(res)]) == 0
+    text = readme.read_text()
+    assert "| target_keep_ratio | b1.img_per_s |" in text and "| 0.250 | 20.000 |" in text
+    assert "| curve | reduction | top1 |" in text and "| iared | 0.300 | 89.000 |" in text
+    assert "no fine-tuning" in text
