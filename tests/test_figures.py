@@ -94,7 +94,8 @@ def _tiny_iared(seed: int = 0, threshold: float = 0.5):
 
 
 def test_tokens_dropped_in_group1_are_zero_in_later_groups_of_the_rendered_maps():
-    model = _tiny_iared(seed=3)
+    # Interpreters start near "keep everything" (I ~ 0.9): a threshold in that range drops some.
+    model = _tiny_iared(seed=3, threshold=0.9)
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, info = model(x, return_info=True)
@@ -105,7 +106,7 @@ def test_tokens_dropped_in_group1_are_zero_in_later_groups_of_the_rendered_maps(
     for j in (1, 2):
         rendered = grid_heatmap(scores[j], (4, 4), (4, 4)).reshape(-1)  # at grid size: one value per patch
         assert np.all(rendered[dropped1.numpy()] == 0.0)
-        assert np.all(rendered[keeps[j].numpy()] > 0.5)                 # kept by group j: score > threshold
+        assert np.all(rendered[keeps[j].numpy()] > 0.9)                 # kept by group j: score > threshold
     # The panel draws exactly these maps: with alpha 1 and a gray colormap each overlay is the map itself.
     fig = heatmap_panel(torch.rand(3, 4, 4), scores, keeps, (4, 4), cmap="gray", alpha=1.0)
     shown = _axes_images(fig)

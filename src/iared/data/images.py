@@ -179,4 +179,4 @@ def to_tensor(img: Image.Image) -> Tensor:
     a = np.asarray(img, dtype=np.uint8)
     if a.ndim == 2:
         a = a[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float().div_(255.0)
+    return torch.from_numpy(np.array(a.transpose(2, 0, 1))).float().div_(255.0)  # a copy: PIL arrays are read-only
