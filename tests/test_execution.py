@@ -93,12 +93,11 @@ def test_packed_path_is_taken_and_matches_padded_attention():
 
 def test_length_buckets_cover_every_image_once():
     valid = torch.arange(20)[None] < torch.tensor([20, 1, 3, 18, 5, 11, 2, 20, 7, 9])[:, None]
-    buckets = length_buckets(valid, max_buckets=4)
-    assert 1 < len(buckets) <= 4
-    seen = torch.cat([imgs for imgs, _ in buckets])
-    assert sorted(seen.tolist()) == list(range(10))
-    for imgs, Lb in buckets:
-        assert int(valid[imgs].sum(1).max()) == Lb  # cut to the bucket's own longest
-    # equal lengths: one call over the whole batch
-    assert length_buckets(torch.ones(4, 6, dtype=torch.bool)) == [(None, 6)]
+    order, ranges = length_buckets(valid, max_buckets=4)
+    assert len(ranges) == 4 and sorted(order.tolist()) == list(range(10))
+    assert [r[:2] for r in ranges] == [(0, 2), (2, 5), (5, 7), (7, 10)]  # contiguous, cover the batch
+    for start, stop, Lb in ranges:
+        assert int(valid[order[start:stop]].sum(1).max()) == Lb  # cut to the bucket's own longest
+    # equal lengths: one call over the whole batch, in batch order
+    assert length_buckets(torch.ones(4, 6, dtype=torch.bool)) == (None, [(0, 4, 6)])
     assert packed_index(valid[:2]).tolist() == list(range(20)) + [20]

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reduction.functional import (Execution, Tokens, attention_mask, initial_tokens, length_buckets,
-                                     packed_index)
+from ..reduction.functional import (Buckets, Execution, Tokens, attention_mask, initial_tokens,
+                                     length_buckets, packed_index)
 
 
 def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -84,8 +84,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(valid), scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
-    def forward_packed(self, x: Tensor, valid: Tensor, index: Tensor,
-                       buckets: list[tuple[Optional[Tensor], int]]) -> Tensor:
+    def forward_packed(self, x: Tensor, valid: Tensor, index: Tensor, buckets: Buckets) -> Tensor:
         """Attention on packed tokens: `forward` for the valid tokens only.
 
         Args:
@@ -99,22 +98,24 @@ class Attention(nn.Module):
         """
         B, L = valid.shape
         D = x.shape[-1]
+        order, ranges = buckets
+        slot = index
+        if order is not None:  # padded slots in bucket order: image order[r] goes to row r
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(B, device=order.device)
+            slot = rank[index // L] * L + index % L
+            valid = valid.index_select(0, order)
         # qkv only for real tokens, then scattered into a zeroed padded layout: padded
         # keys/values must be finite (0 * NaN would leak through the masked softmax).
-        qkv = x.new_zeros(B * L, 3 * D).index_copy_(0, index, self.qkv(x))
+        qkv = x.new_zeros(B * L, 3 * D).index_copy_(0, slot, self.qkv(x))
         qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
-        out = x.new_empty(B, L, D)  # slots outside every bucket are padding, never read
-        for images, Lb in buckets:
-            part = qkv[:, :Lb] if images is None else qkv[images, :Lb]
-            q, k, v = part.permute(2, 0, 3, 1, 4)                              # (n, H, Lb, hd)
-            keys = valid[:, :Lb] if images is None else valid[images, :Lb]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(keys), scale=self.scale)
-            o = o.transpose(1, 2).reshape(-1, Lb, D)
-            if images is None:
-                out[:, :Lb] = o
-            else:
-                out[images, :Lb] = o
-        return self.proj(out.view(B * L, D).index_select(0, index))
+        out = x.new_empty(B, L, self.num_heads, self.head_dim)  # slots outside buckets: padding, never read
+        for start, stop, Lb in ranges:
+            q, k, v = qkv[start:stop, :Lb].permute(2, 0, 3, 1, 4)            # (n, H, Lb, hd) views
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(valid[start:stop, :Lb]),
+                                               scale=self.scale)
+            out[start:stop, :Lb] = o.transpose(1, 2)
+        return self.proj(out.view(B * L, D).index_select(0, slot))
 
 
 class Mlp(nn.Module):

@@ -170,11 +170,17 @@ def to_grid(values: Tensor, tokens: Tokens, grid_size: int, fill: float = 0.0) -
 #   full (nothing dropped)         7.38    1.00
 #   padded to the longest image    7.50    1.02      0.69
 #   packed, attention padded       9.21    1.25      0.84
-#   packed, attention bucketed     9.68    1.31      0.89   <- used
+#   packed, 8 attention buckets    9.68    1.31      0.89
 #   packed, torch.nested SDPA      ----    0.44x full in a wall-time run: CPU fallback
 #
 #   batch 1 (no padding), FLOPs ratio 1.21: full 6.42, compact 8.73 img/s (1.36x, 1.12 of
 #   the limit: fewer tokens also fit the caches better).
+#
+# With 2 threads and wall time (IA-RED², batch 32) 8 buckets lost: 13.8-16.6 s against
+# 11.7-12.7 s for 1 or 2 buckets. The CPU SDPA kernel has a large cost per call (4 images
+# x 120 tokens took half the time of 32 x 120), so buckets are capped at 2. Advanced
+# indexing per bucket (`qkv[images, :Lb]`) was a quarter of the forward in a profile:
+# buckets are contiguous slices of a batch sorted once by length instead.
 #
 # All options give the mask-mode logits to within 1.6e-6.
 
@@ -184,13 +190,19 @@ def packed_index(valid: Tensor) -> Tensor:
     return valid.reshape(-1).nonzero().squeeze(1)
 
 
-def length_buckets(valid: Tensor, max_buckets: int = 8, slack: float = 1.15) -> list[tuple[Optional[Tensor], int]]:
+Buckets = tuple[Optional[Tensor], list[tuple[int, int, int]]]
+
+
+def length_buckets(valid: Tensor, max_buckets: int = 2, slack: float = 1.15) -> Buckets:
     """Group images of similar length so attention pads each group to its own longest.
 
     Attention per bucket costs about n_images · L_bucket²; one call over the whole batch
     costs B · L_max². Images are sorted by extent (last valid slot + 1, which equals the
     count for compacted tokens) and cut into at most `max_buckets` groups of equal image
-    count: a bounded Python loop over buckets, never over images.
+    count: a bounded Python loop over buckets, never over images (2 by default: see the
+    measurements above). In sorted order every
+    bucket is a contiguous slice of the batch, so it is a view, not a gathered copy
+    (advanced indexing per bucket cost a quarter of the forward in a profile).
 
     Args:
         valid: (B, L) bool, valid tokens (prefix included).
@@ -199,17 +211,18 @@ def length_buckets(valid: Tensor, max_buckets: int = 8, slack: float = 1.15) -> 
             factor over the sum of per-image attention costs.
 
     Returns:
-        [(images, L_b)]: image indices (None for "the whole batch, in order") and the
-        sequence length to cut the bucket to.
+        (order, [(start, stop, L_b)]): the batch order that makes buckets contiguous
+        (None: keep the batch order) and, per bucket, its slice of that order and the
+        sequence length to cut it to.
     """
     B, L = valid.shape
     slot = torch.arange(1, L + 1, device=valid.device)
     extent = (valid * slot).amax(dim=1)                                   # (B,)
     e_max = int(extent.max())
     if B == 1 or B * e_max ** 2 <= slack * float((extent.double() ** 2).sum()):
-        return [(None, e_max)]
-    order = torch.argsort(extent, descending=True)
-    buckets = []
-    for images in torch.tensor_split(order, min(B, max_buckets)):
-        buckets.append((images, int(extent[images[0]])))
-    return buckets
+        return None, [(0, B, e_max)]
+    extent, order = torch.sort(extent, descending=True)
+    n = min(B, max_buckets)
+    starts = [B * i // n for i in range(n + 1)]
+    lengths = extent[starts[:-1]].tolist()
+    return order, [(starts[i], starts[i + 1], int(lengths[i])) for i in range(n)]
