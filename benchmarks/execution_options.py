@@ -10,11 +10,12 @@ Options (all give the same logits as mask mode, checked before timing):
                  layer runs on the padded (B, L_max) tensor (the previous implementation)
   packed-1       per-token layers (qkv, proj, MLP) on the packed (T, C) valid tokens;
                  attention on one padded (B, L_max) copy of q/k/v with a key mask
-  packed         as packed-1, attention in <= 8 buckets of images of similar length
-                 (the implementation `Block` uses)
+  packed         as packed-1, attention in buckets of images of similar length
+                 (`Block`: at most 2 buckets by default; see iared.reduction.functional)
   nested         as packed-1, attention through jagged nested tensors (torch.nested)
 
-Timing: rounds interleave the options (fair under a neighbour's load); per option the
+Timing: with --cpu-time, one thread and process CPU time (what a neighbour's load
+disturbs least); otherwise wall time. Rounds interleave the options (fair under a neighbour's load); per option the
 fastest round is reported, the closest to its uncontended speed on a shared machine.
 
     .venv/bin/python benchmarks/execution_options.py --batch-size 64
@@ -101,8 +102,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--options", default="full,padded,packed-1,packed,nested")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="1 thread, process CPU time instead of wall time: robust to a loaded machine")
     args = ap.parse_args()
     torch.manual_seed(0)
+    clock = time.perf_counter
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        clock = time.process_time
     model = iared.create_model(args.arch).eval()
     B, G = args.batch_size, model.grid_size
     every = len(model.blocks) // 3
@@ -123,9 +130,9 @@ def main() -> None:
         for _ in range(args.rounds + 1):  # the first round is the warm-up
             for name in options:
                 model.policy = None if name == "full" else StagedKeep(masks)
-                t0 = time.perf_counter()
+                t0 = clock()
                 run_option(name, model, x)
-                best[name] = min(best[name], time.perf_counter() - t0) if _ else best[name]
+                best[name] = min(best[name], clock() - t0) if _ else best[name]
     last = info.block_tokens[:, -1] - 1
     print(f"{args.arch} B={B} threads={torch.get_num_threads()} patch tokens at the last block "
           f"min/mean/max {int(last.min())}/{last.float().mean():.0f}/{int(last.max())}; "
