@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from .backbones.checkpoint import CheckpointError, PathLike, load_into, read_checkpoint, save_safetensors

@@ -14,7 +14,6 @@ did as a value (`ReductionInfo`) rather than as hidden state.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 

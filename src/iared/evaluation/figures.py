@@ -22,7 +22,6 @@ inner, see `backbones.jointst`); `frame_maps` turns it into one (h, w) map per f
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from ..backbones.jointst import frame_maps
 from .segmentation import upsample_heatmap
+from ..fileio import atomic_write
 
 ArrayLike = Union[np.ndarray, Tensor]
 
@@ -329,22 +329,8 @@ def video_strip(frames: ArrayLike, grid_scores_per_group: Sequence[ArrayLike],
 
 
 def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`.
-
-    A reader (or a crash) never sees a half-written file: either the old one or the new.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write `data` to `path` atomically (see `iared.fileio`)."""
+    atomic_write(path, data)
 
 
 def figure_png(fig: Figure, dpi: int = 120) -> bytes:

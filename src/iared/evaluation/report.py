@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from matplotlib.figure import Figure
 
 from .figures import save_figure
+from ..fileio import atomic_write
 
 # A consistent colour and marker per method across every plot.
 METHOD_STYLE = {
@@ -234,27 +234,8 @@ def _training_text(training: Mapping[str, Any]) -> str:
 
 
 def write_text_atomic(path: Union[str, os.PathLike], text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write `text` to `path` atomically (see `iared.fileio`)."""
+    return atomic_write(path, text)
 
 
 def write_report(path: Union[str, os.PathLike], results: Mapping[str, Any], **kwargs: Any) -> Path:

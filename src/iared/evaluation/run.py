@@ -18,11 +18,8 @@ itself is the key under "methods" in the JSON, so `ats@0.7,ats@0.5` are two entr
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -32,6 +29,7 @@ from torch import nn
 
 from ..errors import UserError
 from .accuracy import evaluate
+from ..fileio import atomic_write_json
 
 # The knob `@VALUE` of each method, as a policy setting.
 KNOBS = {"iared": "threshold", "ats": "rho", "ats_single": "rho", "topk": "rho", "ats_selfattn": "rho",
@@ -349,20 +347,8 @@ def _segmentation(cfg: EvalConfig, model: nn.Module, ds, specs) -> dict[str, Any
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
-    """Write JSON to `path` through a temporary file, so a crash leaves nothing half-written."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write JSON to `path` atomically (see `iared.fileio`)."""
+    atomic_write_json(path, obj, default=_jsonable)
 
 
 def _jsonable(o: Any) -> Any:

@@ -14,7 +14,6 @@ and the data config, so later commands need nothing else.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..fileio import atomic_write_json
 
 
 def load_data(spec: str, split: str, seed: int = 0, **kw: Any) -> Dataset:
@@ -46,7 +46,7 @@ def data_info_dict(spec: str, info: Any) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """Write JSON atomically (see `iared.fileio`)."""
+    atomic_write_json(path, obj, default=str, indent=2)
+
+

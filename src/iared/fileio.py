@@ -1,0 +1,45 @@
+"""Writing files so that nothing is ever half-written.
+
+Every output iared writes (JSON results, reports, figures, model files) goes through a
+temporary file in the destination folder and one `os.replace`, so a reader or a crash
+sees either the old file or the new one. Temporary files from `mkstemp` are created with
+mode 0600; results are ordinary files, so they get the usual permissions (0666 & ~umask).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str]) -> Path:
+    """Write `data` (bytes or text) to `path` atomically; create the folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: PathLike, obj: Any, default: Optional[Callable[[Any], Any]] = None,
+                      indent: int = 1) -> Path:
+    """Write `obj` as JSON (one trailing newline) to `path` atomically."""
+    return atomic_write(path, json.dumps(obj, indent=indent, default=default) + "\n")
