@@ -127,6 +127,17 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path):
         load_pretrained(create_model("deit_small_patch16_224", depth=1), good)
 
 
+def test_random_bytes_are_always_a_checkpoint_error(tmp_path):
+    # Damaged files fail in many places inside the unpickler (KeyError, IndexError, ...).
+    rng = torch.Generator().manual_seed(0)
+    for i in range(30):
+        n = int(torch.randint(1, 3000, (1,), generator=rng))
+        path = tmp_path / f"r{i}.pth"
+        path.write_bytes(bytes(torch.randint(0, 256, (n,), generator=rng, dtype=torch.uint8).tolist()))
+        with pytest.raises(CheckpointError, match="cannot read|refusing"):
+            read_checkpoint(path)
+
+
 def test_wrong_architecture_lists_what_is_wrong(tmp_path):
     path = _save(create_model("deit_tiny_patch16_224", depth=2).state_dict(), tmp_path / "c.pth")
     with pytest.raises(CheckpointError) as e:

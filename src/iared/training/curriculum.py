@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..backbones.checkpoint import CheckpointError, load_pretrained
+from ..backbones.checkpoint import CheckpointError, load_pretrained, read_checkpoint
 from ..backbones.registry import list_models
 from ..errors import UserError
 from ..models import load_model, read_model_meta, save_model
@@ -103,6 +103,7 @@ def load_backbone(path: str, arch: Optional[str], info: Any) -> tuple[nn.Module,
             raise UserError(f"{p} already has a {meta['policy'].get('name')} policy: pass a plain backbone")
         model, arch, data_meta = load_model(p), meta["arch"], meta.get("data")
     else:
+        read_checkpoint(p)  # a damaged or unsafe file is reported as such, before asking for --arch
         if arch is None:
             raise UserError(f"{p} is a plain state dict: pass --arch to say which model it holds")
         if arch not in list_models():
