@@ -145,11 +145,14 @@ def to_grid(values: Tensor, tokens: Tokens, grid_size: int, fill: float = 0.0) -
     Invalid tokens (dropped or padding) and grid cells with no token get `fill`; this is
     how a token dropped in an earlier group scores 0 on a later group's heatmap.
     """
-    B = values.shape[0]
-    out = values.new_full((B, grid_size) + tuple(values.shape[2:]), fill)
-    b_idx, t_idx = tokens.patch_valid.nonzero(as_tuple=True)
-    out[b_idx, tokens.pos[b_idx, t_idx]] = values[b_idx, t_idx]
-    return out
+    B, N = values.shape[:2]
+    trailing = tuple(values.shape[2:])
+    # Invalid tokens are sent to an extra cell past the grid, then cut off: one scatter,
+    # no data-dependent shapes (no nonzero, so no host sync on a GPU).
+    index = torch.where(tokens.patch_valid, tokens.pos, grid_size)                      # (B, N)
+    out = values.new_full((B, grid_size + 1) + trailing, fill)
+    index = index.view(B, N, *([1] * len(trailing))).expand(B, N, *trailing)
+    return out.scatter(1, index, values)[:, :grid_size]
 
 
 # -- packed execution: the linear layers see only real tokens ---------------------------
