@@ -7,10 +7,14 @@ cd "$(dirname "$0")/.."
 IARED=${IARED:-.venv/bin/iared}
 R=benchmarks/results
 FLAGS=${FLAGS:---warmup 1 --repeats 3 --device cpu}
+# A batch-1 forward takes 40-700 ms and its time jitters by a few percent from call to
+# call: more repeats make its median as steady as the batch-64 ones.
+FLAGS_B1=${FLAGS_B1:---warmup 3 --repeats 15 --device cpu}
 run() { echo "== $*"; $IARED bench speed "$@" $FLAGS; }
-run --arch deit_small_patch16_224 --batch-size 1 --json $R/speed_deit_small_patch16_224_b1.json
+run1() { echo "== $*"; $IARED bench speed "$@" $FLAGS_B1; }
+run1 --arch deit_small_patch16_224 --batch-size 1 --json $R/speed_deit_small_patch16_224_b1.json
 run --arch deit_small_patch16_224 --batch-size 64 --json $R/speed_deit_small_patch16_224_b64.json
-run --arch deit_base_patch16_224 --batch-size 1 --json $R/speed_deit_base_patch16_224_b1.json
-run --arch deit_base_patch16_384 --batch-size 1 --json $R/speed_deit_base_patch16_384_b1.json
+run1 --arch deit_base_patch16_224 --batch-size 1 --json $R/speed_deit_base_patch16_224_b1.json
+run1 --arch deit_base_patch16_384 --batch-size 1 --json $R/speed_deit_base_patch16_384_b1.json
 run --arch deit_base_patch16_224 --batch-size 64 --json $R/speed_deit_base_patch16_224_b64.json
 run --arch deit_base_patch16_384 --batch-size 8 --json $R/speed_deit_base_patch16_384_b8.json
