@@ -54,10 +54,12 @@ def test_killed_video_run_resumes_to_the_same_weights(tmp_path):
     assert reference.keys() == resumed.keys()
     for k in reference:
         assert torch.equal(reference[k], resumed[k]), k
-    # Training did something: the interpreter moved away from its initialisation.
+    # Training did something: weights moved away from their initialisation. (The
+    # interpreter alone may not move in 2 tiny batches: it starts near keep-everything,
+    # and when sampled and greedy policies are both wrong the advantage is 0.)
     torch.manual_seed(0)
     init = iared.create_model("jointst_custom", img_size=48, patch_size=12, in_chans=1, num_frames=4, embed_dim=16,
                               depth=2, num_heads=2, num_classes=8)
     iared.patch(init, "iared", groups=1)
-    assert not torch.equal(init.state_dict()["policy.interpreters.0.q.weight"],
-                           reference["policy.interpreters.0.q.weight"])
+    moved = [k for k, v in init.state_dict().items() if not torch.equal(v, reference[k])]
+    assert moved, "no weight changed during training"
