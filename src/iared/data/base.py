@@ -8,6 +8,7 @@ where the data has masks) and which carries a `DataInfo` at `.info`.
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -84,7 +85,7 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     return (x - m) / s
 
 
-class SkipBadMixin:
+class SkipBadMixin(abc.ABC):
     """Per-item loading that reports or skips undecodable files.
 
     Subclasses implement `_load(index) -> dict` (raising `ImageError` for a bad file) and
@@ -95,11 +96,13 @@ class SkipBadMixin:
 
     skip_bad: bool = False
 
+    @abc.abstractmethod
     def _load(self, index: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """Item `index` as a dict; raises `ImageError` for a bad file."""
 
+    @abc.abstractmethod
     def source_name(self, index: int) -> str:
-        raise NotImplementedError
+        """A name for item `index` that a person can find (a path, a zip member)."""
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from .images import ImageError  # images imports this module

@@ -14,6 +14,7 @@ and keep a fixed fraction of them (the paper: a 30 % drop):
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Optional
 
 import torch
@@ -56,11 +57,12 @@ def cls_attention(tokens: Tokens, block: nn.Module) -> Tensor:
     return logits.softmax(dim=-1)[:, :, 0, P:].mean(dim=1)              # (B, N)
 
 
-class _InputDrop(TokenPolicy):
+class _InputDrop(TokenPolicy, abc.ABC):
     """Shared part: act once, in front of block 0, and record it."""
 
+    @abc.abstractmethod
     def select(self, tokens: Tokens, model: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
-        raise NotImplementedError
+        """(keep (B, N) bool, scores (B, N) or None) for the patch tokens at the input."""
 
     def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
         if index != 0:
