@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from ..backbones.registry import create_model, list_models
 from ..errors import UserError
 from ..models import save_model
-from .distributed import DistInfo, barrier, broadcast_parameters, cleanup, device_for, init_distributed
+from .distributed import DistInfo, barrier, broadcast_parameters, device_for, distributed
 from .loop import LoopOptions, Stage, run_stages
 from .setup import check_output_dir, data_info_dict, load_data, write_json
 
@@ -153,11 +153,8 @@ def train_backbone(options: BackboneOptions) -> dict[str, Any]:
     """
     if options.clutter_ramp and any(k < 0 for k in options.clutter_ramp):
         raise UserError("--clutter-ramp takes non-negative fragment counts")
-    dist_info = init_distributed(options.device)
-    try:
+    with distributed(options.device) as dist_info:
         return _train_backbone(options, dist_info)
-    finally:
-        cleanup(dist_info)
 
 
 def _train_backbone(options: BackboneOptions, dist_info: DistInfo) -> dict[str, Any]:

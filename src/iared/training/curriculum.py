@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..models import load_model, read_model_meta, save_model
 from ..patch import patch
 from .backbone import build_backbone
-from .distributed import DistInfo, barrier, broadcast_parameters, cleanup, device_for, init_distributed
+from .distributed import DistInfo, barrier, broadcast_parameters, device_for, distributed
 from .finetune import finetune_step
 from .loop import LoopOptions, Stage, evaluate, run_stages
 from .reinforce import group_modes, reinforce_step
@@ -190,11 +190,8 @@ def train_iared(options: TrainOptions) -> dict[str, Any]:
         raise UserError("--schedule must be two non-negative numbers E_p:E_b, not both zero")
     if options.epochs <= 0 or options.policy_epochs <= 0:
         raise UserError("--epochs and the policy part of --schedule must be positive")
-    dist_info = init_distributed(options.device)
-    try:
+    with distributed(options.device) as dist_info:
         return _train_iared(options, dist_info)
-    finally:
-        cleanup(dist_info)
 
 
 def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:

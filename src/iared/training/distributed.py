@@ -11,9 +11,10 @@ the same optimizer step, so all ranks hold the same weights throughout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -93,3 +94,13 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: str) -> Iterator[DistInfo]:
+    """`init_distributed` on entry, `cleanup` on exit (also when training raises)."""
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup(info)
