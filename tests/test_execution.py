@@ -101,3 +101,21 @@ def test_length_buckets_cover_every_image_once():
     # equal lengths: one call over the whole batch, in batch order
     assert length_buckets(torch.ones(4, 6, dtype=torch.bool)) == (None, [(0, 4, 6)])
     assert packed_index(valid[:2]).tolist() == list(range(20)) + [20]
+
+
+def test_equal_counts_compact_without_padding_equals_masked_reference():
+    """Every image keeps the same number of (different) tokens: compaction needs no padding."""
+    model = tiny_model()
+    B, G = 4, model.grid_size
+    gen = torch.Generator().manual_seed(1)
+    first = torch.rand(B, G, generator=gen).argsort(1).argsort(1) < G // 2    # G/2 random cells each
+    second = first & (first.cumsum(1) <= G // 4)                               # G/4 of those each
+    model.policy = FixedKeep({0: first, 3: second})
+    x = torch.randn(B, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x, execution="mask")
+        tokens = model.embed(x, "compact")
+        tokens, _ = model.policy(0, tokens, model)
+        assert tokens.valid is None and tokens.x.shape[1] == 1 + G // 2   # equal counts: no padding
+        out = model(x, execution="compact")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -34,13 +34,13 @@ def test_counter_matches_analytic_with_interpreters():
     x = torch.randn(3, 1, 32, 32)
     counted = count_flops(m, x)
     _, info = m(x, return_info=True)
-    width = m.policy.interpreters[0].num_heads * m.policy.interpreters[0].head_dim
+    it = m.policy.interpreters[0]
     analytic = vit_macs(info.block_tokens, 32) + 64 * 32 * 16 + 32 * 5
     for s in info.stages:
         n = s.entering.sum(1).double()
-        # The per-head dot products are an elementwise product + sum, which the counter
-        # does not count as matmul work; the analytic formula does (n·width).
-        analytic += interpreter_macs(n, 32, width) - n * width
+        # Folding the policy keys into F_q is an elementwise product + sum, which the
+        # counter does not count as matmul work; the analytic formula does (H·d_h·D).
+        analytic += interpreter_macs(n, 32, it.num_heads, it.head_dim) - it.num_heads * it.head_dim * 32
     assert torch.allclose(counted, analytic)
     # ... and fewer tokens means fewer FLOPs than the plain model.
     assert (counted < count_flops(iared.unpatch(m), x)).all()

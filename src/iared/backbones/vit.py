@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..reduction.functional import (Buckets, Execution, Tokens, attention_mask, initial_tokens,
-                                     length_buckets, packed_index)
+                                     length_buckets, packed_index, to_grid)
 
 
 def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -215,6 +215,38 @@ class StageRecord:
         """(B,) fraction of the full patch grid still alive after this stage."""
         return self.keep.float().mean(dim=1)
 
+    @classmethod
+    def on_tokens(cls, block: int, tokens: Tokens, grid_size: int, entering: Tensor, keep: Tensor,
+                  scores: Optional[Tensor] = None, extras: Optional[dict[str, Tensor]] = None) -> "StageRecord":
+        """A record from per-token values (B, N) of `tokens`, put on the grid when first read.
+
+        Mapping to the grid (`to_grid`) is a few small ops per field; an inference
+        forward that returns no info never reads them, and at batch 1 those ops are a
+        measurable share of a reduced ViT's time.
+        """
+        return _TokenStageRecord(block, tokens, grid_size, entering, keep, scores, extras or {})
+
+
+class _TokenStageRecord(StageRecord):
+    """`StageRecord.on_tokens`: `entering`, `keep`, `scores` made on first access, then kept."""
+
+    def __init__(self, block, tokens, grid_size, entering, keep, scores, extras):
+        self.block, self.extras = block, extras
+        self._tokens, self._grid_size = tokens, grid_size
+        self._values = {"entering": entering, "keep": keep, "scores": scores}
+        self._grids: dict[str, Optional[Tensor]] = {}
+
+    def _grid(self, name: str) -> Optional[Tensor]:
+        if name not in self._grids:
+            v = self._values[name]
+            fill = False if v is not None and v.dtype == torch.bool else 0.0
+            self._grids[name] = None if v is None else to_grid(v, self._tokens, self._grid_size, fill=fill)
+        return self._grids[name]
+
+    entering = property(lambda self: self._grid("entering"))
+    keep = property(lambda self: self._grid("keep"))
+    scores = property(lambda self: self._grid("scores"))
+
 
 @dataclass
 class ReductionInfo:
@@ -310,7 +342,9 @@ class VisionTransformer(nn.Module):
                 tokens, rec = self.policy(i, tokens, self, mode)
                 if rec is not None:
                     records.append(rec)
-            counts.append(tokens.kept_counts() + tokens.num_prefix)
+            if not counts or tokens.valid is not seen.valid or tokens.x.shape[1] != seen.x.shape[1]:
+                seen, count = tokens, tokens.kept_counts() + tokens.num_prefix  # only where tokens change
+            counts.append(count)
             tokens = blk(tokens)
             if isinstance(tokens, tuple):  # a block that drops tokens inside itself (ATS) returns its record
                 tokens, rec = tokens

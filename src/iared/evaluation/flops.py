@@ -41,14 +41,16 @@ def block_macs(n: int, dim: int, mlp_ratio: float = 4.0) -> int:
     return 4 * n * dim * dim + 2 * n * dim * hidden + 2 * n * n * dim
 
 
-def interpreter_macs(n: int, dim: int, width: int) -> int:
+def interpreter_macs(n: int, dim: int, heads: int, head_dim: int) -> int:
     """Multiply-adds of one multi-head interpreter on n patch tokens (Eq. 1).
 
-    F_q on every token (n·D·width), F_k on the policy token (D·width), and the per-head
-    dot products (n·width). LayerNorm and sigmoid are elementwise and not counted, as
-    the block count does not count them either.
+    F_k on the policy token (D·H·d_h), folding its keys into F_q (H·d_h·D: see
+    `MultiHeadInterpreter.forward`), then one (D -> H) product per token (n·D·H). Under
+    `torch.inference_mode` the fold is cached, so only the n·D·H term is paid per image.
+    LayerNorm and sigmoid are elementwise and not counted, as the block count does not
+    count them either.
     """
-    return n * dim * width + dim * width + n * width
+    return 2 * dim * heads * head_dim + n * dim * heads
 
 
 def vit_macs(block_tokens: Tensor, dim: int, mlp_ratio: float = 4.0) -> Tensor:

@@ -101,7 +101,9 @@ def apply_keep(tokens: Tokens, keep: Tensor) -> Tokens:
         The next tokens, in `tokens.execution` mode (see the module docstring).
     """
     P = tokens.num_prefix
-    keep = keep.bool() & tokens.patch_valid
+    keep = keep.bool()
+    if tokens.valid is not None:
+        keep = keep & tokens.patch_valid
     if tokens.execution == "mask":
         prefix = torch.ones(keep.shape[0], P, dtype=torch.bool, device=keep.device)
         return replace(tokens, valid=torch.cat([prefix, keep], dim=1))
@@ -120,20 +122,29 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     """
     x, P = tokens.x, tokens.num_prefix
     B, N = keep.shape
+    if B == 1:  # nothing to pad: select the kept indices (fewest ops: batch-1 latency)
+        index = keep[0].nonzero().squeeze(1)
+        if index.numel() == N and tokens.valid is None:
+            return tokens
+        new_x = torch.cat([x[:, :P], x[:, P:].index_select(1, index)], dim=1)
+        return replace(tokens, x=new_x, pos=tokens.pos.index_select(1, index), valid=None)
     counts = keep.sum(dim=1)
     k_max = int(counts.max()) if B > 0 else 0
     if k_max == N and bool((counts == N).all()):
         return replace(tokens, valid=None) if tokens.valid is not None and bool(tokens.valid.all()) else tokens
-    # A stable sort on "not kept" moves kept tokens to the front in their original order.
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k_max]  # (B, K)
+    same_count = bool((counts == k_max).all())
+    if same_count:  # e.g. one image: the kept indices, in order, row by row
+        order = keep.nonzero()[:, 1].view(B, k_max)                                    # (B, K)
+    else:  # a stable sort on "not kept" moves kept tokens to the front in their order
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k_max]
     patches = x[:, P:].gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))      # (B, K, C)
     pos = tokens.pos.gather(1, order)                                                  # (B, K)
-    slot_valid = torch.arange(k_max, device=x.device)[None, :] < counts[:, None]       # (B, K)
-    pos = pos.masked_fill(~slot_valid, -1)
     new_x = torch.cat([x[:, :P], patches], dim=1)
-    if bool((counts == k_max).all()):
+    if same_count:
         valid = None
     else:
+        slot_valid = torch.arange(k_max, device=x.device)[None, :] < counts[:, None]   # (B, K)
+        pos = pos.masked_fill(~slot_valid, -1)
         prefix = torch.ones(B, P, dtype=torch.bool, device=x.device)
         valid = torch.cat([prefix, slot_valid], dim=1)
     return replace(tokens, x=new_x, pos=pos, valid=valid)
