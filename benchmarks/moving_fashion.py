@@ -198,6 +198,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--budget-minutes", type=float, default=None, help="fit training to this wall-clock budget")
     p.add_argument("--keep-ratio", type=float, default=None, help="baselines' keep ratio (default: IA-RED²'s)")
     p.add_argument("--tau", type=float, default=1.0, help="IA-RED² reward penalty of a wrong prediction")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="IA-RED² stages: adam (lr 1e-3, blocks 1e-4) or the paper's video sgd (momentum 0.9, "
+                        "lr 1e-2, blocks 1e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="resume the training runs in --out")
     args = p.parse_args(argv)
@@ -224,7 +227,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     t_ia = time.time()
     ia = train_iared(TrainOptions(
         data=data, checkpoint=str(out / "backbone" / "model.safetensors"), out=str(out / "iared"), groups=1,
-        epochs=6.0, schedule=(5.0, 1.0), finetune=True, tau=args.tau, lr=1e-3, finetune_lr=1e-4,
+        epochs=6.0, schedule=(5.0, 1.0), finetune=True, tau=args.tau, optimizer=args.optimizer,
+        lr=1e-3 if args.optimizer == "adam" else 1e-2, finetune_lr=1e-4 if args.optimizer == "adam" else 1e-3,
         batch_size=preset.batch_size, limit_batches=preset.policy_steps, val_size=preset.val_size, seed=args.seed,
         resume=args.resume, checkpoint_every=50))
     t_ia = time.time() - t_ia
@@ -245,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "backbone": {"arch": "jointst_custom", "num_frames": 8, "img_size": 48, "patch_size": preset.patch_size,
                      "tokens_per_clip": 8 * (48 // preset.patch_size) ** 2, "embed_dim": preset.embed_dim,
                      "depth": preset.depth, "val_top1": (bb.get("val") or {}).get("top1")},
-        "iared": {"groups": 1, "schedule_epochs": [5, 1], "tau": args.tau, "optimizer": "adam",
+        "iared": {"groups": 1, "schedule_epochs": [5, 1], "tau": args.tau, "optimizer": args.optimizer,
                   "val": {k: ia["val"][k] for k in ("top1", "keep_ratio")} if ia.get("val") else None,
                   "backbone_val_top1": (ia.get("backbone_val") or {}).get("top1")},
         "preset": preset.__dict__,

@@ -127,6 +127,41 @@ def test_eval_threshold_knob_and_segmentation(tiny_data, iared_file, tmp_path):
     assert 0 <= res["segmentation"]["rollout"]["mIoU"] <= 100
 
 
+def test_eval_backbone_runs_original_and_baselines(tiny_data, iared_file, tmp_path, capsys):
+    """--backbone: "original", the baselines and their heatmaps use it; "iared" its own blocks."""
+    other = tiny_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))      # a different backbone: different logits
+    bb = tmp_path / "backbone.safetensors"
+    iared.save_model(other, bb, arch="vit_custom", data={"kind": "tiny", "mean": [0.0] * 3, "std": [1.0] * 3})
+    common = ["--data", "tiny", "--checkpoint", str(iared_file), "--methods", "original,iared@0,random@0.5",
+              "--flops-images", "1", "--no-throughput", "--segmentation", "--batch-size", "12"]
+    res = {}
+    for name, extra in (("own", []), ("bb", ["--backbone", str(bb)])):
+        assert main(["eval", *common, "--json", str(tmp_path / f"{name}.json"), *extra]) == 0
+        res[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    own, with_bb = res["own"]["methods"], res["bb"]["methods"]
+    assert res["bb"]["backbone"] == str(bb)
+    # without --backbone, "original" is the checkpoint's blocks, which iared@0 also runs (keeping all)
+    assert own["original"]["top1"] == own["iared@0"]["top1"] and with_bb["iared@0"] == own["iared@0"]
+    ds = TinyData("test", 0)
+    expected = accuracy(other(ds.x), ds.y)[0]
+    assert with_bb["original"]["top1"] == pytest.approx(expected)
+    assert res["bb"]["segmentation"]["iared"] == res["own"]["segmentation"]["iared"]
+    assert res["bb"]["segmentation"]["rollout"] != res["own"]["segmentation"]["rollout"]
+    # a backbone that does not fit the checkpoint: one line, exit 2
+    wrong = tmp_path / "wrong.safetensors"
+    iared.save_model(iared.create_model("vit_custom", img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=2,
+                                        num_classes=5), wrong, arch="vit_custom")
+    capsys.readouterr()
+    assert main(["eval", *common, "--json", str(tmp_path / "x.json"), "--backbone", str(wrong)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not match the checkpoint" in err and len(err.splitlines()) == 1
+    assert main(["eval", *common, "--json", str(tmp_path / "x.json"), "--backbone", str(iared_file)]) == 2
+    assert "has a token policy" in capsys.readouterr().err
+
+
 def test_foreign_checkpoint_needs_arch(tiny_data, tmp_path, capsys):
     m = iared.create_model("vit_custom", img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=2,
                            num_classes=4)

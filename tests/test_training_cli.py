@@ -73,6 +73,17 @@ def test_no_finetune_leaves_backbone_untouched(tmp_path, backbone):
     assert any(k.startswith("policy.") for k in after)
 
 
+def test_sgd_optimizer_is_used(tmp_path, backbone, monkeypatch):
+    from iared.training import loop
+
+    made = []
+    real = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", lambda stage, params: made.append(real(stage, params)) or made[-1])
+    assert main(_train_args(backbone, tmp_path / "ia", "--optimizer", "sgd")) == 0
+    assert len(made) == 4 and all(isinstance(o, torch.optim.SGD) for o in made)
+    assert all(g["momentum"] == 0.9 for o in made for g in o.param_groups)
+
+
 @pytest.mark.parametrize("case", ["missing_data", "arch_mismatch", "groups", "unwritable", "no_backbone",
                                   "state_dict_wrong_arch"])
 def test_bad_input_exit_2_before_training(tmp_path, backbone, capsys, case):

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
                    help="fine-tune the blocks after each interpreter (default on)")
     p.add_argument("--finetune-lr", type=float, default=None, help="learning rate of the blocks (default: --lr)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam (the paper's images, default) or sgd with momentum 0.9 (its video runs)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="when fine-tuning (default 0)")
     p.add_argument("--val-size", type=_positive_int, default=None, help="validate on the first N items")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, FLOPs, throughput and keep ratio per method")
     p.add_argument("--data", required=True, help="KIND[:PATH]")
     p.add_argument("--checkpoint", required=True, help="model file (backbone or IA-RED²)")
+    p.add_argument("--backbone", default=None,
+                   help="model file that 'original' and the baselines run on (default: the checkpoint's blocks; "
+                        "pass the backbone an IA-RED² model was fine-tuned from)")
     p.add_argument("--methods", default="original,iared", help="comma-separated method names")
     p.add_argument("--json", required=True, help="where to write the results JSON")
     p.add_argument("--segmentation", action="store_true", help="add heatmap segmentation metrics")
@@ -216,6 +221,7 @@ def _cmd_train(args) -> int:
         data=args.data, checkpoint=args.checkpoint, out=args.out, groups=args.groups, arch=args.arch,
         epochs=args.epochs if args.epochs is not None else 30.0, schedule=schedule, finetune=args.finetune,
         tau=args.tau, lr=args.lr if args.lr is not None else 4e-5, finetune_lr=args.finetune_lr,
+        optimizer=args.optimizer,
         batch_size=args.batch_size or 64, label_smoothing=args.label_smoothing,
         limit_batches=args.limit_batches, val_size=args.val_size, checkpoint_every=args.checkpoint_every,
         workers=args.workers, seed=args.seed, device=args.device, resume=args.resume,
@@ -251,8 +257,8 @@ def _cmd_eval(args) -> int:
 
     torch.manual_seed(args.seed)
     cfg = EvalConfig(
-        data=args.data, checkpoint=args.checkpoint, methods=args.methods, json_path=args.json, arch=args.arch,
-        threshold=args.threshold, split=args.split, batch_size=args.batch_size, limit_batches=args.limit_batches,
+        data=args.data, checkpoint=args.checkpoint, backbone=args.backbone, methods=args.methods,
+        json_path=args.json, arch=args.arch, threshold=args.threshold, split=args.split, batch_size=args.batch_size, limit_batches=args.limit_batches,
         limit_images=args.limit_images, flops_images=args.flops_images, throughput=not args.no_throughput,
         segmentation=args.segmentation, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
         device=args.device, seed=args.seed, workers=args.workers, command=_command_line(args))

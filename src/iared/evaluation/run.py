@@ -3,8 +3,9 @@
 Methods are named as in SPEC §2, each with an optional budget knob after `@`, so a sweep
 draws a trade-off curve:
 
-    original                    the backbone, no policy
-    iared[@T]                   the checkpoint's own interpreters, keep threshold T (default: as saved)
+    original                    the backbone (`backbone`, else the checkpoint's blocks), no policy
+    iared[@T]                   the checkpoint's own interpreters, keep threshold T (default: as saved;
+                                iared@0 keeps every token: the checkpoint's blocks alone)
     ats[@RHO]                   multi-stage ATS, K_n = max(round(RHO * input tokens), 8)
     ats_single[@RHO]            single-stage ATS (use ats_single@K=48 for a fixed K)
     topk[@RHO], ats_selfattn[@RHO], ats_nocls[@RHO]   the ATS variants, same knob
@@ -109,6 +110,9 @@ class EvalConfig:
 
     data: str                                   # KIND[:PATH]
     checkpoint: str                             # iared .safetensors model file, or a foreign .pth/.pt with arch
+    backbone: Optional[str] = None              # model for "original" and every baseline (default: the
+                                                # checkpoint's blocks; after fine-tuning, pass the backbone
+                                                # the IA-RED² model was trained from, as the paper compares)
     methods: str = "original,iared"             # see the module docstring
     json_path: Optional[str] = None             # where the results go (None: not written)
     arch: Optional[str] = None                  # registry name for a foreign checkpoint
@@ -272,6 +276,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     specs = parse_methods(cfg.methods, available_policies())
     torch.manual_seed(cfg.seed)
     model = load_for_eval(cfg.checkpoint, cfg.arch).to(cfg.device)
+    base = load_backbone_for_eval(cfg, model)
     ds = _dataset(cfg, model)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
     flops_images = _first_images(ds, cfg.flops_images).to(cfg.device)
@@ -279,7 +284,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     for spec in specs:
-        m = build_method(model, spec, cfg.seed, cfg.threshold).to(cfg.device).eval()
+        m = build_method(model if spec.name == "iared" else base, spec, cfg.seed, cfg.threshold)
+        m = m.to(cfg.device).eval()
         policy = getattr(m, "policy", None)
         if hasattr(policy, "reset"):
             policy.reset()  # the random baseline: same draws whatever ran before
@@ -308,7 +314,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 entry["speedup"] = entry["img_per_s"] / ref["img_per_s"]
 
     out: dict[str, Any] = {
-        "data": cfg.data, "checkpoint": cfg.checkpoint, "command": cfg.command, "split": cfg.split,
+        "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
+        "command": cfg.command, "split": cfg.split,
         "device": cfg.device, "threads": torch.get_num_threads(),
         "notes": {
             "gflops_per_img": f"multiply-adds / 1e9 per image, counted one image at a time on the first "
@@ -321,7 +328,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "methods": results,
     }
     if cfg.segmentation:
-        out["segmentation"] = _segmentation(cfg, model, ds, specs)
+        out["segmentation"] = _segmentation(cfg, model, base, ds)
     if cfg.json_path:
         write_json_atomic(out, cfg.json_path)
     return out
@@ -333,17 +340,41 @@ def _throughput(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
     return float(measure_throughput(model, images, warmup=1, repeats=repeats))
 
 
-def _segmentation(cfg: EvalConfig, model: nn.Module, ds, specs) -> dict[str, Any]:
+def _segmentation(cfg: EvalConfig, model: nn.Module, base: nn.Module, ds) -> dict[str, Any]:
     if not ds.info.has_masks:
         return {"note": f"data {cfg.data!r} has no masks: no segmentation metrics"}
-    names = ["attention", "rollout", "gradcam"]
-    if type(getattr(model, "policy", None)).__name__ == "IARedPolicy":
-        names.insert(0, "iared")
-    m = copy.deepcopy(model).to(cfg.device).eval()
-    if cfg.threshold is not None and "iared" in names:
-        m.policy.threshold = cfg.threshold
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
-    return segmentation_metrics_for(m, loader, names, cfg.device, cfg.limit_batches)
+    out: dict[str, Any] = {}
+    if type(getattr(model, "policy", None)).__name__ == "IARedPolicy":
+        m = copy.deepcopy(model).to(cfg.device).eval()
+        if cfg.threshold is not None:
+            m.policy.threshold = cfg.threshold
+        out.update(segmentation_metrics_for(m, loader, ["iared"], cfg.device, cfg.limit_batches))
+    b = base.to(cfg.device).eval()
+    out.update(segmentation_metrics_for(b, loader, ["attention", "rollout", "gradcam"], cfg.device,
+                                        cfg.limit_batches))
+    return out
+
+
+def load_backbone_for_eval(cfg: EvalConfig, model: nn.Module) -> nn.Module:
+    """The model "original" and the baselines run on: `cfg.backbone`, else `model` itself.
+
+    Raises:
+        UserError: the backbone file is missing, carries a policy, or does not match the
+            checkpoint's input and classes.
+    """
+    if not cfg.backbone:
+        return model
+    base = load_for_eval(cfg.backbone, cfg.arch)
+    if getattr(base, "policy", None) is not None:
+        raise UserError(f"--backbone {cfg.backbone} has a token policy: pass the plain backbone model file")
+    a, b = model.config, base.config
+    if (a.num_classes, a.in_chans, tuple(model.patch_embed.img_size)) != \
+            (b.num_classes, b.in_chans, tuple(base.patch_embed.img_size)):
+        raise UserError(f"--backbone {cfg.backbone} ({b.num_classes} classes, {b.in_chans} channels, "
+                        f"{base.patch_embed.img_size[0]} px) does not match the checkpoint ({a.num_classes} classes, "
+                        f"{a.in_chans} channels, {model.patch_embed.img_size[0]} px)")
+    return base.to(cfg.device)
 
 
 def write_json_atomic(obj: Any, path: str) -> None:

@@ -56,8 +56,9 @@ class TrainOptions:
     schedule: tuple[float, float] = (10.0, 20.0)  # E_p : E_b, the paper's 10 : 20
     finetune: bool = True                  # run the fine-tuning stages (paper's Tables 2/3: without)
     tau: float = 1.0                       # Eq. 2 penalty of a wrong prediction (higher: keep more)
-    lr: float = 4e-5                       # Adam peak learning rate of the interpreters (paper: 4e-5)
-    finetune_lr: Optional[float] = None    # Adam peak learning rate of the blocks (None: `lr`)
+    lr: float = 4e-5                       # peak learning rate of the interpreters (paper: 4e-5)
+    finetune_lr: Optional[float] = None    # peak learning rate of the blocks (None: `lr`)
+    optimizer: str = "adam"                # "adam" (the paper's images) or "sgd" (its video runs, momentum 0.9)
     batch_size: int = 64                   # images per step and process (paper: 32 per GPU)
     label_smoothing: float = 0.0           # cross-entropy label smoothing when fine-tuning
     limit_batches: Optional[int] = None    # stop each epoch after N steps (tiny runs, tests)
@@ -158,7 +159,7 @@ def build_stages(model: nn.Module, train: Dataset, options: TrainOptions) -> lis
             step=lambda m, b, g, _j=j: reinforce_step(m, b, group=_j, groups=D, tau=options.tau, generator=g),
             trainable=lambda m, _j=j: list(m.policy.interpreters[_j].parameters()),
             train_data=data_for(len(stages) * 1000), epochs=options.policy_epochs, lr=options.lr,
-            optimizer="adam", eval_mode=eval_mode, extra={"group": j + 1, "kind": "policy", "tau": options.tau},
+            optimizer=options.optimizer, eval_mode=eval_mode, extra={"group": j + 1, "kind": "policy", "tau": options.tau},
         ))
         if options.finetune and options.finetune_epochs > 0:
             stages.append(Stage(
@@ -169,7 +170,7 @@ def build_stages(model: nn.Module, train: Dataset, options: TrainOptions) -> lis
                 + list(m.norm.parameters()) + list(m.head.parameters()),
                 train_data=data_for(len(stages) * 1000), epochs=options.finetune_epochs,
                 lr=options.finetune_lr if options.finetune_lr is not None else options.lr,
-                optimizer="adam", eval_mode=eval_mode, extra={"group": j + 1, "kind": "finetune"},
+                optimizer=options.optimizer, eval_mode=eval_mode, extra={"group": j + 1, "kind": "finetune"},
             ))
     return stages
 

@@ -120,7 +120,7 @@ class Stage:
     train_data: Callable[[int], Dataset]               # epoch -> training data of that epoch
     epochs: float                                      # length in epochs (fractions allowed)
     lr: float                                          # peak learning rate
-    optimizer: str = "adam"                            # "adam" or "adamw"
+    optimizer: str = "adam"                            # "adam", "adamw" or "sgd" (momentum 0.9)
     weight_decay: float = 0.0                          # decoupled (adamw) or L2 (adam)
     warmup_steps: int = 0                              # linear warmup before the cosine decay
     min_lr_ratio: float = 0.0                          # final lr / peak lr
@@ -141,6 +141,8 @@ def make_optimizer(stage: Stage, params: list[nn.Parameter]) -> torch.optim.Opti
         return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     if stage.optimizer == "adam":
         return torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    if stage.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=stage.lr, momentum=0.9, weight_decay=stage.weight_decay)
     raise ValueError(f"unknown optimizer {stage.optimizer!r}")
 
 
