@@ -8,8 +8,8 @@ IARED=${IARED:-.venv/bin/iared}
 R=benchmarks/results
 FLAGS=${FLAGS:---warmup 1 --repeats 3 --device cpu}
 # A batch-1 forward takes 40-700 ms and its time jitters by a few percent from call to
-# call: more repeats make its median as steady as the batch-64 ones (speedups are paired
-# per round, see `bench_speed`).
+# call: more repeats make its median as steady as the batch-64 ones (each JSON also has
+# `speedup_paired`, the median of per-round ratios, see `bench_speed`).
 FLAGS_B1=${FLAGS_B1:---warmup 3 --repeats 40 --device cpu}
 run() { echo "== $*"; $IARED bench speed "$@" $FLAGS; }
 run1() { echo "== $*"; $IARED bench speed "$@" $FLAGS_B1; }
