@@ -72,3 +72,39 @@ def test_interleaved_throughput_times_every_model():
     speeds = interleaved_throughput({"full": (full, {}), "cut": (cut, {})}, clips, warmup=1, repeats=3)
     assert set(speeds) == {"full", "cut"} and all(v > 0 for v in speeds.values())
     assert full.training  # modes are restored
+
+
+def test_cli_eval_on_video_reports_table3_keys(tmp_path, capsys):
+    """`iared eval` with a video model: clip-1 / video-1 errors, clips/s, GFLOPs per clip per method."""
+    import json
+
+    from iared.cli import main
+    from iared.data import DATASETS, register_dataset
+
+    model, data = _tiny_setup()
+    register_dataset("tinyvideo", lambda path, split, seed, views=1, num_frames=8, **kw:
+                     MovingFashionDataset(data.items, split, seed, views=views, num_frames=num_frames,
+                                          num_fragments=2, item_size=data.item_size))
+    try:
+        iared.patch(model, "iared", groups=1)
+        ckpt = tmp_path / "video.safetensors"
+        iared.save_model(model, ckpt, arch="jointst_custom")
+        out = tmp_path / "video.json"
+        argv = ["eval", "--data", "tinyvideo", "--checkpoint", str(ckpt), "--methods",
+                "original,iared,tempdiff@0.5,random@0.5", "--json", str(out), "--batch-size", "4",
+                "--limit-batches", "2", "--flops-images", "2", "--device", "cpu"]
+        assert main(argv) == 0
+        res = json.loads(out.read_text())
+        assert list(res["methods"]) == ["original", "iared", "tempdiff@0.5", "random@0.5"]
+        for name, r in res["methods"].items():
+            assert {"clip1_err", "video1_err", "clips_per_s", "gflops_per_clip", "keep_ratio", "speedup"} <= set(r)
+            assert r["n"] == 8 and 0 <= r["clip1_err"] <= 100 and r["clips_per_s"] > 0
+        assert res["methods"]["tempdiff@0.5"]["keep_ratio"] == 0.5
+        assert res["methods"]["tempdiff@0.5"]["gflops_per_clip"] < res["methods"]["original"]["gflops_per_clip"]
+        assert "clip-1 err" in capsys.readouterr().out
+        # an image data set for a video model: one line, exit 2
+        assert main(["eval", "--data", "cluttered-digits", "--checkpoint", str(ckpt), "--json",
+                     str(tmp_path / "x.json")]) == 2
+        assert "video" in capsys.readouterr().err
+    finally:
+        DATASETS.pop("tinyvideo", None)

@@ -264,6 +264,11 @@ def _cmd_eval(args) -> int:
         device=args.device, seed=args.seed, workers=args.workers, command=_command_line(args))
     out = run_eval(cfg)
     for name, r in out["methods"].items():
+        if "clip1_err" in r:  # video
+            speed = f"{r['clips_per_s']:.1f} clips/s" if r.get("clips_per_s") else "-"
+            print(f"{name:>20s}  clip-1 err {r['clip1_err']:6.2f}  video-1 err {r['video1_err']:6.2f}  "
+                  f"{r['gflops_per_clip']:.4f} GFLOPs  keep {r['keep_ratio']:.3f}  {speed}")
+            continue
         speed = f"{r['img_per_s']:.1f} img/s" if r.get("img_per_s") else "-"
         print(f"{name:>20s}  top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}  {r['gflops_per_img']:.4f} GFLOPs  "
               f"keep {r['keep_ratio']:.3f}  {speed}")

@@ -10,6 +10,7 @@ draws a trade-off curve:
     ats_single[@RHO]            single-stage ATS (use ats_single@K=48 for a fixed K)
     topk[@RHO], ats_selfattn[@RHO], ats_nocls[@RHO]   the ATS variants, same knob
     random[@R], attention[@R]   drop at the input, keep ratio R (default 0.7)
+    tempdiff[@R]                video: keep the patches that changed most since the last frame
 
 `NAME@KEY=VALUE` sets any setting of the policy instead (several joined by `+`, e.g.
 `ats@K=48+stages=3`; a stage list is written `3-11` for a range). The method string
@@ -34,7 +35,7 @@ from ..fileio import atomic_write_json
 
 # The knob `@VALUE` of each method, as a policy setting.
 KNOBS = {"iared": "threshold", "ats": "rho", "ats_single": "rho", "topk": "rho", "ats_selfattn": "rho",
-         "ats_nocls": "rho", "random": "keep_ratio", "attention": "keep_ratio"}
+         "ats_nocls": "rho", "random": "keep_ratio", "attention": "keep_ratio", "tempdiff": "keep_ratio"}
 
 
 @dataclass(frozen=True)
@@ -192,11 +193,10 @@ def build_method(model: nn.Module, spec: MethodSpec, seed: int = 0, threshold: O
         raise UserError(f"method {spec.label!r}: {str(e).splitlines()[0]}") from None
 
 
-def _dataset(cfg: EvalConfig, model: nn.Module):
+def _dataset(cfg: EvalConfig, model: nn.Module, **kw: Any):
     from ..data import build_dataset
 
     meta_data = (getattr(model, "model_meta", None) or {}).get("data") or {}
-    kw: dict[str, Any] = {}
     mean = cfg.mean if cfg.mean is not None else meta_data.get("mean")
     std = cfg.std if cfg.std is not None else meta_data.get("std")
     if mean is not None:
@@ -205,8 +205,9 @@ def _dataset(cfg: EvalConfig, model: nn.Module):
         kw["std"] = tuple(std)
     try:
         ds = build_dataset(cfg.data, cfg.split, seed=cfg.seed, **kw)
-    except TypeError as e:  # a kind without normalisation options
-        raise UserError(f"data {cfg.data!r} does not accept --mean/--std: {e}") from None
+    except TypeError as e:  # a kind without these options (normalisation, video views)
+        wanted = "video options (views, frames): is it a video data set?" if "views" in kw else "--mean/--std"
+        raise UserError(f"data {cfg.data!r} does not accept {wanted} ({e})") from None
     info = ds.info
     c = model.config
     if tuple(info.img_size) != tuple(model.patch_embed.img_size) or info.in_chans != c.in_chans:
@@ -277,6 +278,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = load_for_eval(cfg.checkpoint, cfg.arch).to(cfg.device)
     base = load_backbone_for_eval(cfg, model)
+    if hasattr(model, "num_frames"):  # a video model: the paper's Table 3 protocol
+        return run_video_eval(cfg, model, base, specs)
     ds = _dataset(cfg, model)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
     flops_images = _first_images(ds, cfg.flops_images).to(cfg.device)
@@ -329,6 +332,56 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     }
     if cfg.segmentation:
         out["segmentation"] = _segmentation(cfg, model, base, ds)
+    if cfg.json_path:
+        write_json_atomic(out, cfg.json_path)
+    return out
+
+
+def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Sequence[MethodSpec]) -> dict[str, Any]:
+    """`run_eval` on video data: the paper's Table 3 row per method (SPEC §3 video keys).
+
+    Three views per video (left, centre, right crops): clip-1 error on the centre view,
+    video-1 error on the three averaged; clips/s of every method timed round-robin on
+    the same centre-view clips (`interleaved_throughput`), GFLOPs per clip, keep ratio.
+    """
+    from .video import CENTRE_VIEW, evaluate_video, interleaved_throughput
+
+    ds = _dataset(cfg, model, views=3, num_frames=model.num_frames)
+    rows: dict[str, Any] = {}
+    timed: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+    for spec in specs:
+        m = build_method(model if spec.name == "iared" else base, spec, cfg.seed, cfg.threshold)
+        m = m.to(cfg.device).eval()
+        policy = getattr(m, "policy", None)
+        if hasattr(policy, "reset"):
+            policy.reset()
+        mode = "greedy" if spec.name == "iared" else None
+        limit = None if cfg.limit_batches is None else cfg.limit_batches * cfg.batch_size
+        row = evaluate_video(m, ds, batch_size=cfg.batch_size, mode=mode, limit=limit, device=cfg.device,
+                             speed_repeats=0, flops_clips=cfg.flops_images, progress=cfg.progress)
+        row["policy"] = policy.config() if hasattr(policy, "config") else None
+        rows[spec.label] = row
+        timed[spec.label] = (m, {"mode": mode} if mode else {})
+    if cfg.throughput:
+        clips = torch.stack([ds[i]["video"][CENTRE_VIEW] for i in range(min(cfg.batch_size, len(ds)))])
+        speeds = interleaved_throughput(timed, clips.to(cfg.device), warmup=1, repeats=cfg.throughput_repeats)
+    for label, row in rows.items():
+        row["clips_per_s"] = speeds[label] if cfg.throughput else None
+    ref = rows.get("original")
+    if ref is not None:
+        for row in rows.values():
+            row["flops_ratio"] = ref["gflops_per_clip"] / row["gflops_per_clip"] if row["gflops_per_clip"] else None
+            if row["clips_per_s"] and ref["clips_per_s"]:
+                row["speedup"] = row["clips_per_s"] / ref["clips_per_s"]
+    out = {
+        "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
+        "command": cfg.command, "split": cfg.split, "device": cfg.device, "threads": torch.get_num_threads(),
+        "notes": {"clip1_err": "top-1 error (%) of the centre view", "video1_err":
+                  "top-1 error (%) of the softmax averaged over left, centre and right views",
+                  "clips_per_s": f"median of {cfg.throughput_repeats} forwards of the same centre-view clips, "
+                                 "methods timed round-robin", "gflops_per_clip": "multiply-adds / 1e9 per clip"},
+        "methods": rows,
+    }
     if cfg.json_path:
         write_json_atomic(out, cfg.json_path)
     return out
