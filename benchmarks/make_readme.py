@@ -60,11 +60,19 @@ def render_speed(results: Path) -> str:
         for name, m in (d.get("methods") or {}).items():
             ratio = m.get("flops_ratio")
             speed_vs_flops = m["speedup"] / ratio if ratio and m.get("speedup") is not None else None
+            paired = m.get("speedup_paired")
+            paired_vs_flops = paired / ratio if ratio and paired is not None else None
             rows.append([arch, fmt(d.get("batch_size")), name, fmt(m.get("img_per_s"), 1),
-                         fmt(m.get("gflops_per_img"), 3), fmt(m.get("speedup"), 2), fmt(speed_vs_flops, 2), dev])
+                         fmt(m.get("gflops_per_img"), 3), fmt(m.get("speedup"), 2), fmt(speed_vs_flops, 2),
+                         fmt(paired_vs_flops, 2), fmt(m.get("reduction_cost_pct"), 2), dev])
         commands.append(f"- `{d['command']}`" if d.get("command") else f"- `{f.name}`")
-    header = ["arch", "batch", "method", "img/s", "GFLOPs/img", "speedup", "speedup / FLOPs ratio", "device/threads"]
-    return table(header, rows) + "\n\nMade by:\n" + "\n".join(commands)
+    header = ["arch", "batch", "method", "img/s", "GFLOPs/img", "speedup", "speedup / FLOPs ratio",
+              "paired speedup / FLOPs ratio", "policy cost % of FLOPs", "device/threads"]
+    note = ("speedup = median img/s over the original's (SPEC §3); paired = median over timing rounds of the "
+            "per-round time ratio (every round times every method once, so both see the same load). "
+            "Policy cost: the reduction module's own GFLOPs (IA-RED²'s interpreters; negative for ATS, which "
+            "drops inside a block) as a share of the backbone's.")
+    return table(header, rows) + "\n\n" + note + "\n\nMade by:\n" + "\n".join(commands)
 
 
 def render_cluttered_fashion(results: Path) -> str:

@@ -309,12 +309,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         results[spec.label] = entry
         del m
 
-    ref = results.get("original")
-    if ref is not None:
-        for entry in results.values():
-            entry["flops_ratio"] = ref["gflops_per_img"] / entry["gflops_per_img"] if entry["gflops_per_img"] else None
-            if entry["img_per_s"] and ref["img_per_s"]:
-                entry["speedup"] = entry["img_per_s"] / ref["img_per_s"]
+    _relative_to_original(results, "gflops_per_img", "img_per_s")
 
     out: dict[str, Any] = {
         "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
@@ -367,12 +362,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
         speeds = interleaved_throughput(timed, clips.to(cfg.device), warmup=1, repeats=cfg.throughput_repeats)
     for label, row in rows.items():
         row["clips_per_s"] = speeds[label] if cfg.throughput else None
-    ref = rows.get("original")
-    if ref is not None:
-        for row in rows.values():
-            row["flops_ratio"] = ref["gflops_per_clip"] / row["gflops_per_clip"] if row["gflops_per_clip"] else None
-            if row["clips_per_s"] and ref["clips_per_s"]:
-                row["speedup"] = row["clips_per_s"] / ref["clips_per_s"]
+    _relative_to_original(rows, "gflops_per_clip", "clips_per_s")
     out = {
         "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
         "command": cfg.command, "split": cfg.split, "device": cfg.device, "threads": torch.get_num_threads(),
@@ -385,6 +375,17 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     if cfg.json_path:
         write_json_atomic(out, cfg.json_path)
     return out
+
+
+def _relative_to_original(rows: dict[str, dict[str, Any]], flops_key: str, rate_key: str) -> None:
+    """Add `flops_ratio` and `speedup` (SPEC §3) to every row, against the "original" row."""
+    ref = rows.get("original")
+    if ref is None:
+        return
+    for row in rows.values():
+        row["flops_ratio"] = ref[flops_key] / row[flops_key] if row[flops_key] else None
+        if row[rate_key] and ref[rate_key]:
+            row["speedup"] = row[rate_key] / ref[rate_key]
 
 
 def _throughput(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
