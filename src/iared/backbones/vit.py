@@ -337,12 +337,13 @@ class VisionTransformer(nn.Module):
         """Run the blocks, letting the policy (if any) drop tokens in front of each."""
         records: list[StageRecord] = []
         counts = []
+        seen: Optional[Tokens] = None  # the tokens `count` was computed for
         for i, blk in enumerate(self.blocks):
             if self.policy is not None:
                 tokens, rec = self.policy(i, tokens, self, mode)
                 if rec is not None:
                     records.append(rec)
-            if not counts or tokens.valid is not seen.valid or tokens.x.shape[1] != seen.x.shape[1]:
+            if seen is None or tokens.valid is not seen.valid or tokens.x.shape[1] != seen.x.shape[1]:
                 seen, count = tokens, tokens.kept_counts() + tokens.num_prefix  # only where tokens change
             counts.append(count)
             tokens = blk(tokens)

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 from .base import DataError, DataInfo, check_split
-from .idx import FASHION_CLASSES, default_fashion_dir, load_idx_split
+from .idx import default_fashion_dir, load_idx_split
 
 
 class VideoError(DataError, UserError):

@@ -95,7 +95,6 @@ def measure_throughput(model: nn.Module, images: Tensor, warmup: int = 3, repeat
 # * Other policies: their one scalar knob (`keep_ratio`, ATS's `rho`) is bisected until
 #   the calibration batch's keep ratio is within 0.01 of the target (6 steps at most).
 
-import copy
 import math
 import os
 from dataclasses import dataclass

@@ -40,7 +40,7 @@ The block modification is `ATSBlock`, a subclass of the backbone's `Block` that
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.vit import Block, StageRecord
-from .functional import Tokens, apply_keep, attention_mask, to_grid
+from .functional import Tokens, apply_keep, attention_mask
 from .policy import TokenPolicy, register_policy
 
 # -- the math, as pure functions --------------------------------------------------------
@@ -285,18 +285,11 @@ class ATSBlock(Block):
             h = h + self.mlp(self.norm2(h))
             new = sel.with_x(h)
 
-        G = self.ats_grid
         patch_scores = scores[:, 1:] if not cfg.enforce_cls else scores
         extras = {"k_prime": k_prime, "budget": K}
         if not cfg.enforce_cls:
             extras["cls_kept"] = chosen[:, 0]
-        record = StageRecord(
-            block=self.ats_index,
-            entering=to_grid(entering, tokens, G, fill=False),
-            keep=to_grid(keep, tokens, G, fill=False),
-            scores=to_grid(patch_scores, tokens, G),
-            extras=extras,
-        )
+        record = StageRecord.on_tokens(self.ats_index, tokens, self.ats_grid, entering, keep, patch_scores, extras)
         return new, record
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..backbones.vit import StageRecord
 from .ats import topk_keep
-from .functional import Tokens, apply_keep, attention_mask, to_grid
+from .functional import Tokens, apply_keep, attention_mask
 from .policy import TokenPolicy, register_policy
 
 
@@ -70,13 +70,7 @@ class _InputDrop(TokenPolicy, abc.ABC):
         entering = tokens.patch_valid
         keep, scores = self.select(tokens, model)
         keep = keep & entering
-        G = model.grid_size
-        record = StageRecord(
-            block=0,
-            entering=to_grid(entering, tokens, G, fill=False),
-            keep=to_grid(keep, tokens, G, fill=False),
-            scores=None if scores is None else to_grid(scores, tokens, G),
-        )
+        record = StageRecord.on_tokens(0, tokens, model.grid_size, entering, keep, scores)
         return apply_keep(tokens, keep), record
 
 
