@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import iared
 from iared.backbones import vit
 from iared.evaluation.flops import vit_macs
-from iared.reduction.functional import Tokens, apply_keep, attention_mask
+from iared.reduction.functional import Tokens, apply_keep
 from iared.reduction.policy import TokenPolicy
 
 
