@@ -171,7 +171,8 @@ def keep_ratio(keep: ArrayLike) -> float:
 
 
 def _new_figure(rows: int, cols: int, cell: float, title: Optional[str]) -> tuple[Figure, np.ndarray]:
-    fig = Figure(figsize=(cell * cols, cell * rows + (0.5 if title else 0.0)))
+    # Constrained layout keeps the title right above the grid however many rows there are.
+    fig = Figure(figsize=(cell * cols, cell * rows + (0.5 if title else 0.0)), layout="constrained")
     FigureCanvasAgg(fig)  # Agg canvas: renders without any display or pyplot
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
     for ax in axes.flat:
