@@ -112,6 +112,9 @@ def render_trade_off(file_name: str) -> Callable[[Path], str]:
             if isinstance(d.get(key), str):
                 parts.append(d[key])
         parts += _generic_body(d)
+        figures = [d["figure"]] if isinstance(d.get("figure"), str) else d.get("figures") or []
+        parts += [f"![{Path(f).stem}](benchmarks/results/{Path(f).name})" for f in figures
+                  if isinstance(f, str) and (results / Path(f).name).is_file()]
         return "\n\n".join(parts)
 
     return render
@@ -173,6 +176,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "offshelf": render_trade_off("offshelf.json"),
     "moving_fashion": render_trade_off("moving_fashion.json"),
     "pruning": render_trade_off("pruning.json"),
+    "photos": render_trade_off("photos_cifar10.json"),
 }
 
 

@@ -29,6 +29,9 @@ from iared.evaluation.run import write_json_atomic
 from iared.interpret import load_interpreter, prepare_image, run_interpreters
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTE = ("Heatmaps of the interpreters of the CIFAR-10 IA-RED² model (`benchmarks/cifar10.py`, about 50 % test "
+        "accuracy on CIFAR-10) on ImageNet photos of CIFAR-10's classes, resized to 32 x 32. Scores on a fixed "
+        "0-1 scale; tokens dropped by an earlier group score 0.")
 PHOTOS = ROOT.parent / "shared" / "data" / "imagenet_val_subset"
 
 # ImageNet-1k class indices of CIFAR-10's classes (WordNet hyponyms; deer has none in ImageNet-1k).
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
     save_figure(fig, Path(args.out).with_suffix(".png"))
     correct = sum(r["cifar10_class"] == r["predicted"] for r in rows)
     doc = {"task": "interpret on real photos", "command": shlex.join([".venv/bin/python", "benchmarks/photos.py", *argv]),
-           "checkpoint": args.checkpoint, "photos": rows, "correct": correct, "n": len(rows),
+           "checkpoint": args.checkpoint, "rows": rows, "correct": correct, "n": len(rows),
+           "note": NOTE,
            "figure": Path(args.out).with_suffix(".png").name}
     write_json_atomic(doc, str(Path(args.out).with_suffix(".json")))
     print(f"{correct}/{len(rows)} photos predicted as their CIFAR-10 class -> {Path(args.out).with_suffix('.png')}")
