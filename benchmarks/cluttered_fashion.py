@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "fashion_mnist"
 TABLE2_METHODS = ("original", "random", "attention", "iared", "ats", "topk")
 TABLE1_METHODS = ("iared", "attention", "rollout", "gradcam", "chefer")
-SWEEP = {"iared": (0.3, 0.4, 0.6, 0.7, 0.8), "ats": (0.3, 0.45, 0.6, 0.75, 0.9),
+SWEEP = {"iared": (0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8), "ats": (0.3, 0.45, 0.6, 0.75, 0.9),
          "topk": (0.3, 0.45, 0.6, 0.75, 0.9), "random": (0.3, 0.45, 0.6, 0.75, 0.9),
          "attention": (0.3, 0.45, 0.6, 0.75, 0.9)}
 QUICK_SWEEP = {k: (v[0], v[-1]) for k, v in SWEEP.items()}
@@ -93,7 +93,8 @@ def iared_stage(args: argparse.Namespace, out: Path, backbone: Path) -> Path:
         return path
     run_recipe("train_cluttered_fashion_iared.sh", [str(backbone), str(out / "iared"), "--resume",
                                                      "--seed", str(args.seed)],
-               {"FASHION_DIR": args.data_dir, **(QUICK_IARED_ENV if args.quick else {})})
+               {"FASHION_DIR": args.data_dir, **(QUICK_IARED_ENV if args.quick else {}),
+                **({"TAU": str(args.tau)} if args.tau is not None else {})})
     return path
 
 
@@ -151,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny training and few images: a smoke run")
     ap.add_argument("--eval-images", type=int, default=None, help="test images for Table 2 (default 2000)")
     ap.add_argument("--seg-images", type=int, default=None, help="test images for Tables 1 and 5 (default 1000)")
+    ap.add_argument("--tau", type=float, default=None,
+                    help="Eq. 2 penalty of a wrong prediction for the IA-RED² recipe (default: the recipe's, 1.0)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
