@@ -75,12 +75,21 @@ def render_speed(results: Path) -> str:
     return table(header, rows) + "\n\n" + note + "\n\nMade by:\n" + "\n".join(commands)
 
 
-def render_cluttered_fashion(results: Path) -> str:
-    name = "cluttered_fashion.json"
+def render_cluttered_fashion(results: Path, name: str = "cluttered_fashion.json") -> str:
     d = _load(results / name)
     if d is None:
         return NOT_RUN
     parts = [command_line(d, name)]
+    train = d.get("iared_train") or {}
+    if train.get("keep_ratio_per_group") is not None:
+        parts.append(f"IA-RED² training (`iared train`): validation top-1 {fmt(train.get('val_top1'), 2)}, "
+                     f"keep ratio per group "
+                     + " / ".join(fmt(k, 2) for k in train["keep_ratio_per_group"]) + ".")
+    control = d.get("control_iared_blocks_keep_all")
+    if control:
+        parts.append(f"Control: the IA-RED² model's fine-tuned blocks with every token kept (`iared@0`) reach "
+                     f"{fmt(control.get('top1'), 2)} % top-1: fine-tuning adapts the blocks to the dropped tokens, "
+                     f"it does not add accuracy by itself.")
     if d.get("wall_s") is not None:
         parts.append(f"Whole benchmark (training included) {fmt(d['wall_s'] / 60, 1)} min on {d.get('device', '?')} "
                      f"({d.get('threads', '?')} threads); Table 2 on {d.get('eval_images', '?')} test images, "
@@ -172,11 +181,13 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "speed": render_speed,
     "threshold_sweep": render_trade_off("threshold_sweep.json"),
     "cluttered_fashion": render_cluttered_fashion,
+    "cluttered_fashion_tau2": lambda results: render_cluttered_fashion(results, "cluttered_fashion_tau2.json"),
     "cifar10": render_trade_off("cifar10.json"),
     "offshelf": render_trade_off("offshelf.json"),
     "moving_fashion": render_trade_off("moving_fashion.json"),
     "pruning": render_trade_off("pruning.json"),
     "photos": render_trade_off("photos_cifar10.json"),
+    "demo": render_trade_off("demo_cluttered_digits.json"),
 }
 
 
