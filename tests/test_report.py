@@ -147,7 +147,7 @@ def fake_results(tmp_path):
         "methods": {"original": {"img_per_s": 10.0, "gflops_per_img": 4.6, "keep_ratio": 1.0, "speedup": 1.0,
                                  "flops_ratio": 1.0},
                     "iared": {"img_per_s": 15.0, "gflops_per_img": 3.0, "keep_ratio": 0.6, "speedup": 1.5,
-                              "flops_ratio": 1.6}}}))
+                              "speedup_paired": 1.52, "flops_ratio": 1.6, "reduction_cost_pct": 0.04}}}))
     (res / "cluttered_fashion.json").write_text(json.dumps({
         "command": "benchmarks/cluttered_fashion.py", "data": "cluttered-fashion", "methods": METHODS,
         "segmentation": {"iared": {"pixel_acc": 80.0, "mAcc": 75.0, "mIoU": 61.5},
@@ -169,8 +169,8 @@ def test_make_readme_fills_markers_and_keeps_prose(fake_results, capsys):
         assert keep in text
     speed = mr.marker_pattern("speed").search(text).group(2)
     assert "old speed" not in speed
-    # speedup / flops_ratio = 1.5 / 1.6 for iared
-    assert "| deit_small_patch16_224 @224 | 64 | iared | 15.0 | 3.000 | 1.50 | 0.94 | cpu/2 |" in speed
+    # speedup / flops_ratio = 1.5 / 1.6 and paired 1.52 / 1.6 for iared
+    assert "| deit_small_patch16_224 @224 | 64 | iared | 15.0 | 3.000 | 1.50 | 0.94 | 0.95 | 0.04 | cpu/2 |" in speed
     cf = mr.marker_pattern("cluttered_fashion").search(text).group(2)
     assert "Table 2" in cf and "Table 1" in cf and "Table 5" in cf and "| block 1 |" in cf and "61.50" in cf
     assert mr.marker_pattern("cifar10").search(text).group(2).strip() == "not run yet"
