@@ -258,7 +258,8 @@ def _cmd_eval(args) -> int:
     torch.manual_seed(args.seed)
     cfg = EvalConfig(
         data=args.data, checkpoint=args.checkpoint, backbone=args.backbone, methods=args.methods,
-        json_path=args.json, arch=args.arch, threshold=args.threshold, split=args.split, batch_size=args.batch_size, limit_batches=args.limit_batches,
+        json_path=args.json, arch=args.arch, threshold=args.threshold, split=args.split,
+        batch_size=args.batch_size, limit_batches=args.limit_batches,
         limit_images=args.limit_images, flops_images=args.flops_images, throughput=not args.no_throughput,
         segmentation=args.segmentation, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
         device=args.device, seed=args.seed, workers=args.workers, command=_command_line(args))

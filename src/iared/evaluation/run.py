@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .accuracy import evaluate
 from ..fileio import atomic_write_json
+from .accuracy import evaluate
 
 # The knob `@VALUE` of each method, as a policy setting.
 KNOBS = {"iared": "threshold", "ats": "rho", "ats_single": "rho", "topk": "rho", "ats_selfattn": "rho",
@@ -287,11 +287,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     for spec in specs:
-        m = build_method(model if spec.name == "iared" else base, spec, cfg.seed, cfg.threshold)
-        m = m.to(cfg.device).eval()
+        m = _method_model(cfg, model, base, spec)
         policy = getattr(m, "policy", None)
-        if hasattr(policy, "reset"):
-            policy.reset()  # the random baseline: same draws whatever ran before
         stats = evaluate(m, loader, cfg.device, cfg.limit_batches, progress=cfg.progress, desc=spec.label)
         entry: dict[str, Any] = {
             "top1": stats["top1"], "top5": stats["top5"],
@@ -342,26 +339,24 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     from .video import CENTRE_VIEW, evaluate_video, interleaved_throughput
 
     ds = _dataset(cfg, model, views=3, num_frames=model.num_frames)
+    limit = None if cfg.limit_batches is None else cfg.limit_batches * cfg.batch_size
     rows: dict[str, Any] = {}
     timed: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for spec in specs:
-        m = build_method(model if spec.name == "iared" else base, spec, cfg.seed, cfg.threshold)
-        m = m.to(cfg.device).eval()
+        m = _method_model(cfg, model, base, spec)
         policy = getattr(m, "policy", None)
-        if hasattr(policy, "reset"):
-            policy.reset()
         mode = "greedy" if spec.name == "iared" else None
-        limit = None if cfg.limit_batches is None else cfg.limit_batches * cfg.batch_size
         row = evaluate_video(m, ds, batch_size=cfg.batch_size, mode=mode, limit=limit, device=cfg.device,
                              speed_repeats=0, flops_clips=cfg.flops_images, progress=cfg.progress)
         row["policy"] = policy.config() if hasattr(policy, "config") else None
         rows[spec.label] = row
         timed[spec.label] = (m, {"mode": mode} if mode else {})
+    speeds: dict[str, float] = {}
     if cfg.throughput:
         clips = torch.stack([ds[i]["video"][CENTRE_VIEW] for i in range(min(cfg.batch_size, len(ds)))])
         speeds = interleaved_throughput(timed, clips.to(cfg.device), warmup=1, repeats=cfg.throughput_repeats)
     for label, row in rows.items():
-        row["clips_per_s"] = speeds[label] if cfg.throughput else None
+        row["clips_per_s"] = speeds.get(label)
     _relative_to_original(rows, "gflops_per_clip", "clips_per_s")
     out = {
         "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
@@ -375,6 +370,15 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     if cfg.json_path:
         write_json_atomic(out, cfg.json_path)
     return out
+
+
+def _method_model(cfg: EvalConfig, model: nn.Module, base: nn.Module, spec: MethodSpec) -> nn.Module:
+    """The model one method runs: "iared" on the checkpoint, everything else on `base`; eval mode."""
+    m = build_method(model if spec.name == "iared" else base, spec, cfg.seed, cfg.threshold).to(cfg.device).eval()
+    policy = getattr(m, "policy", None)
+    if hasattr(policy, "reset"):
+        policy.reset()  # the random baseline: same draws whatever ran before
+    return m
 
 
 def _relative_to_original(rows: dict[str, dict[str, Any]], flops_key: str, rate_key: str) -> None:

@@ -122,18 +122,12 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     """
     x, P = tokens.x, tokens.num_prefix
     B, N = keep.shape
-    if B == 1:  # nothing to pad: select the kept indices (fewest ops: batch-1 latency)
-        index = keep[0].nonzero().squeeze(1)
-        if index.numel() == N and tokens.valid is None:
-            return tokens
-        new_x = torch.cat([x[:, :P], x[:, P:].index_select(1, index)], dim=1)
-        return replace(tokens, x=new_x, pos=tokens.pos.index_select(1, index), valid=None)
     counts = keep.sum(dim=1)
     k_max = int(counts.max()) if B > 0 else 0
-    if k_max == N and bool((counts == N).all()):
+    same_count = bool((counts == k_max).all())  # always so for one image: no padding
+    if k_max == N and same_count:
         return replace(tokens, valid=None) if tokens.valid is not None and bool(tokens.valid.all()) else tokens
-    same_count = bool((counts == k_max).all())
-    if same_count:  # e.g. one image: the kept indices, in order, row by row
+    if same_count:  # the kept indices, in order, row by row: no sort
         order = keep.nonzero()[:, 1].view(B, k_max)                                    # (B, K)
     else:  # a stable sort on "not kept" moves kept tokens to the front in their order
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k_max]

@@ -201,9 +201,9 @@ class IARedPolicy(TokenPolicy):
             keep = torch.bernoulli(scores.detach()).bool()
         else:
             keep = torch.ones_like(scores, dtype=torch.bool)
+        # Tokens already dropped need no masking here: `apply_keep` leaves them dropped and
+        # `to_grid` puts no invalid token on the record's grids.
         entering = tokens.patch_valid
-        if tokens.valid is not None:
-            keep = keep & entering
         extras = {"group": torch.tensor(j)}
         if torch.is_grad_enabled():
             # Only the policy-gradient loss needs the per-head logits; skipping the grid copy
