@@ -43,6 +43,7 @@ import torch
 import iared
 from iared.backbones.jointst import frame_maps
 from iared.data import build_dataset
+from iared.data.video import MOTION_NAMES
 from iared.evaluation.video import evaluate_video, interleaved_throughput
 from iared.reduction.video_baselines import temporal_difference_scores
 from iared.training.backbone import BackboneOptions, train_backbone
@@ -66,7 +67,7 @@ class Preset:
     val_size: int         # validation clips after each epoch
     test_size: int        # 3-view test videos
     speed_batch: int      # clips per timed forward
-    clutter_ramp: tuple[int, ...] = (0, 0, 4)  # clutter fragments in the first backbone epochs (then 8)
+    clutter_ramp: tuple[int, ...] = (0, 0, 2, 4, 6)  # clutter fragments in the first backbone epochs (then 8)
 
 
 QUICK = Preset(patch_size=12, embed_dim=64, depth=4, num_heads=4, backbone_epochs=4, backbone_steps=15,
@@ -78,7 +79,7 @@ FULL = Preset(patch_size=8, embed_dim=96, depth=4, num_heads=4, backbone_epochs=
 def scale_preset(base: Preset, budget_minutes: float, data: str) -> Preset:
     """Fit the step counts to the budget, from the measured time of a few training steps."""
     model = iared.create_model("jointst_custom", img_size=48, patch_size=base.patch_size, in_chans=1, num_frames=8,
-                               embed_dim=base.embed_dim, depth=base.depth, num_heads=base.num_heads, num_classes=8)
+                               embed_dim=base.embed_dim, depth=base.depth, num_heads=base.num_heads, num_classes=len(MOTION_NAMES))
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     # Real batches: generating the moving-fashion clips is part of a step's cost.
     train = build_dataset(data, "train", seed=0)

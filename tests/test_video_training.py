@@ -23,7 +23,7 @@ def tiny_run(out, kill_after=None, resume=False, log=None):
     train = MovingFashionDataset(items, "train", seed=0, num_frames=4, num_fragments=2)
     torch.manual_seed(0)
     model = iared.create_model("jointst_custom", img_size=48, patch_size=12, in_chans=1, num_frames=4, embed_dim=16,
-                               depth=2, num_heads=2, num_classes=8)
+                               depth=2, num_heads=2, num_classes=4)
     iared.patch(model, "iared", groups=1)
     options = TrainOptions(data="moving-fashion", checkpoint="unused", out=str(out), groups=1, epochs=3.0,
                            schedule=(5.0, 1.0), lr=1e-2, finetune_lr=1e-3, batch_size=4)
@@ -59,7 +59,7 @@ def test_killed_video_run_resumes_to_the_same_weights(tmp_path):
     # and when sampled and greedy policies are both wrong the advantage is 0.)
     torch.manual_seed(0)
     init = iared.create_model("jointst_custom", img_size=48, patch_size=12, in_chans=1, num_frames=4, embed_dim=16,
-                              depth=2, num_heads=2, num_classes=8)
+                              depth=2, num_heads=2, num_classes=4)
     iared.patch(init, "iared", groups=1)
     moved = [k for k, v in init.state_dict().items() if not torch.equal(v, reference[k])]
     assert moved, "no weight changed during training"
