@@ -107,6 +107,7 @@ def spatial_crops(video: Tensor, size: int, views: int = 3, offset: Optional[int
 SPEEDS = {"still": 0.0, "slow": 1.25, "medium": 2.5, "fast": 3.75}
 MOTION_NAMES = tuple(SPEEDS)
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
+_STEPS = tuple(DIRECTIONS.values())
 
 MF_MASK_THRESHOLD = 25       # uint8 item intensity above which a pixel belongs to the item
 MF_VAL_SIZE = 5000           # Fashion-MNIST training items held out as "val"
@@ -169,7 +170,7 @@ class MovingFashionDataset(Dataset):
                             f"in a {img_size} px view")
         if not 0 < fragment_size <= item_size:
             raise DataError(f"moving-fashion: fragment size must be in [1, {item_size}]")
-        self.info = VideoDataInfo(kind="moving-fashion", num_classes=len(SPEEDS), class_names=MOTION_NAMES,
+        self.info = VideoDataInfo(kind="moving-fashion", num_classes=len(MOTION_NAMES), class_names=MOTION_NAMES,
                                   in_chans=1, img_size=(img_size, img_size), mean=tuple(mean), std=tuple(std),
                                   has_masks=True, num_frames=num_frames, views=views)
 
@@ -193,7 +194,7 @@ class MovingFashionDataset(Dataset):
         rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], self.epoch, index])
         label = int(rng.integers(len(SPEEDS)))
         speed = SPEEDS[MOTION_NAMES[label]]
-        dy, dx = list(DIRECTIONS.values())[int(rng.integers(len(DIRECTIONS)))]
+        dy, dx = _STEPS[int(rng.integers(len(_STEPS)))]
         travel = int(round(speed * (T - 1)))
         # Start anywhere such that the whole path stays inside the centre view.
         lo_y, hi_y = (travel, H - s) if dy < 0 else (0, H - s - travel * (dy > 0))
