@@ -14,6 +14,8 @@ Options (all give the same logits as mask mode, checked before timing):
                  (`Block`: at most 2 buckets by default; see iared.reduction.functional)
   nested         as packed-1, attention through jagged nested tensors (torch.nested)
 
+Every option runs with the same linear-layer kernels (--kernels, oneDNN by default).
+
 Timing: with --cpu-time, one thread and process CPU time (what a neighbour's load
 disturbs least); otherwise wall time. Rounds interleave the options (fair under a neighbour's load); per option the
 fastest round is reported, the closest to its uncontended speed on a shared machine.
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 
 import iared
 from iared.backbones import vit
+from iared.backbones.kernels import cpu_kernels
 from iared.evaluation.flops import vit_macs
 from iared.reduction.functional import Tokens, apply_keep
 from iared.reduction.policy import TokenPolicy
@@ -102,6 +105,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--options", default="full,padded,packed-1,packed,nested")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kernels", choices=("auto", "onednn", "aten"), default="auto",
+                    help="linear-layer kernels for every option (iared.backbones.kernels)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="1 thread, process CPU time instead of wall time: robust to a loaded machine")
     args = ap.parse_args()
@@ -116,7 +121,7 @@ def main() -> None:
     masks = staged_masks(B, G, [0, every, 2 * every], args.lo, args.hi)
     x = torch.randn(B, 3, *model.patch_embed.img_size)
     options = args.options.split(",")
-    with torch.inference_mode():
+    with torch.inference_mode(), cpu_kernels(model, args.kernels) as kernels:
         model.policy = StagedKeep(masks)
         _, info = model(x, return_info=True)
         ratio = float(vit_macs(torch.full_like(info.block_tokens, G + 1), model.embed_dim).sum()
@@ -134,7 +139,7 @@ def main() -> None:
                 run_option(name, model, x)
                 best[name] = min(best[name], clock() - t0) if _ else best[name]
     last = info.block_tokens[:, -1] - 1
-    print(f"{args.arch} B={B} threads={torch.get_num_threads()} patch tokens at the last block "
+    print(f"{args.arch} B={B} threads={torch.get_num_threads()} {kernels} kernels; patch tokens at the last block "
           f"min/mean/max {int(last.min())}/{last.float().mean():.0f}/{int(last.max())}; "
           f"FLOPs ratio (blocks) {ratio:.3f}")
     rows = {}
@@ -145,7 +150,7 @@ def main() -> None:
         print(f"  {name:9s} {ips:8.2f} img/s  speedup {sp:.3f}  = {sp / ratio:.2f} x the FLOPs limit", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "flops_ratio": ratio, "options": rows}, f, indent=1)
+            json.dump({"command": " ".join(sys.argv), "kernels": kernels, "flops_ratio": ratio, "options": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # imagenet-speed (SPEC §4): `iared bench speed` on DeiT-S/B at 224 and DeiT-B at 384, random
-# weights, batch 1 and 64 (DeiT-B 384: a batch that fits in ~5 min on 2 cores), CPU.
+# weights, batch 1 and 64, CPU, linear layers through oneDNN (`--kernels auto`).
 # Each JSON records its exact command and the 1-minute load average before/after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +18,4 @@ run --arch deit_small_patch16_224 --batch-size 64 --json $R/speed_deit_small_pat
 run1 --arch deit_base_patch16_224 --batch-size 1 --json $R/speed_deit_base_patch16_224_b1.json
 run1 --arch deit_base_patch16_384 --batch-size 1 --json $R/speed_deit_base_patch16_384_b1.json
 run --arch deit_base_patch16_224 --batch-size 64 --json $R/speed_deit_base_patch16_224_b64.json
-run --arch deit_base_patch16_384 --batch-size 8 --json $R/speed_deit_base_patch16_384_b8.json
+run --arch deit_base_patch16_384 --batch-size 64 --json $R/speed_deit_base_patch16_384_b64.json

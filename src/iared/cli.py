@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=5, help="timed forwards per method; median (default 5)")
     b.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     b.add_argument("--calib-images", type=_positive_int, default=8, help="calibration batch for the budgets")
+    b.add_argument("--kernels", choices=("auto", "onednn", "aten"), default="auto",
+                   help="linear layers of every method: oneDNN with packed weights, or PyTorch's default "
+                        "(BLAS); auto: oneDNN on CPU where available")
     b.add_argument("--flops-images", type=_positive_int, default=2, help="images counted exactly for GFLOPs")
     _common(b)
     b.set_defaults(func=_cmd_bench_speed)
@@ -299,6 +302,7 @@ def _cmd_interpret(args) -> int:
 
 
 def _cmd_bench_speed(args) -> int:
+    from .backbones.kernels import resolve_kernels
     from .backbones.registry import list_models
     from .evaluation.run import write_json_atomic
     from .evaluation.throughput import SpeedConfig, bench_speed
@@ -308,6 +312,10 @@ def _cmd_bench_speed(args) -> int:
         raise UserError(f"unknown --arch {args.arch!r}; see iared.list_models()")
     if not 0 < args.keep_ratio <= 1:
         raise UserError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
+    try:
+        resolve_kernels(args.kernels, args.device)
+    except ValueError as e:
+        raise UserError(f"--kernels: {e}") from None
     methods = None
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -318,9 +326,11 @@ def _cmd_bench_speed(args) -> int:
     cfg = SpeedConfig(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
                       methods=methods, warmup=max(args.warmup, 0), repeats=args.repeats,
                       calib_images=args.calib_images, flops_images=args.flops_images, threads=args.threads,
+                      kernels=args.kernels,
                       device=args.device, seed=args.seed, command=_command_line(args))
     out = bench_speed(cfg, log=lambda line: print(f"iared bench speed: {line}", file=sys.stderr))
-    print(f"{out['arch']} {out['img_size']}px batch {out['batch_size']} on {out['device']}, {out['threads']} threads")
+    print(f"{out['arch']} {out['img_size']}px batch {out['batch_size']} on {out['device']}, {out['threads']} threads, "
+          f"{out['kernels']} kernels")
     for name, r in out["methods"].items():
         print(f"{name:>14s}  {r['img_per_s']:8.2f} img/s  {r['gflops_per_img']:7.3f} GFLOPs  keep {r['keep_ratio']:.3f}  "
               f"speedup {r['speedup']:.3f}  flops ratio {r['flops_ratio']:.3f}  ({r['of_limit']:.2f} of the limit)")

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..backbones.kernels import resolve_kernels
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from .accuracy import evaluate
@@ -311,7 +312,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
         "command": cfg.command, "split": cfg.split,
-        "device": cfg.device, "threads": torch.get_num_threads(),
+        "device": cfg.device, "threads": torch.get_num_threads(), "kernels": resolve_kernels("auto", cfg.device),
         "notes": {
             "gflops_per_img": f"multiply-adds / 1e9 per image, counted one image at a time on the first "
                               f"{int(flops_images.shape[0])} images",
@@ -361,6 +362,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     out = {
         "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
         "command": cfg.command, "split": cfg.split, "device": cfg.device, "threads": torch.get_num_threads(),
+        "kernels": resolve_kernels("auto", cfg.device),
         "notes": {"clip1_err": "top-1 error (%) of the centre view", "video1_err":
                   "top-1 error (%) of the softmax averaged over left, centre and right views",
                   "clips_per_s": f"median of {cfg.throughput_repeats} forwards of the same centre-view clips, "
@@ -393,6 +395,7 @@ def _relative_to_original(rows: dict[str, dict[str, Any]], flops_key: str, rate_
 
 
 def _throughput(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
+    # Kernels "auto" (oneDNN on CPU), as recorded under "kernels" in the result file.
     from .throughput import measure_throughput
 
     return float(measure_throughput(model, images, warmup=1, repeats=repeats))

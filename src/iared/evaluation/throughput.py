@@ -5,7 +5,9 @@ recipe is the usual one for wall-clock benchmarks on a shared machine: run a few
 warm-up forwards (allocator, oneDNN kernel selection, lazy init), then time several
 repetitions and report the median, which is robust to a neighbour stealing the CPU for
 one repetition. Everything runs under `torch.inference_mode` with the model in eval
-mode, so policies drop tokens for real (compact execution).
+mode, so policies drop tokens for real (compact execution), and on CPU the linear
+layers run through oneDNN with packed weights (`iared.backbones.kernels`; every method
+of one comparison gets the same kernels).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..backbones.kernels import cpu_kernels, resolve_kernels
 
 
 def _synchronize(device: torch.device) -> None:
@@ -50,7 +54,7 @@ def time_forward(fn: Callable[[], Any], device: torch.device, warmup: int = 3, r
 
 
 def measure_throughput(model: nn.Module, images: Tensor, warmup: int = 3, repeats: int = 7,
-                       forward_kwargs: Optional[dict[str, Any]] = None) -> float:
+                       forward_kwargs: Optional[dict[str, Any]] = None, kernels: str = "auto") -> float:
     """Images per second of `model` on the batch `images` (median over repetitions).
 
     The model is put in eval mode for the measurement (so a policy removes tokens
@@ -62,6 +66,7 @@ def measure_throughput(model: nn.Module, images: Tensor, warmup: int = 3, repeat
         warmup: untimed forwards before timing.
         repeats: timed forwards; the median is reported.
         forward_kwargs: extra keyword arguments for `model(...)`.
+        kernels: "auto", "onednn" or "aten" (see `iared.backbones.kernels.cpu_kernels`).
 
     Returns:
         Images per second.
@@ -72,7 +77,7 @@ def measure_throughput(model: nn.Module, images: Tensor, warmup: int = 3, repeat
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), cpu_kernels(model, kernels):
             times = time_forward(lambda: model(images, **kwargs), images.device, warmup, repeats)
     finally:
         model.train(was_training)
@@ -231,6 +236,7 @@ class SpeedConfig:
     calib_images: int = 8              # calibration batch for the budgets
     flops_images: int = 2              # images counted exactly by `count_flops`
     threads: Optional[int] = None      # torch threads (None: torch's default)
+    kernels: str = "auto"              # linear-layer kernels for every method: auto / onednn / aten
     device: str = "cpu"
     seed: int = 0
     command: str = ""                  # the exact command line, stored in the JSON
@@ -295,6 +301,7 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
         names = ["original"] + available_policies()
     else:
         names = list(cfg.methods)
+    kernels = resolve_kernels(cfg.kernels, cfg.device)
     load_before = os.getloadavg()[0]
 
     log(f"calibrating budgets to keep ratio {cfg.keep_ratio} on {cfg.calib_images} images")
@@ -338,7 +345,8 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
                 if policy is not None:
                     patch(model, policy)
                 try:
-                    t = time_forward(lambda: model(images, execution="compact"), images.device, 0, 1)[0]
+                    with cpu_kernels(model, kernels):  # packs weights (untimed), then one timed forward
+                        t = time_forward(lambda: model(images, execution="compact"), images.device, 0, 1)[0]
                 finally:
                     if policy is not None:
                         unpatch(model)
@@ -369,6 +377,7 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
         row["times_s"] = times[name]
         out_methods[name] = row
     return {"arch": cfg.arch, "img_size": img_size, "batch_size": cfg.batch_size, "device": cfg.device,
-            "threads": torch.get_num_threads(), "command": cfg.command, "keep_ratio_target": cfg.keep_ratio,
+            "threads": torch.get_num_threads(), "kernels": kernels, "command": cfg.command,
+            "keep_ratio_target": cfg.keep_ratio,
             "warmup": cfg.warmup, "repeats": cfg.repeats, "torch": torch.__version__,
             "load_avg_1min": [load_before, load_after], "methods": out_methods}

@@ -14,6 +14,7 @@ left/centre/right) so both errors come from the same forwards.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ..backbones.kernels import cpu_kernels
 from .flops import count_flops
 from .throughput import measure_throughput
 
@@ -150,8 +152,9 @@ def interleaved_throughput(models: dict[str, tuple[nn.Module, dict[str, Any]]], 
     modes = {name: m.training for name, (m, _) in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
             for m, kw in models.values():
+                stack.enter_context(cpu_kernels(m))  # oneDNN linears on CPU, as `measure_throughput`
                 m.eval()
                 for _ in range(warmup):
                     m(clips, **kw)
