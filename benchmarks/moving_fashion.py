@@ -44,6 +44,7 @@ import iared
 from iared.backbones.jointst import frame_maps
 from iared.data import build_dataset
 from iared.data.video import MOTION_NAMES
+from iared.evaluation.throughput import calibrate_iared
 from iared.evaluation.video import evaluate_video, interleaved_throughput
 from iared.reduction.video_baselines import temporal_difference_scores
 from iared.training.backbone import BackboneOptions, train_backbone
@@ -150,8 +151,13 @@ def heatmap_figure(model, test, n: int, path: Path) -> None:
 
 
 def evaluate_all(backbone_path: Path, iared_path: Path, test, preset: Preset,
-                 keep_ratio: Optional[float]) -> dict[str, Any]:
+                 keep_ratio: Optional[float], val=None, ours_keep: Optional[float] = None) -> dict[str, Any]:
     """Table 3's rows; baselines at IA-RED²'s measured keep ratio unless `keep_ratio` is given.
+
+    With `ours_keep`, a second IA-RED² row "ours@<ours_keep>" runs the same trained model
+    with its interpreter threshold raised so that it keeps `ours_keep` of the tokens on
+    the *validation* clips `val` (the `ours_keep` quantile of their scores; the test clips
+    are not looked at), and the baselines are matched to that row's keep ratio instead.
 
     Errors, FLOPs and keep ratios per method first; then the speeds of all methods,
     timed round-robin on the same batch (`interleaved_throughput`) so that a busy
@@ -163,7 +169,18 @@ def evaluate_all(backbone_path: Path, iared_path: Path, test, preset: Preset,
     ours = iared.load_model(iared_path)
     rows["ours"] = evaluate_video(ours, test, mode="greedy", **kw)
     models["ours"] = (ours, {"mode": "greedy"})
-    r = keep_ratio if keep_ratio is not None else max(rows["ours"]["keep_ratio"], 1.0 / ours.grid_size)
+    matched = "ours"
+    if ours_keep is not None:
+        matched = f"ours@{ours_keep:g}"
+        op = iared.load_model(iared_path)
+        val_clips = torch.stack([val[i]["video"][1] for i in range(min(256, len(val)))])
+        threshold = calibrate_iared(op, val_clips, ours_keep)
+        print(f"evaluating {matched} (threshold {threshold[0]:.4f} from {len(val_clips)} val clips)",
+              file=sys.stderr, flush=True)
+        rows[matched] = evaluate_video(op, test, mode="greedy", **kw)
+        rows[matched]["settings"] = {"threshold": threshold[0], "val_keep_target": ours_keep}
+        models[matched] = (op, {"mode": "greedy"})
+    r = keep_ratio if keep_ratio is not None else max(rows[matched]["keep_ratio"], 1.0 / ours.grid_size)
     n_keep = max(1, round(r * ours.grid_size))
     methods = {
         "original": None,
@@ -188,7 +205,7 @@ def evaluate_all(backbone_path: Path, iared_path: Path, test, preset: Preset,
     for name, row in rows.items():
         row["clips_per_s"] = speeds[name]
         row["speedup"] = speeds[name] / speeds["original"]
-    order = ["original", "random", "attention", "tempdiff", "ats", "ours"]
+    order = ["original", "random", "attention", "tempdiff", "ats", "ours"] + ([matched] if matched != "ours" else [])
     return {k: rows[k] for k in order}
 
 
@@ -201,20 +218,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--quick", action="store_true", help="small fixed-size smoke run (~10-15 min on 2 busy cores)")
     g.add_argument("--budget-minutes", type=float, default=None, help="fit training to this wall-clock budget")
     p.add_argument("--keep-ratio", type=float, default=None, help="baselines' keep ratio (default: IA-RED²'s)")
+    p.add_argument("--ours-keep-ratio", type=float, default=None,
+                   help="also report IA-RED² with its threshold set on validation clips to keep this share "
+                        "(baselines then match that row)")
     p.add_argument("--tau", type=float, default=1.0, help="IA-RED² reward penalty of a wrong prediction")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="IA-RED² stages: adam (lr 1e-3, blocks 1e-4) or the paper's video sgd (momentum 0.9, "
                         "lr 1e-2, blocks 1e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="resume the training runs in --out")
+    p.add_argument("--eval-only", action="store_true",
+                   help="skip training: evaluate the finished run in --out again (its results.json gives the preset)")
     args = p.parse_args(argv)
+    for name in ("keep_ratio", "ours_keep_ratio"):
+        v = getattr(args, name)
+        if v is not None and not 0 < v <= 1:
+            p.error(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
     torch.manual_seed(args.seed)
     t0 = time.time()
     data = f"moving-fashion:{args.data_dir}"
+    out = Path(args.out)
+    if args.eval_only:
+        try:
+            trained = json.loads((out / "results.json").read_text())
+            preset = Preset(**{**trained["preset"], "clutter_ramp": tuple(trained["preset"]["clutter_ramp"])})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--eval-only needs a finished run in {out} (its results.json): {e}")
+        return evaluate_and_report(args, data, out, preset, trained=trained)
     preset = QUICK if args.quick else FULL
     if args.budget_minutes is not None:
         preset = scale_preset(FULL, args.budget_minutes, data)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"preset: {preset}", file=sys.stderr, flush=True)
 
@@ -236,11 +269,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         batch_size=preset.batch_size, limit_batches=preset.policy_steps, val_size=preset.val_size, seed=args.seed,
         resume=args.resume, checkpoint_every=50))
     t_ia = time.time() - t_ia
+    trained = {"command": None, "wall_s": {"backbone": t_bb, "iared": t_ia},
+               "backbone": {"val_top1": (bb.get("val") or {}).get("top1")},
+               "iared": {"val": {k: ia["val"][k] for k in ("top1", "keep_ratio")} if ia.get("val") else None,
+                         "backbone_val_top1": (ia.get("backbone_val") or {}).get("top1")}}
+    return evaluate_and_report(args, data, out, preset, trained, t0=t0)
 
+
+def evaluate_and_report(args, data: str, out: Path, preset: Preset, trained: dict[str, Any],
+                        t0: Optional[float] = None) -> int:
+    """Evaluate the run in `out`, write the results and the figure, print Table 3.
+
+    `trained` holds what the training part reported (validation numbers, wall times);
+    with --eval-only it is the run's earlier results.json, whose command is kept as
+    `trained_by`.
+    """
+    t0 = time.time() if t0 is None else t0
     test = build_dataset(data, "test", seed=args.seed, views=3, limit=preset.test_size)
     t_ev = time.time()
+    val = build_dataset(data, "val", seed=args.seed, views=3, limit=preset.val_size) if args.ours_keep_ratio else None
     methods = evaluate_all(out / "backbone" / "model.safetensors", out / "iared" / "model.safetensors", test,
-                           preset, args.keep_ratio)
+                           preset, args.keep_ratio, val=val, ours_keep=args.ours_keep_ratio)
     t_ev = time.time() - t_ev
     ours = iared.load_model(out / "iared" / "model.safetensors")
     heatmap_figure(ours, test, 3, out / "heatmaps.png")
@@ -248,19 +297,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = {
         "data": "moving-fashion", "task": "Table 3 (video, D = 1)",
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "trained_by": trained.get("trained_by") or trained.get("command"),
         "preliminary": bool(args.quick),
         "device": "cpu", "threads": torch.get_num_threads(),
         "backbone": {"arch": "jointst_custom", "num_frames": 8, "img_size": 48, "patch_size": preset.patch_size,
                      "tokens_per_clip": 8 * (48 // preset.patch_size) ** 2, "embed_dim": preset.embed_dim,
-                     "depth": preset.depth, "val_top1": (bb.get("val") or {}).get("top1")},
+                     "depth": preset.depth, "val_top1": trained["backbone"]["val_top1"]},
         "iared": {"groups": 1, "schedule_epochs": [5, 1], "tau": args.tau, "optimizer": args.optimizer,
-                  "val": {k: ia["val"][k] for k in ("top1", "keep_ratio")} if ia.get("val") else None,
-                  "backbone_val_top1": (ia.get("backbone_val") or {}).get("top1")},
+                  "operating_keep_on_val": args.ours_keep_ratio,
+                  "val": trained["iared"]["val"], "backbone_val_top1": trained["iared"]["backbone_val_top1"]},
         "preset": preset.__dict__,
         "test_videos": len(test) if preset.test_size is None else min(preset.test_size, len(test)),
         "baselines_retrained": False,
         "methods": methods,
-        "wall_s": {"backbone": t_bb, "iared": t_ia, "eval": t_ev, "total": time.time() - t0},
+        "wall_s": {"backbone": trained["wall_s"]["backbone"], "iared": trained["wall_s"]["iared"], "eval": t_ev,
+                   "total": time.time() - t0 if trained.get("command") is None else
+                   trained["wall_s"]["backbone"] + trained["wall_s"]["iared"] + t_ev},
     }
     if args.quick:
         results["note"] = (
