@@ -148,8 +148,8 @@ def cpu_kernels(model: nn.Module, kernels: Kernels = "auto") -> Iterator[str]:
     Yields:
         The kernels in use, "onednn" or "aten" (for result files).
     """
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
-    chosen = resolve_kernels(kernels, device)
+    first = next(model.parameters(), None)
+    chosen = resolve_kernels(kernels, "cpu" if first is None else first.device)
     if chosen == "aten":
         yield chosen
         return
