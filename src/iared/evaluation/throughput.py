@@ -100,6 +100,7 @@ def measure_throughput(model: nn.Module, images: Tensor, warmup: int = 3, repeat
 # * Other policies: their one scalar knob (`keep_ratio`, ATS's `rho`) is bisected until
 #   the calibration batch's keep ratio is within 0.01 of the target (6 steps at most).
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -337,7 +338,11 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
 
     # Interleaved rounds: each round times every method once, so a neighbour's burst of
     # load hits all methods alike instead of one; the median over rounds is reported.
-    with torch.inference_mode():
+    # Weights are packed once, the backbone's and each policy's (attaching a policy keeps
+    # the backbone's modules, so their packed forwards stay valid across patch/unpatch).
+    with torch.inference_mode(), contextlib.ExitStack() as packed:
+        for module in [model, *(p for p in methods.values() if p is not None)]:
+            packed.enter_context(cpu_kernels(module, kernels))
         times: dict[str, list[float]] = {name: [] for name in methods}
         rounds = [False] * cfg.warmup + [True] * cfg.repeats
         for timed in tqdm(rounds, desc=f"timing {len(methods)} methods", file=sys.stderr, leave=False):
@@ -345,8 +350,7 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
                 if policy is not None:
                     patch(model, policy)
                 try:
-                    with cpu_kernels(model, kernels):  # packs weights (untimed), then one timed forward
-                        t = time_forward(lambda: model(images, execution="compact"), images.device, 0, 1)[0]
+                    t = time_forward(lambda: model(images, execution="compact"), images.device, 0, 1)[0]
                 finally:
                     if policy is not None:
                         unpatch(model)
