@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import iared
-from iared.reduction.functional import Tokens, apply_keep, length_buckets, packed_index
+from iared.backbones import vit
+from iared.reduction.functional import PackedLayout, Tokens, apply_keep, length_buckets, packed_index
 from iared.reduction.policy import TokenPolicy
 
 
@@ -30,6 +31,13 @@ class FixedKeep(TokenPolicy):
         g = self.grid_keep[index] if self.rows is None else self.grid_keep[index][self.rows]
         keep = g.gather(1, tokens.pos.clamp(min=0))  # per current token, from its grid cell
         return apply_keep(tokens, keep), None
+
+
+class FixedKeepRuns(FixedKeep):
+    """`FixedKeep` that says where it acts: blocks in between stay packed (`forward_tokens`)."""
+
+    def acts_before(self, index: int) -> bool:
+        return index in self.grid_keep
 
 
 def tiny_model(depth: int = 6, distilled: bool = False) -> nn.Module:
@@ -52,11 +60,12 @@ def uneven_keeps(B: int, G: int, blocks: list[int], seed: int = 0) -> dict[int, 
     return out
 
 
+@pytest.mark.parametrize("policy", [FixedKeep, FixedKeepRuns])
 @pytest.mark.parametrize("blocks,distilled", [([0], False), ([0, 2, 4], False), ([1, 3], True), ([5], False)])
-def test_packed_equals_masked_reference(blocks, distilled):
+def test_packed_equals_masked_reference(blocks, distilled, policy):
     model = tiny_model(distilled=distilled)
     B = 6
-    model.policy = FixedKeep(uneven_keeps(B, model.grid_size, blocks))
+    model.policy = policy(uneven_keeps(B, model.grid_size, blocks))
     x = torch.randn(B, 3, 32, 32)
     with torch.no_grad():
         ref, info_ref = model(x, execution="mask", return_info=True)
@@ -101,6 +110,64 @@ def test_length_buckets_cover_every_image_once():
     # equal lengths: one call over the whole batch, in batch order
     assert length_buckets(torch.ones(4, 6, dtype=torch.bool)) == (None, [(0, 4, 6)])
     assert packed_index(valid[:2]).tolist() == list(range(20)) + [20]
+
+
+def test_packed_layout_places_every_valid_token_once():
+    counts = torch.tensor([20, 1, 3, 18, 5, 11, 2, 20, 7, 9])
+    valid = torch.arange(20)[None] < counts[:, None]
+    layout = PackedLayout(valid, max_buckets=3)
+    assert sorted(layout.index.tolist()) == packed_index(valid).tolist()   # a permutation of the valid slots
+    assert layout.num_tokens == int(counts.sum())
+    t = 0
+    for b in layout.buckets:  # contiguous ranges of the packed sequence, in order
+        assert b.tokens[0] == t and b.tokens[1] - b.tokens[0] == int(counts[b.images].sum())
+        assert b.length == int(counts[b.images].max())
+        assert (b.mask is None) == bool((counts[b.images] == b.length).all())
+        t = b.tokens[1]
+    x = torch.randn(10, 20, 3)
+    h = layout.pack(x)
+    torch.testing.assert_close(h, x[valid][torch.argsort(torch.argsort(layout.index))])  # same rows, packed order
+    back = layout.unpack(h * 2, x)
+    torch.testing.assert_close(back[valid], 2 * x[valid])
+    torch.testing.assert_close(back[~valid], x[~valid])
+
+
+def test_group_runs_reuse_zeroed_buffers_only_without_autograd():
+    """Blocks of one group share the layout's padded q/k/v buffers under no_grad (their
+    padded slots must stay zero), and get fresh ones when autograd is on, where the
+    compact gradients must still equal the mask-mode gradients."""
+    model = tiny_model()
+    B = 6
+    model.policy = FixedKeepRuns(uneven_keeps(B, model.grid_size, [0, 3]))
+    x = torch.randn(B, 3, 32, 32)
+    made = []
+    real_init = vit.PackedLayout.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    vit.PackedLayout.__init__ = spy
+    try:
+        with torch.no_grad():
+            model(x, execution="compact")
+        assert len(made) == 2                                   # one layout per group, not per block
+        for layout in made:
+            for (buf, bucket) in zip(next(iter(layout._scratch.values())), layout.buckets):
+                padded = torch.ones(buf.shape[0], dtype=torch.bool)
+                padded[bucket.slot] = False
+                assert torch.count_nonzero(buf[padded]) == 0  # written only at valid slots
+        made.clear()
+        grads = {}
+        for execution in ("mask", "compact"):
+            model.zero_grad()
+            model(x, execution=execution).square().sum().backward()
+            grads[execution] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        assert made and all(not layout._scratch for layout in made)  # nothing cached under autograd
+    finally:
+        vit.PackedLayout.__init__ = real_init
+    for g_mask, g_compact in zip(grads["mask"], grads["compact"]):
+        torch.testing.assert_close(g_compact, g_mask, rtol=1e-4, atol=1e-5)
 
 
 def test_equal_counts_compact_without_padding_equals_masked_reference():

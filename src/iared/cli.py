@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kernels", choices=("auto", "onednn", "aten"), default="auto",
                    help="linear layers of every method: oneDNN with packed weights, or PyTorch's default "
                         "(BLAS); auto: oneDNN on CPU where available")
+    b.add_argument("--allocator", choices=("steady", "system"), default="steady",
+                   help="steady: glibc keeps freed memory for reuse, so no method pays page faults for "
+                        "fresh buffers on every forward (recorded as 'allocator'); system: leave malloc as is")
     b.add_argument("--flops-images", type=_positive_int, default=2, help="images counted exactly for GFLOPs")
     _common(b)
     b.set_defaults(func=_cmd_bench_speed)
@@ -326,11 +329,11 @@ def _cmd_bench_speed(args) -> int:
     cfg = SpeedConfig(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
                       methods=methods, warmup=max(args.warmup, 0), repeats=args.repeats,
                       calib_images=args.calib_images, flops_images=args.flops_images, threads=args.threads,
-                      kernels=args.kernels,
+                      kernels=args.kernels, allocator=args.allocator,
                       device=args.device, seed=args.seed, command=_command_line(args))
     out = bench_speed(cfg, log=lambda line: print(f"iared bench speed: {line}", file=sys.stderr))
     print(f"{out['arch']} {out['img_size']}px batch {out['batch_size']} on {out['device']}, {out['threads']} threads, "
-          f"{out['kernels']} kernels")
+          f"{out['kernels']} kernels, allocator {out['allocator']}")
     for name, r in out["methods"].items():
         print(f"{name:>14s}  {r['img_per_s']:8.2f} img/s  {r['gflops_per_img']:7.3f} GFLOPs  keep {r['keep_ratio']:.3f}  "
               f"speedup {r['speedup']:.3f}  flops ratio {r['flops_ratio']:.3f}  ({r['of_limit']:.2f} of the limit)")

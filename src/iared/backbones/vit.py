@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reduction.functional import (Buckets, Execution, Tokens, attention_mask, initial_tokens,
-                                     length_buckets, packed_index, to_grid)
+from ..reduction.functional import Execution, PackedLayout, Tokens, attention_mask, initial_tokens, to_grid
 
 
 def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -83,38 +82,34 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(valid), scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
-    def forward_packed(self, x: Tensor, valid: Tensor, index: Tensor, buckets: Buckets) -> Tensor:
+    def forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
         """Attention on packed tokens: `forward` for the valid tokens only.
 
         Args:
-            x: (T, D) the valid tokens of the batch, packed image-major (`packed_index`).
-            valid: (B, L) which slots of the padded layout the packed tokens come from.
-            index: (T,) `packed_index(valid)`.
-            buckets: `length_buckets(valid)`: attention runs once per bucket.
+            x: (T, D) the valid tokens of the batch, in `layout`'s packed order.
+            layout: where each packed token sits in the padded batch; attention runs
+                once per bucket of images of similar length.
 
         Returns:
             (T, D) the attention output (after `proj`) of each packed token.
         """
-        B, L = valid.shape
-        D = x.shape[-1]
-        order, ranges = buckets
-        slot = index
-        if order is not None:  # padded slots in bucket order: image order[r] goes to row r
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(B, device=order.device)
-            slot = rank[index // L] * L + index % L
-            valid = valid.index_select(0, order)
-        # qkv only for real tokens, then scattered into a zeroed padded layout: padded
-        # keys/values must be finite (0 * NaN would leak through the masked softmax).
-        qkv = x.new_zeros(B * L, 3 * D).index_copy_(0, slot, self.qkv(x))
-        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
-        out = x.new_empty(B, L, self.num_heads, self.head_dim)  # slots outside buckets: padding, never read
-        for start, stop, Lb in ranges:
-            q, k, v = qkv[start:stop, :Lb].permute(2, 0, 3, 1, 4)            # (n, H, Lb, hd) views
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(valid[start:stop, :Lb]),
-                                               scale=self.scale)
-            out[start:stop, :Lb] = o.transpose(1, 2)
-        return self.proj(out.view(B * L, D).index_select(0, slot))
+        T, D = x.shape
+        qkv = self.qkv(x)                                                     # (T, 3D)
+        out = torch.empty_like(x) if not torch.is_grad_enabled() else None
+        pieces = []
+        buffers = layout.padded_buffers(3 * D, qkv)
+        for bucket, buf in zip(layout.buckets, buffers):
+            t0, t1 = bucket.tokens
+            n, Lb = bucket.images.numel(), bucket.length
+            buf.index_copy_(0, bucket.slot, qkv[t0:t1])                       # only valid slots written
+            q, k, v = buf.view(n, Lb, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=self.scale)
+            o = o.transpose(1, 2).reshape(n * Lb, D)  # a view: the CPU kernel writes (n, Lb, H, hd)
+            if out is None:
+                pieces.append(o.index_select(0, bucket.slot))
+            else:
+                torch.index_select(o, 0, bucket.slot, out=out[t0:t1])
+        return self.proj(out if out is not None else torch.cat(pieces) if len(pieces) > 1 else pieces[0])
 
 
 class Mlp(nn.Module):
@@ -155,14 +150,19 @@ class Block(nn.Module):
 
     def forward_packed(self, tokens: Tokens) -> Tokens:
         """`forward` on the valid tokens only, gathered into one (T, D) sequence."""
-        x, valid = tokens.x, tokens.valid
-        B, L, D = x.shape
-        index = packed_index(valid)                       # (T,)
-        flat = x.reshape(B * L, D)
-        h = flat.index_select(0, index)                   # (T, D)
-        h = h + self.attn.forward_packed(self.norm1(h), valid, index, length_buckets(valid))
-        h = h + self.mlp(self.norm2(h))
-        return tokens.with_x(flat.index_copy(0, index, h).view(B, L, D))
+        layout = PackedLayout(tokens.valid)
+        return tokens.with_x(layout.unpack(self.forward_packed_tokens(layout.pack(tokens.x), layout), tokens.x))
+
+    def forward_packed_tokens(self, h: Tensor, layout: PackedLayout) -> Tensor:
+        """The block on packed tokens (T, D) -> (T, D); see `PackedLayout`."""
+        h = h + self.attn.forward_packed(self.norm1(h), layout)
+        return h + self.mlp(self.norm2(h))
+
+
+def _runs_packed(blk: nn.Module, tokens: Tokens) -> bool:
+    """Whether `blk` would run `tokens` packed: a plain `Block` on padded compact tokens."""
+    return (tokens.execution == "compact" and tokens.valid is not None
+            and type(blk).forward is Block.forward and isinstance(blk, Block))
 
 
 @dataclass(frozen=True)
@@ -333,24 +333,53 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1) + self.pos_embed
         return initial_tokens(x, self.num_prefix_tokens, execution)
 
-    def forward_tokens(self, tokens: Tokens, mode: Any = None) -> tuple[Tokens, list[StageRecord], Tensor]:
-        """Run the blocks, letting the policy (if any) drop tokens in front of each."""
+    def forward_tokens(self, tokens: Tokens, mode: Any = None,
+                       count_tokens: bool = True) -> tuple[Tokens, list[StageRecord], Optional[Tensor]]:
+        """Run the blocks, letting the policy (if any) drop tokens in front of each.
+
+        Compact tokens with padding run packed (see `PackedLayout`): gathered once when a
+        run of plain blocks starts, scattered back only where something reads the padded
+        tokens (a policy that acts, a block of another kind, the head).
+
+        Returns:
+            (tokens after the last block, the policy's stage records, (B, depth) valid
+            tokens entering each block, or None with `count_tokens=False`).
+        """
         records: list[StageRecord] = []
         counts = []
         seen: Optional[Tokens] = None  # the tokens `count` was computed for
+        acts = getattr(self.policy, "acts_before", None)
+        layout: Optional[PackedLayout] = None
+        h: Optional[Tensor] = None     # the valid tokens, packed by `layout`, while a run lasts
         for i, blk in enumerate(self.blocks):
-            if self.policy is not None:
+            if self.policy is not None and (acts is None or acts(i)):
+                if h is not None:
+                    tokens, h = tokens.with_x(layout.unpack(h, tokens.x)), None
                 tokens, rec = self.policy(i, tokens, self, mode)
                 if rec is not None:
                     records.append(rec)
-            if seen is None or tokens.valid is not seen.valid or tokens.x.shape[1] != seen.x.shape[1]:
-                seen, count = tokens, tokens.kept_counts() + tokens.num_prefix  # only where tokens change
-            counts.append(count)
+            if count_tokens:
+                if seen is None or tokens.valid is not seen.valid or tokens.x.shape[1] != seen.x.shape[1]:
+                    seen, count = tokens, tokens.kept_counts() + tokens.num_prefix  # only where tokens change
+                counts.append(count)
+            if _runs_packed(blk, tokens):
+                if h is None:
+                    if layout is None or not layout.matches(tokens.valid):
+                        layout = PackedLayout(tokens.valid)
+                    h = layout.pack(tokens.x)
+                h = blk.forward_packed_tokens(h, layout)
+                continue
+            if h is not None:
+                tokens, h = tokens.with_x(layout.unpack(h, tokens.x)), None
             tokens = blk(tokens)
             if isinstance(tokens, tuple):  # a block that drops tokens inside itself (ATS) returns its record
                 tokens, rec = tokens
                 if rec is not None:
                     records.append(rec)
+        if h is not None:
+            tokens = tokens.with_x(layout.unpack(h, tokens.x))
+        if not count_tokens:
+            return tokens, records, None
         return tokens, records, torch.stack(counts, dim=1) if counts else torch.zeros(tokens.x.shape[0], 0)
 
     def forward_head(self, tokens: Tokens) -> Tensor:
@@ -376,7 +405,7 @@ class VisionTransformer(nn.Module):
         """
         execution = execution or ("mask" if self.training else "compact")
         tokens = self.embed(x, execution)
-        tokens, records, counts = self.forward_tokens(tokens, mode)
+        tokens, records, counts = self.forward_tokens(tokens, mode, count_tokens=return_info)
         logits = self.forward_head(tokens)
         if not return_info:
             return logits

@@ -355,8 +355,11 @@ class ATSPolicy(TokenPolicy):
                 for name in ("ats", "ats_index", "ats_grid"):
                     blk.__dict__.pop(name, None)
 
+    def acts_before(self, index: int) -> bool:
+        return False  # nothing happens in front of blocks: the stage blocks select inside
+
     def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
-        return tokens, None  # nothing happens in front of blocks
+        return tokens, None
 
 
 def _builder(name: str, **fixed):

@@ -64,6 +64,9 @@ class _InputDrop(TokenPolicy, abc.ABC):
     def select(self, tokens: Tokens, model: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
         """(keep (B, N) bool, scores (B, N) or None) for the patch tokens at the input."""
 
+    def acts_before(self, index: int) -> bool:
+        return index == 0
+
     def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
         if index != 0:
             return tokens, None

@@ -64,6 +64,9 @@ class Tokens:
 
     def kept_counts(self) -> Tensor:
         """(B,) number of patch tokens still alive per image."""
+        if self.valid is None:
+            B, N = self.pos.shape
+            return torch.full((B,), N, dtype=torch.long, device=self.x.device)
         return self.patch_valid.sum(dim=1)
 
     def with_x(self, x: Tensor) -> "Tokens":
@@ -131,9 +134,14 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
         order = keep.nonzero()[:, 1].view(B, k_max)                                    # (B, K)
     else:  # a stable sort on "not kept" moves kept tokens to the front in their order
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k_max]
-    patches = x[:, P:].gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))      # (B, K, C)
+    # One row gather over the flattened batch, prefix included: rows are C floats of
+    # contiguous memory (a per-element `gather` with an expanded index and a `cat` after
+    # it were two thirds of the policy's time at batch 64).
+    L, C = x.shape[1], x.shape[-1]
+    prefix_rows = torch.arange(P, device=x.device).expand(B, P)
+    rows = torch.cat([prefix_rows, order + P], dim=1) + L * torch.arange(B, device=x.device)[:, None]
+    new_x = x.reshape(B * L, C).index_select(0, rows.reshape(-1)).view(B, P + k_max, C)
     pos = tokens.pos.gather(1, order)                                                  # (B, K)
-    new_x = torch.cat([x[:, :P], patches], dim=1)
     if same_count:
         valid = None
     else:
@@ -164,33 +172,33 @@ def to_grid(values: Tensor, tokens: Tokens, grid_size: int, fill: float = 0.0) -
 #
 # Compact mode cuts the batch to its longest image, so with very different kept counts
 # per image most of the padded slots would still go through qkv, proj and the MLP
-# (about 90 % of a ViT block's FLOPs). `Block` therefore runs padded compact tokens
-# "packed": the valid tokens of the whole batch are gathered into one (T, C) sequence
-# for the per-token layers, and only attention, which mixes tokens of one image, goes
-# back to a padded layout, in buckets of images of similar length so it does not pay
-# for the longest image either.
+# (about 90 % of a ViT block's FLOPs). Padded compact tokens therefore run "packed": the
+# valid tokens of the whole batch are gathered into one (T, C) sequence for the
+# per-token layers, and only attention, which mixes tokens of one image, goes back to a
+# padded layout, in buckets of images of similar length so it does not pay for the
+# longest image either (`PackedLayout`). `VisionTransformer.forward_tokens` keeps the
+# tokens packed from the first block of a group to its last.
 #
-# Measured with `benchmarks/execution_options.py --cpu-time` (DeiT-S, 2 CPU cores shared
-# with ~10 other busy processes, hence 1 thread and process CPU time; 3 drop stages, image
-# b keeps r_b^(j/3), r_b ~ U[0.15, 0.95]: 31..186 patch tokens at the last block):
+# Measured with `benchmarks/execution_options.py` (DeiT-S, batch 64, 2 threads, oneDNN
+# kernels, steady allocator; 3 drop stages, image b keeps r_b^(j/3), r_b ~ U[0.15, 0.95]:
+# 31..186 patch tokens at the last block; FLOPs ratio 1.48; best of 5 rounds):
 #
-#   batch 64, FLOPs ratio 1.48    img/s   speedup   of the FLOPs limit
-#   full (nothing dropped)         7.38    1.00
-#   padded to the longest image    7.50    1.02      0.69
-#   packed, attention padded       9.21    1.25      0.84
-#   packed, 8 attention buckets    9.68    1.31      0.89
-#   packed, torch.nested SDPA      ----    0.44x full in a wall-time run: CPU fallback
+#                                          img/s   speedup   of the FLOPs limit
+#   full (nothing dropped)                 34.6     1.00
+#   padded to the longest image            35.3     1.02      0.69
+#   packed, attention in 1 padded call     43.7     1.26      0.86
+#   packed, 2 attention buckets            45.5     1.31      0.89
+#   packed, 4 attention buckets            47.7     1.38      0.93
+#   packed, torch.nested SDPA              28.3     0.82      0.55 (CPU fallback)
 #
-#   batch 1 (no padding), FLOPs ratio 1.21: full 6.42, compact 8.73 img/s (1.36x, 1.12 of
-#   the limit: fewer tokens also fit the caches better).
+# Keeping a group packed across its blocks instead of gathering and scattering in every
+# block gained 1.6 % (1 thread, process CPU time: 26.8 against 26.4 img/s). The CPU SDPA
+# kernel has no fixed cost per call worth the name (0.22 ms per image of 120 tokens for
+# calls of 1 to 8 images), so 4 buckets cost nothing over 2 and waste far less padding
+# (attention over the padded layout was 17 %, 37 % and 49 % above the per-image cost in
+# the three groups of an IA-RED² forward with 2 buckets).
 #
-# With 2 threads and wall time (IA-RED², batch 32) 8 buckets lost: 13.8-16.6 s against
-# 11.7-12.7 s for 1 or 2 buckets. The CPU SDPA kernel has a large cost per call (4 images
-# x 120 tokens took half the time of 32 x 120), so buckets are capped at 2. Advanced
-# indexing per bucket (`qkv[images, :Lb]`) was a quarter of the forward in a profile:
-# buckets are contiguous slices of a batch sorted once by length instead.
-#
-# All options give the mask-mode logits to within 1.6e-6.
+# All options give the mask-mode logits to within 3e-6.
 
 
 def packed_index(valid: Tensor) -> Tensor:
@@ -198,19 +206,108 @@ def packed_index(valid: Tensor) -> Tensor:
     return valid.reshape(-1).nonzero().squeeze(1)
 
 
+@dataclass(frozen=True)
+class Bucket:
+    """Images of similar length whose attention runs as one padded call.
+
+    Attributes:
+        images: (n,) batch indices of the bucket's images.
+        length: L_b, the bucket's longest image: its padded attention length.
+        tokens: (t0, t1), the bucket's range of the packed token sequence.
+        slot: (t1 - t0,) where each of those tokens sits in the bucket's padded
+            (n * L_b) layout.
+        mask: (n, 1, 1, L_b) key mask for attention, None when nothing is padded.
+    """
+
+    images: Tensor
+    length: int
+    tokens: tuple[int, int]
+    slot: Tensor
+    mask: Optional[Tensor]
+
+
+class PackedLayout:
+    """Where the valid tokens of a padded (B, L) batch go when packed, and how attention runs.
+
+    Built once per token set (`valid`) and shared by all blocks that see that set: the
+    tokens of one IA-RED² group stay packed from its first block to its last, so the
+    per-block gathers, scatters and index computations of a naive packed block disappear.
+
+    Packed order is image-major with images sorted by length (longest first) when the
+    batch is split into buckets, so every bucket is one contiguous range of the packed
+    sequence: its q/k/v are scattered from, and its attention output gathered into, a
+    slice (no concatenation, no padded output buffer).
+
+    Attributes:
+        valid: the (B, L) bool tensor the layout was built for (compared by identity).
+        index: (T,) flat (B * L) position of each packed token.
+        buckets: one `Bucket` per attention call.
+    """
+
+    def __init__(self, valid: Tensor, max_buckets: int = 4, slack: float = 1.15):
+        order, ranges = length_buckets(valid, max_buckets, slack)
+        B, L = valid.shape
+        device = valid.device
+        images = order if order is not None else torch.arange(B, device=device)
+        self.valid = valid
+        buckets, index, t0 = [], [], 0
+        for start, stop, Lb in ranges:
+            imgs = images[start:stop]
+            v = valid.index_select(0, imgs)[:, :Lb] if order is not None else valid[start:stop, :Lb]
+            slot = v.reshape(-1).nonzero().squeeze(1)                             # (T_b,)
+            index.append(imgs[slot // Lb] * L + slot % Lb)
+            t1 = t0 + slot.numel()
+            mask = None if bool(v.all()) else v[:, None, None, :]
+            buckets.append(Bucket(imgs, Lb, (t0, t1), slot, mask))
+            t0 = t1
+        self.index = index[0] if len(index) == 1 else torch.cat(index)
+        self.buckets = buckets
+        self.num_tokens = t0
+        self._scratch: dict[tuple, list[Tensor]] = {}
+
+    def matches(self, valid: Optional[Tensor]) -> bool:
+        return valid is self.valid
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, L, D) padded tokens -> (T, D) their valid tokens, in packed order."""
+        B, L, D = x.shape
+        return x.reshape(B * L, D).index_select(0, self.index)
+
+    def unpack(self, h: Tensor, x: Tensor) -> Tensor:
+        """`x` (B, L, D) with its valid tokens replaced by the packed `h` (T, D); a new tensor."""
+        B, L, D = x.shape
+        return x.reshape(B * L, D).index_copy(0, self.index, h).view(B, L, D)
+
+    def padded_buffers(self, width: int, like: Tensor) -> list[Tensor]:
+        """One zero-filled (n_b * L_b, width) buffer per bucket, for q/k/v in padded layout.
+
+        Padded slots must hold finite values (0 * NaN would leak through the masked
+        softmax), and only valid slots are ever written, so outside autograd the buffers
+        are made once per layout and reused by every block of the group (zero-filling a
+        fresh buffer per block was 8 % of a batch-64 DeiT-S forward). With autograd on, a
+        buffer saved for backward must not be overwritten: a fresh one each call.
+        """
+        key = (width, like.dtype, like.device)
+        if torch.is_grad_enabled() or key not in self._scratch:
+            bufs = [like.new_zeros(b.images.numel() * b.length, width) for b in self.buckets]
+            if torch.is_grad_enabled():
+                return bufs
+            self._scratch[key] = bufs
+        return self._scratch[key]
+
+
 Buckets = tuple[Optional[Tensor], list[tuple[int, int, int]]]
 
 
-def length_buckets(valid: Tensor, max_buckets: int = 2, slack: float = 1.15) -> Buckets:
+def length_buckets(valid: Tensor, max_buckets: int = 4, slack: float = 1.15) -> Buckets:
     """Group images of similar length so attention pads each group to its own longest.
 
     Attention per bucket costs about n_images · L_bucket²; one call over the whole batch
     costs B · L_max². Images are sorted by extent (last valid slot + 1, which equals the
     count for compacted tokens) and cut into at most `max_buckets` groups of equal image
-    count: a bounded Python loop over buckets, never over images (2 by default: see the
-    measurements above). In sorted order every
-    bucket is a contiguous slice of the batch, so it is a view, not a gathered copy
-    (advanced indexing per bucket cost a quarter of the forward in a profile).
+    count: a bounded Python loop over buckets, never over images (see the measurements
+    above). In sorted order every bucket is a contiguous slice of the batch, which
+    `PackedLayout` turns into a contiguous range of the packed tokens.
 
     Args:
         valid: (B, L) bool, valid tokens (prefix included).

@@ -187,6 +187,9 @@ class IARedPolicy(TokenPolicy):
             raise ValueError(f"unknown interpreter mode {m!r}; expected one of {_MODES}")
         return m
 
+    def acts_before(self, index: int) -> bool:
+        return index % self.blocks_per_group == 0  # at the entry of each group
+
     def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
         if index % self.blocks_per_group != 0:
             return tokens, None

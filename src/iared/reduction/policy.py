@@ -6,9 +6,10 @@ an `nn.Module` whose forward is
 
     forward(index, tokens, model, mode) -> (tokens, StageRecord | None)
 
-called in front of every block of the backbone. It returns the tokens unchanged (and no
-record) for blocks where it does nothing. Policies that act inside a block (ATS selects
-after computing attention) swap that block's class instead; see `iared.reduction.ats`.
+called in front of every block of the backbone where `acts_before(index)` is True (by
+default, every block). It returns the tokens unchanged (and no record) for blocks where
+it does nothing. Policies that act inside a block (ATS selects after computing
+attention) swap that block's class instead; see `iared.reduction.ats`.
 
 Policies register a builder under a short name so `iared.patch(model, policy="ats")`
 and `iared eval --methods ats` find them.
@@ -31,6 +32,15 @@ class TokenPolicy(nn.Module):
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings that rebuild this policy with `build_policy`."""
         return {}
+
+    def acts_before(self, index: int) -> bool:
+        """Whether `forward` may change or read the tokens in front of block `index`.
+
+        The model calls the policy only where this is True, so blocks in between can keep
+        their tokens packed (`iared.reduction.functional.PackedLayout`). The default, True
+        everywhere, is always correct; policies that act at a few blocks say which.
+        """
+        return True
 
 
 PolicyBuilder = Callable[..., nn.Module]

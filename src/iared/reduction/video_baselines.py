@@ -76,6 +76,9 @@ class TemporalDifferencePolicy(TokenPolicy):
     def config(self) -> dict[str, Any]:
         return {"name": "tempdiff", "keep_ratio": self.keep_ratio}
 
+    def acts_before(self, index: int) -> bool:
+        return index == 0
+
     def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
         if index != 0:
             return tokens, None
