@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # imagenet-speed (SPEC §4): `iared bench speed` on DeiT-S/B at 224 and DeiT-B at 384, random
-# weights, batch 1 and 64, CPU, linear layers through oneDNN (`--kernels auto`).
+# weights, batch 1 and 64, CPU, linear layers through oneDNN (`--kernels auto`), glibc told
+# to keep freed memory (`--allocator steady`: no method pays page faults for fresh buffers).
 # Each JSON records its exact command and the 1-minute load average before/after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IARED=${IARED:-.venv/bin/iared}
 R=benchmarks/results
-FLAGS=${FLAGS:---warmup 1 --repeats 3 --device cpu}
+FLAGS=${FLAGS:---warmup 1 --repeats 5 --device cpu}
 # A batch-1 forward takes 40-700 ms and its time jitters by a few percent from call to
 # call: more repeats make its median as steady as the batch-64 ones (each JSON also has
 # `speedup_paired`, the median of per-round ratios, see `bench_speed`).

@@ -66,8 +66,10 @@ def test_bench_speed_layout_and_ratios():
     cfg = SpeedConfig(arch=TINY, batch_size=3, methods=("original", "iared", "random"), warmup=0, repeats=1,
                       calib_images=4, flops_images=3, command="test")
     out = bench_speed(cfg, log=lambda line: None)
-    for key in ("arch", "img_size", "batch_size", "device", "threads", "command", "methods"):
+    for key in ("arch", "img_size", "batch_size", "device", "threads", "command", "methods", "kernels", "allocator"):
         assert key in out
+    # glibc (this project's CI and every Linux wheel of torch) takes the setting; elsewhere it says so
+    assert out["allocator"] in ("glibc, no mmap/trim", "system")
     assert out["img_size"] == 32 and out["batch_size"] == 3 and out["threads"] == torch.get_num_threads()
     rows = out["methods"]
     assert set(rows) == {"original", "iared", "random"}
@@ -90,9 +92,11 @@ def test_bench_speed_layout_and_ratios():
 def test_cli_bench_speed_writes_json(tmp_path):
     path = tmp_path / "speed.json"
     rc = main(["bench", "speed", "--arch", TINY, "--batch-size", "2", "--json", str(path), "--methods",
-               "original,random", "--warmup", "0", "--repeats", "1", "--calib-images", "2", "--device", "cpu"])
+               "original,random", "--warmup", "0", "--repeats", "1", "--calib-images", "2", "--device", "cpu",
+               "--allocator", "system"])
     assert rc == 0
     d = json.loads(path.read_text())
+    assert d["allocator"] == "system"
     assert d["command"].startswith("iared bench speed --arch " + TINY)
     assert set(d["methods"]) == {"original", "random"}
 

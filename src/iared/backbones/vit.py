@@ -104,7 +104,7 @@ class Attention(nn.Module):
             buf.index_copy_(0, bucket.slot, qkv[t0:t1])                       # only valid slots written
             q, k, v = buf.view(n, Lb, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=self.scale)
-            o = o.transpose(1, 2).reshape(n * Lb, D)  # a view: the CPU kernel writes (n, Lb, H, hd)
+            o = o.transpose(1, 2).reshape(n * Lb, D)  # a view where the kernel writes (n, Lb, H, hd), as on CPU
             if out is None:
                 pieces.append(o.index_select(0, bucket.slot))
             else:
