@@ -12,15 +12,20 @@ of one comparison gets the same kernels).
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..backbones.kernels import cpu_kernels, resolve_kernels
+from ..backbones.vit import ReductionInfo
 
 
 def steady_allocator() -> str:
@@ -128,13 +133,6 @@ def measure_throughput(model: nn.Module, images: Tensor, warmup: int = 3, repeat
 #   set group by group (later groups keep everything while an earlier one is set).
 # * Other policies: their one scalar knob (`keep_ratio`, ATS's `rho`) is bisected until
 #   the calibration batch's keep ratio is within 0.01 of the target (6 steps at most).
-
-import contextlib
-import math
-import os
-from dataclasses import dataclass
-
-from ..backbones.vit import ReductionInfo
 
 
 def mean_keep(info: ReductionInfo, num_prefix: int) -> Tensor:
