@@ -45,6 +45,7 @@ from iared.backbones.jointst import frame_maps
 from iared.data import build_dataset
 from iared.data.video import MOTION_NAMES
 from iared.evaluation.throughput import calibrate_iared
+from iared.evaluation.throughput import steady_allocator
 from iared.evaluation.video import evaluate_video, interleaved_throughput
 from iared.reduction.video_baselines import temporal_difference_scores
 from iared.training.backbone import BackboneOptions, train_backbone
@@ -285,6 +286,7 @@ def evaluate_and_report(args, data: str, out: Path, preset: Preset, trained: dic
     `trained_by`.
     """
     t0 = time.time() if t0 is None else t0
+    allocator = steady_allocator()  # before the timed forwards, as `iared bench speed` and `iared eval`
     test = build_dataset(data, "test", seed=args.seed, views=3, limit=preset.test_size)
     t_ev = time.time()
     val = build_dataset(data, "val", seed=args.seed, views=3, limit=preset.val_size) if args.ours_keep_ratio else None
@@ -299,7 +301,7 @@ def evaluate_and_report(args, data: str, out: Path, preset: Preset, trained: dic
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "trained_by": trained.get("trained_by") or trained.get("command"),
         "preliminary": bool(args.quick),
-        "device": "cpu", "threads": torch.get_num_threads(),
+        "device": "cpu", "threads": torch.get_num_threads(), "allocator": allocator,
         "backbone": {"arch": "jointst_custom", "num_frames": 8, "img_size": 48, "patch_size": preset.patch_size,
                      "tokens_per_clip": 8 * (48 // preset.patch_size) ** 2, "embed_dim": preset.embed_dim,
                      "depth": preset.depth, "val_top1": trained["backbone"]["val_top1"]},

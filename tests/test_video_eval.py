@@ -92,9 +92,10 @@ def test_cli_eval_on_video_reports_table3_keys(tmp_path, capsys):
         out = tmp_path / "video.json"
         argv = ["eval", "--data", "tinyvideo", "--checkpoint", str(ckpt), "--methods",
                 "original,iared,tempdiff@0.5,random@0.5", "--json", str(out), "--batch-size", "4",
-                "--limit-batches", "2", "--flops-images", "2", "--device", "cpu"]
+                "--limit-batches", "2", "--flops-images", "2", "--device", "cpu", "--allocator", "system"]
         assert main(argv) == 0
         res = json.loads(out.read_text())
+        assert res["allocator"] == "system"
         assert list(res["methods"]) == ["original", "iared", "tempdiff@0.5", "random@0.5"]
         for name, r in res["methods"].items():
             assert {"clip1_err", "video1_err", "clips_per_s", "gflops_per_clip", "keep_ratio", "speedup"} <= set(r)

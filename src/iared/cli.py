@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops-images", type=_positive_int, default=32,
                    help="GFLOPs are averaged over the first N images (default 32)")
     p.add_argument("--no-throughput", action="store_true", help="skip the img/s measurement")
+    p.add_argument("--allocator", choices=("steady", "system"), default="steady",
+                   help="as for `iared bench speed`: glibc keeps freed memory for reuse (default), or as is")
     p.add_argument("--mean", default=None, help="input normalisation mean, comma-separated (default: model file's)")
     p.add_argument("--std", default=None, help="input normalisation std, comma-separated")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -267,6 +269,7 @@ def _cmd_eval(args) -> int:
         json_path=args.json, arch=args.arch, threshold=args.threshold, split=args.split,
         batch_size=args.batch_size, limit_batches=args.limit_batches,
         limit_images=args.limit_images, flops_images=args.flops_images, throughput=not args.no_throughput,
+        allocator=args.allocator,
         segmentation=args.segmentation, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
         device=args.device, seed=args.seed, workers=args.workers, command=_command_line(args))
     out = run_eval(cfg)

@@ -216,13 +216,14 @@ class StageRecord:
         return self.keep.float().mean(dim=1)
 
     @classmethod
-    def on_tokens(cls, block: int, tokens: Tokens, grid_size: int, entering: Tensor, keep: Tensor,
+    def on_tokens(cls, block: int, tokens: Tokens, grid_size: int, entering: Optional[Tensor], keep: Tensor,
                   scores: Optional[Tensor] = None, extras: Optional[dict[str, Tensor]] = None) -> "StageRecord":
         """A record from per-token values (B, N) of `tokens`, put on the grid when first read.
 
         Mapping to the grid (`to_grid`) is a few small ops per field; an inference
         forward that returns no info never reads them, and at batch 1 those ops are a
-        measurable share of a reduced ViT's time.
+        measurable share of a reduced ViT's time. `entering=None` means the tokens'
+        `patch_valid`, also made only when read.
         """
         return _TokenStageRecord(block, tokens, grid_size, entering, keep, scores, extras or {})
 
@@ -239,6 +240,8 @@ class _TokenStageRecord(StageRecord):
     def _grid(self, name: str) -> Optional[Tensor]:
         if name not in self._grids:
             v = self._values[name]
+            if v is None and name == "entering":
+                v = self._tokens.patch_valid
             fill = False if v is not None and v.dtype == torch.bool else 0.0
             self._grids[name] = None if v is None else to_grid(v, self._tokens, self._grid_size, fill=fill)
         return self._grids[name]

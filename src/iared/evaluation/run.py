@@ -33,6 +33,7 @@ from ..backbones.kernels import resolve_kernels
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from .accuracy import evaluate
+from .throughput import steady_allocator
 
 # The knob `@VALUE` of each method, as a policy setting.
 KNOBS = {"iared": "threshold", "ats": "rho", "ats_single": "rho", "topk": "rho", "ats_selfattn": "rho",
@@ -126,6 +127,7 @@ class EvalConfig:
     flops_images: int = 32                      # GFLOPs averaged over the first N images (one at a time)
     throughput: bool = True                     # measure img_per_s (on one batch of batch_size images)
     throughput_repeats: int = 5                 # timed repetitions (median)
+    allocator: str = "steady"                   # "steady": `steady_allocator()` before timing; "system"
     segmentation: bool = False                  # heatmap segmentation metrics (data with masks)
     mean: Optional[tuple[float, ...]] = None    # input normalisation (default: the model file's data config,
     std: Optional[tuple[float, ...]] = None     # else the data set's own)
@@ -277,10 +279,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     specs = parse_methods(cfg.methods, available_policies())
     torch.manual_seed(cfg.seed)
+    # Before anything is allocated, as `iared bench speed` (why: `steady_allocator`).
+    allocator = steady_allocator() if cfg.allocator == "steady" else "system"
     model = load_for_eval(cfg.checkpoint, cfg.arch).to(cfg.device)
     base = load_backbone_for_eval(cfg, model)
     if hasattr(model, "num_frames"):  # a video model: the paper's Table 3 protocol
-        return run_video_eval(cfg, model, base, specs)
+        return run_video_eval(cfg, model, base, specs, allocator)
     ds = _dataset(cfg, model)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
     flops_images = _first_images(ds, cfg.flops_images).to(cfg.device)
@@ -313,6 +317,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
         "command": cfg.command, "split": cfg.split,
         "device": cfg.device, "threads": torch.get_num_threads(), "kernels": resolve_kernels("auto", cfg.device),
+        "allocator": allocator,
         "notes": {
             "gflops_per_img": f"multiply-adds / 1e9 per image, counted one image at a time on the first "
                               f"{int(flops_images.shape[0])} images",
@@ -330,8 +335,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     return out
 
 
-def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Sequence[MethodSpec]) -> dict[str, Any]:
+def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Sequence[MethodSpec],
+                   allocator: str = "system") -> dict[str, Any]:
     """`run_eval` on video data: the paper's Table 3 row per method (SPEC §3 video keys).
+
+    `allocator` is what `run_eval` set up before timing, recorded in the result.
 
     Three views per video (left, centre, right crops): clip-1 error on the centre view,
     video-1 error on the three averaged; clips/s of every method timed round-robin on
@@ -362,7 +370,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     out = {
         "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
         "command": cfg.command, "split": cfg.split, "device": cfg.device, "threads": torch.get_num_threads(),
-        "kernels": resolve_kernels("auto", cfg.device),
+        "kernels": resolve_kernels("auto", cfg.device), "allocator": allocator,
         "notes": {"clip1_err": "top-1 error (%) of the centre view", "video1_err":
                   "top-1 error (%) of the softmax averaged over left, centre and right views",
                   "clips_per_s": f"median of {cfg.throughput_repeats} forwards of the same centre-view clips, "

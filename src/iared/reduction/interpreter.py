@@ -162,6 +162,7 @@ class IARedPolicy(TokenPolicy):
         self.groups = groups
         self.blocks_per_group = depth // groups
         self.interpreters = nn.ModuleList(MultiHeadInterpreter(dim, num_heads, head_dim) for _ in range(groups))
+        self._group_ids = [torch.tensor(j) for j in range(groups)]  # records' extras["group"], made once
         self.threshold = threshold
 
     @classmethod
@@ -206,13 +207,12 @@ class IARedPolicy(TokenPolicy):
             keep = torch.ones_like(scores, dtype=torch.bool)
         # Tokens already dropped need no masking here: `apply_keep` leaves them dropped and
         # `to_grid` puts no invalid token on the record's grids.
-        entering = tokens.patch_valid
-        extras = {"group": torch.tensor(j)}
+        extras = {"group": self._group_ids[j]}
         if torch.is_grad_enabled():
             # Only the policy-gradient loss needs the per-head logits; skipping the grid copy
             # under no_grad/inference_mode keeps the policy's bookkeeping off the hot path.
             extras["head_logits"] = to_grid(head_logits, tokens, G)
-        record = StageRecord.on_tokens(index, tokens, G, entering, keep, scores, extras)
+        record = StageRecord.on_tokens(index, tokens, G, None, keep, scores, extras)  # entering: when read
         return apply_keep(tokens, keep), record
 
 
