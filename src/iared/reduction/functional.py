@@ -139,8 +139,9 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     # batch, prefix included, by one `index_select` (a per-element `gather` with an
     # expanded index and a `cat` after it were two thirds of the policy's time at batch 64).
     if same_count:
-        # Row-major positions of "prefix or kept" are exactly those rows, already in order
-        # (a batch-1 forward runs this: few small operations, as each costs ~20 us in place).
+        # Row-major positions of "prefix or kept" are exactly those rows, already in order.
+        # Every batch-1 compaction takes this path, so it is kept to a few operations:
+        # between two blocks each small one costs ~20-60 us, several times its cost in a loop.
         rows = F.pad(keep, (P, 0), value=True).reshape(-1).nonzero().squeeze(1)       # (B * (P + K),)
         new_x = x.reshape(B * L, C).index_select(0, rows).view(B, P + k_max, C)
         pos = tokens.pos.masked_select(keep).view(B, k_max)                           # (B, K)
