@@ -11,7 +11,7 @@
    measured speedup beside them;
 4. Table 1: heatmaps as foreground segmentation: IA-RED² (group 2) against raw
    attention (block 1), rollout, GradCAM and Chefer et al.'s relevance;
-5. Table 5: raw attention of blocks 0, 1 and 2.
+5. Table 5: raw attention of blocks 0, 1 and 2; and IA-RED²'s heatmap of every group.
 
 Writes `benchmarks/results/cluttered_fashion.json` (with the exact command) and, under
 `--out`, the trained models, `tradeoff.png` and a copy of the JSON. Stages whose output
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import shlex
 import subprocess
@@ -72,12 +73,24 @@ def run_recipe(script: str, args: Sequence[str], env: dict[str, str]) -> None:
         raise SystemExit(f"cluttered_fashion: {script} failed with exit code {proc.returncode}")
 
 
+REUSED: list[Path] = []  # trained models found under --out and reused by this run
+
+
+def recorded_train_s(model_path: Path) -> Optional[float]:
+    """Training wall time a reused stage recorded (its metrics.json), if any."""
+    try:
+        return float(json.loads((model_path.parent / "metrics.json").read_text())["session_wall_s"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def backbone_stage(args: argparse.Namespace, out: Path) -> Path:
     if args.backbone:
         return Path(args.backbone)
     path = out / "backbone" / "model.safetensors"
     if path.is_file():
         log(f"reusing {path}")
+        REUSED.append(path)
         return path
     run_recipe("train_cluttered_fashion_backbone.sh", [str(out / "backbone"), "--resume", "--seed", str(args.seed)]
                + (QUICK_BACKBONE_FLAGS if args.quick else []), {"FASHION_DIR": args.data_dir})
@@ -90,6 +103,7 @@ def iared_stage(args: argparse.Namespace, out: Path, backbone: Path) -> Path:
     path = out / "iared" / "model.safetensors"
     if path.is_file():
         log(f"reusing {path}")
+        REUSED.append(path)
         return path
     run_recipe("train_cluttered_fashion_iared.sh", [str(backbone), str(out / "iared"), "--resume",
                                                      "--seed", str(args.seed)],
@@ -99,11 +113,13 @@ def iared_stage(args: argparse.Namespace, out: Path, backbone: Path) -> Path:
 
 
 def segmentation_tables(model_path: Path, backbone_path: Path, data: str, n_images: int, batch_size: int,
-                        device: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Table 1 (every explainer) and Table 5 (raw attention of blocks 0, 1, 2) on the first test images.
+                        device: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Table 1 (every explainer), Table 5 (raw attention of blocks 0, 1, 2) and IA-RED²'s
+    heatmap of each group, on the first test images.
 
-    IA-RED²'s heatmaps come from its interpreters; every other explainer reads the
-    original backbone (the IA-RED² blocks may have been fine-tuned), as in the paper.
+    IA-RED²'s heatmaps come from its interpreters (Table 1: the second group's, as the
+    paper's figures); every other explainer reads the original backbone (the IA-RED²
+    blocks may have been fine-tuned), as in the paper.
     """
     model = load_model(model_path).to(device).eval()
     backbone = load_model(backbone_path).to(device).eval()
@@ -116,12 +132,16 @@ def segmentation_tables(model_path: Path, backbone_path: Path, data: str, n_imag
     h, w = backbone.patch_embed.grid_size
     blocks = [b for b in (0, 1, 2) if b < len(backbone.blocks)]
     meters = {b: SegmentationMeter() for b in blocks}
+    group_meters: dict[int, SegmentationMeter] = {}
     for batch in loader:
         images = batch["image"].to(device)
         for b, meter in meters.items():
             heat = explain(backbone, images, "attention", block=b)
             meter.update(heat.float().reshape(-1, h, w).cpu(), batch["mask"])
-    return table1, {str(b): m.compute() for b, m in meters.items()}
+        for g, heat in enumerate(explain(model, images, "iared", group=None)):
+            group_meters.setdefault(g + 1, SegmentationMeter()).update(heat.reshape(-1, h, w).cpu(), batch["mask"])
+    groups = {str(g): m.compute() for g, m in group_meters.items()}
+    return table1, {str(b): m.compute() for b, m in meters.items()}, groups
 
 
 def spec_targets(methods: dict[str, Any], seg: dict[str, Any]) -> dict[str, bool]:
@@ -158,6 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    REUSED.clear()
     t0 = time.time()
     out = Path(args.out or ("runs/cluttered_fashion_quick" if args.quick else "runs/cluttered_fashion"))
     json_path = Path(args.json) if args.json else (out / "results.json" if args.quick
@@ -188,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     control = run_eval(dataclasses.replace(base, methods="iared@0", throughput=False, segmentation=False,
                                            json_path=None))["methods"]["iared@0"]
     log(f"Tables 1 and 5 on {seg_images} test images")
-    table1, table5 = segmentation_tables(model_path, backbone, data, seg_images, 64, args.device)
+    table1, table5, iared_groups = segmentation_tables(model_path, backbone, data, seg_images, 64, args.device)
     save_tradeoff_plot(sweep, out / "tradeoff.png", matched=results["methods"],
                        title="cluttered-fashion: accuracy vs cost (hollow: budgets matched to IA-RED²)")
 
@@ -202,9 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "eval_images": eval_images, "seg_images": seg_images,
         "methods": results["methods"], "matched_to": results["matched_to"], "notes": results.get("notes"),
         "control_iared_blocks_keep_all": {k: control[k] for k in ("top1", "top5", "gflops_per_img", "keep_ratio")},
-        "segmentation": table1, "attention_blocks": table5, "sweep": sweep,
+        "segmentation": table1, "attention_blocks": table5, "iared_groups": iared_groups, "sweep": sweep,
         "targets": spec_targets(results["methods"], table1),
         "train_wall_s": t_train, "wall_s": time.time() - t0,
+        # Stages reused from an earlier run of the command: their own recorded training time.
+        "reused_stages": {str(p): recorded_train_s(p) for p in REUSED},
     }
     write_json_atomic(doc, str(json_path))
     if json_path != out / "results.json":

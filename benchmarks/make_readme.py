@@ -92,8 +92,16 @@ def render_cluttered_fashion(results: Path, name: str = "cluttered_fashion.json"
                      f"{fmt(control.get('top1'), 2)} % top-1: fine-tuning adapts the blocks to the dropped tokens, "
                      f"it does not add accuracy by itself.")
     if d.get("wall_s") is not None:
-        parts.append(f"Whole benchmark (training included) {fmt(d['wall_s'] / 60, 1)} min on {d.get('device', '?')} "
-                     f"({d.get('threads', '?')} threads); Table 2 on {d.get('eval_images', '?')} test images, "
+        reused = d.get("reused_stages") or {}
+        if reused:
+            recorded = [s for s in reused.values() if s is not None]
+            took = (f"{fmt(d['wall_s'] / 60, 1)} min on {d.get('device', '?')} ({d.get('threads', '?')} threads), "
+                    f"reusing the models an earlier run of the same command trained"
+                    + (f" ({fmt(sum(recorded) / 60, 0)} min of training as their metrics record)" if recorded else ""))
+        else:
+            took = (f"Whole benchmark (training included) {fmt(d['wall_s'] / 60, 1)} min on {d.get('device', '?')} "
+                    f"({d.get('threads', '?')} threads)")
+        parts.append(f"{took[0].upper()}{took[1:]}; Table 2 on {d.get('eval_images', '?')} test images, "
                      f"Tables 1 and 5 on {d.get('seg_images', '?')}."
                      + (" **Quick smoke run: tiny training, not a result.**" if d.get("quick") else ""))
     if d.get("methods"):
@@ -105,6 +113,10 @@ def render_cluttered_fashion(results: Path, name: str = "cluttered_fashion.json"
     if d.get("attention_blocks"):
         parts.append("**Table 5: raw attention of block b** (CLS row, mean over heads)\n\n"
                      + metric_table({f"block {k}": v for k, v in d["attention_blocks"].items()}, first="block"))
+    if d.get("iared_groups"):
+        parts.append("**IA-RED²'s heatmap of each group** (Table 1's `iared` row is group 2, as the paper's "
+                     "figures; tokens dropped by an earlier group score 0)\n\n"
+                     + metric_table({f"group {k}": v for k, v in d["iared_groups"].items()}, first="group"))
     if d.get("targets"):
         parts.append("SPEC §5 targets: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in d["targets"].items()))
     return "\n\n".join(parts)

@@ -63,7 +63,7 @@ def test_evaluate_video_with_tempdiff_keeps_and_saves_flops():
 
 
 def test_interleaved_throughput_times_every_model():
-    from iared.evaluation.video import interleaved_throughput
+    from iared.evaluation.throughput import interleaved_throughput
 
     full, data = _tiny_setup()
     cut, _ = _tiny_setup("tempdiff", keep_ratio=0.25)

@@ -33,7 +33,7 @@ from ..backbones.kernels import resolve_kernels
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from .accuracy import evaluate
-from .throughput import steady_allocator
+from .throughput import interleaved_throughput, steady_allocator
 
 # The knob `@VALUE` of each method, as a policy setting.
 KNOBS = {"iared": "threshold", "ats": "rho", "ats_single": "rho", "topk": "rho", "ats_selfattn": "rho",
@@ -291,6 +291,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     speed_images = _first_images(ds, cfg.batch_size).to(cfg.device) if cfg.throughput else None
 
     results: dict[str, Any] = {}
+    timed: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for spec in specs:
         m = _method_model(cfg, model, base, spec)
         policy = getattr(m, "policy", None)
@@ -306,10 +307,16 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         }
         if spec.name == "iared":
             entry["keep_ratio_per_group"] = stats["keep_ratio_per_stage"]
-        if speed_images is not None:
-            entry["img_per_s"] = _throughput(m, speed_images, cfg.throughput_repeats)
         results[spec.label] = entry
-        del m
+        if speed_images is not None:
+            timed[spec.label] = (m, {})
+    if speed_images is not None:
+        # Round-robin, as the video table and `iared bench speed`: every method sees the
+        # same load; oneDNN kernels on CPU ("kernels" in the result file).
+        speeds = interleaved_throughput(timed, speed_images, warmup=1, repeats=cfg.throughput_repeats)
+        for label, rate in speeds.items():
+            results[label]["img_per_s"] = rate
+    timed.clear()
 
     _relative_to_original(results, "gflops_per_img", "img_per_s")
 
@@ -322,7 +329,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "gflops_per_img": f"multiply-adds / 1e9 per image, counted one image at a time on the first "
                               f"{int(flops_images.shape[0])} images",
             "img_per_s": f"median of {cfg.throughput_repeats} timed forwards of one batch of "
-                         f"{0 if speed_images is None else int(speed_images.shape[0])} images",
+                         f"{0 if speed_images is None else int(speed_images.shape[0])} images, methods timed "
+                         f"round-robin",
             "keep_ratio": "fraction of patch tokens alive after the last stage; token_ratio: mean over blocks "
                           "of tokens entering the block / all tokens",
         },
@@ -345,7 +353,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     video-1 error on the three averaged; clips/s of every method timed round-robin on
     the same centre-view clips (`interleaved_throughput`), GFLOPs per clip, keep ratio.
     """
-    from .video import CENTRE_VIEW, evaluate_video, interleaved_throughput
+    from .video import CENTRE_VIEW, evaluate_video
 
     ds = _dataset(cfg, model, views=3, num_frames=model.num_frames)
     limit = None if cfg.limit_batches is None else cfg.limit_batches * cfg.batch_size
@@ -400,13 +408,6 @@ def _relative_to_original(rows: dict[str, dict[str, Any]], flops_key: str, rate_
         row["flops_ratio"] = ref[flops_key] / row[flops_key] if row[flops_key] else None
         if row[rate_key] and ref[rate_key]:
             row["speedup"] = row[rate_key] / ref[rate_key]
-
-
-def _throughput(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
-    # Kernels "auto" (oneDNN on CPU), as recorded under "kernels" in the result file.
-    from .throughput import measure_throughput
-
-    return float(measure_throughput(model, images, warmup=1, repeats=repeats))
 
 
 def _segmentation(cfg: EvalConfig, model: nn.Module, base: nn.Module, ds) -> dict[str, Any]:

@@ -118,6 +118,48 @@ def measure_throughput(model: nn.Module, images: Tensor, warmup: int = 3, repeat
     return images.shape[0] / statistics.median(times)
 
 
+def interleaved_throughput(models: dict[str, tuple[nn.Module, dict[str, Any]]], inputs: Tensor, warmup: int = 2,
+                           repeats: int = 7) -> dict[str, float]:
+    """Inputs (images or clips) per second of several models, timed round-robin on one batch.
+
+    On a shared machine the load changes over minutes; timing method A's repeats, then
+    B's, would charge each method with whatever load its own minute had. Interleaving
+    the repeats (A, B, C, A, B, C, ...) exposes every method to the same load, so their
+    ratios (speedups) are comparable even when the absolute numbers are not.
+
+    Args:
+        models: name -> (model, forward keyword arguments).
+        inputs: the batch every model is timed on: (B, C, H, W) images or (B, C, T, H, W) clips.
+        warmup: untimed forwards per model first.
+        repeats: timed forwards per model; the median is used.
+
+    Returns:
+        name -> inputs per second.
+    """
+    modes = {name: m.training for name, (m, _) in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            for m, kw in models.values():
+                stack.enter_context(cpu_kernels(m))  # oneDNN linears on CPU, as `measure_throughput`
+                m.eval()
+                for _ in range(warmup):
+                    m(inputs, **kw)
+            for _ in range(repeats):
+                for name, (m, kw) in models.items():
+                    if inputs.device.type == "cuda":
+                        torch.cuda.synchronize(inputs.device)
+                    t0 = time.perf_counter()
+                    m(inputs, **kw)
+                    if inputs.device.type == "cuda":
+                        torch.cuda.synchronize(inputs.device)
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        for name, (m, _) in models.items():
+            m.train(modes[name])
+    return {name: inputs.shape[0] / statistics.median(t) for name, t in times.items()}
+
+
 # -- `iared bench speed`: every method on one backbone, budgets matched ----------------
 #
 # Budgets. Every method is set to keep about `keep_ratio` of the patch tokens, measured

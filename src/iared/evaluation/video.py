@@ -14,10 +14,7 @@ left/centre/right) so both errors come from the same forwards.
 
 from __future__ import annotations
 
-import contextlib
-import statistics
 import sys
-import time
 from typing import Any, Optional
 
 import torch
@@ -25,7 +22,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ..backbones.kernels import cpu_kernels
 from .flops import count_flops
 from .throughput import measure_throughput
 
@@ -129,45 +125,3 @@ def evaluate_video(model: nn.Module, data: Dataset, *, batch_size: int = 16, mod
         finally:
             model.train(was_training)
     return result
-
-
-def interleaved_throughput(models: dict[str, tuple[nn.Module, dict[str, Any]]], clips: Tensor, warmup: int = 2,
-                           repeats: int = 7) -> dict[str, float]:
-    """Clips per second of several models, timed round-robin on the same batch.
-
-    On a shared machine the load changes over minutes; timing method A's repeats, then
-    B's, would charge each method with whatever load its own minute had. Interleaving
-    the repeats (A, B, C, A, B, C, ...) exposes every method to the same load, so their
-    ratios (speedups) are comparable even when the absolute numbers are not.
-
-    Args:
-        models: name -> (model, forward keyword arguments).
-        clips: (B, C, T, H, W) the batch every model is timed on.
-        warmup: untimed forwards per model first.
-        repeats: timed forwards per model; the median is used.
-
-    Returns:
-        name -> clips per second.
-    """
-    modes = {name: m.training for name, (m, _) in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    try:
-        with torch.inference_mode(), contextlib.ExitStack() as stack:
-            for m, kw in models.values():
-                stack.enter_context(cpu_kernels(m))  # oneDNN linears on CPU, as `measure_throughput`
-                m.eval()
-                for _ in range(warmup):
-                    m(clips, **kw)
-            for _ in range(repeats):
-                for name, (m, kw) in models.items():
-                    if clips.device.type == "cuda":
-                        torch.cuda.synchronize(clips.device)
-                    t0 = time.perf_counter()
-                    m(clips, **kw)
-                    if clips.device.type == "cuda":
-                        torch.cuda.synchronize(clips.device)
-                    times[name].append(time.perf_counter() - t0)
-    finally:
-        for name, (m, _) in models.items():
-            m.train(modes[name])
-    return {name: clips.shape[0] / statistics.median(t) for name, t in times.items()}
