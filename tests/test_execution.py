@@ -170,6 +170,24 @@ def test_group_runs_reuse_zeroed_buffers_only_without_autograd():
         torch.testing.assert_close(g_compact, g_mask, rtol=1e-4, atol=1e-5)
 
 
+def test_block_hooks_still_fire_in_packed_runs():
+    """A hook on a block sees padded tokens as usual: that block leaves the packed run."""
+    model = tiny_model()
+    B = 6
+    model.policy = FixedKeepRuns(uneven_keeps(B, model.grid_size, [0, 3]))
+    x = torch.randn(B, 3, 32, 32)
+    seen = []
+    handle = model.blocks[4].register_forward_hook(lambda mod, args, out: seen.append(out.x.shape))
+    try:
+        with torch.no_grad():
+            out = model(x, execution="compact")
+            ref = model(x, execution="mask")
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and seen[0][0] == B   # compact and mask forwards both called the hooked block
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_equal_counts_compact_without_padding_equals_masked_reference():
     """Every image keeps the same number of (different) tokens: compaction needs no padding."""
     model = tiny_model()

@@ -160,9 +160,11 @@ class Block(nn.Module):
 
 
 def _runs_packed(blk: nn.Module, tokens: Tokens) -> bool:
-    """Whether `blk` would run `tokens` packed: a plain `Block` on padded compact tokens."""
+    """Whether `blk` can run inside a packed run: a plain `Block` on padded compact tokens,
+    without hooks of its own (a run calls `forward_packed_tokens`, not the module)."""
     return (tokens.execution == "compact" and tokens.valid is not None
-            and type(blk).forward is Block.forward and isinstance(blk, Block))
+            and type(blk).forward is Block.forward and isinstance(blk, Block)
+            and not (blk._forward_hooks or blk._forward_pre_hooks))
 
 
 @dataclass(frozen=True)
