@@ -73,9 +73,6 @@ def run_recipe(script: str, args: Sequence[str], env: dict[str, str]) -> None:
         raise SystemExit(f"cluttered_fashion: {script} failed with exit code {proc.returncode}")
 
 
-REUSED: list[Path] = []  # trained models found under --out and reused by this run
-
-
 def recorded_train_s(model_path: Path) -> Optional[float]:
     """Training wall time a reused stage recorded (its metrics.json), if any."""
     try:
@@ -90,7 +87,6 @@ def backbone_stage(args: argparse.Namespace, out: Path) -> Path:
     path = out / "backbone" / "model.safetensors"
     if path.is_file():
         log(f"reusing {path}")
-        REUSED.append(path)
         return path
     run_recipe("train_cluttered_fashion_backbone.sh", [str(out / "backbone"), "--resume", "--seed", str(args.seed)]
                + (QUICK_BACKBONE_FLAGS if args.quick else []), {"FASHION_DIR": args.data_dir})
@@ -103,7 +99,6 @@ def iared_stage(args: argparse.Namespace, out: Path, backbone: Path) -> Path:
     path = out / "iared" / "model.safetensors"
     if path.is_file():
         log(f"reusing {path}")
-        REUSED.append(path)
         return path
     run_recipe("train_cluttered_fashion_iared.sh", [str(backbone), str(out / "iared"), "--resume",
                                                      "--seed", str(args.seed)],
@@ -178,7 +173,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    REUSED.clear()
     t0 = time.time()
     out = Path(args.out or ("runs/cluttered_fashion_quick" if args.quick else "runs/cluttered_fashion"))
     json_path = Path(args.json) if args.json else (out / "results.json" if args.quick
@@ -189,8 +183,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = f"cluttered-fashion:{args.data_dir}"
     command = shlex.join([".venv/bin/python", "benchmarks/cluttered_fashion.py", *argv])
 
+    existing = set(out.glob("*/model.safetensors"))  # a stage whose model is here is reused, not trained
     backbone = backbone_stage(args, out) if (args.backbone or not args.model) else None
     model_path = Path(args.model) if args.model else iared_stage(args, out, backbone)
+    reused = [p for p in (backbone, model_path) if p in existing]
     t_train = time.time() - t0
 
     if backbone is None:  # --model without --backbone: its own blocks stand in for the backbone
@@ -227,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "targets": spec_targets(results["methods"], table1),
         "train_wall_s": t_train, "wall_s": time.time() - t0,
         # Stages reused from an earlier run of the command: their own recorded training time.
-        "reused_stages": {str(p): recorded_train_s(p) for p in REUSED},
+        "reused_stages": {str(p): recorded_train_s(p) for p in reused},
     }
     write_json_atomic(doc, str(json_path))
     if json_path != out / "results.json":

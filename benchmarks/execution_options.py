@@ -30,6 +30,7 @@ fastest round is reported, the closest to its uncontended speed on a shared mach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -72,10 +73,9 @@ def staged_masks(B: int, G: int, blocks: list[int], lo: float, hi: float, seed: 
 
 
 def _padded_block(self, tokens: Tokens) -> Tokens:
-    x = tokens.x
-    x = x + self.attn(self.norm1(x), tokens.valid)
-    x = x + self.mlp(self.norm2(x))
-    return tokens.with_x(x)
+    """The padded computation: `Block.forward` in mask mode (padding masked as keys)."""
+    return dataclasses.replace(vit.Block.forward(self, dataclasses.replace(tokens, execution="mask")),
+                               execution=tokens.execution)
 
 
 def _nested_attention(self, x, layout):

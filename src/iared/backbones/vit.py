@@ -167,6 +167,11 @@ def _runs_packed(blk: nn.Module, tokens: Tokens) -> bool:
             and not (blk._forward_hooks or blk._forward_pre_hooks))
 
 
+def _unpacked(tokens: Tokens, layout: Optional[PackedLayout], h: Optional[Tensor]) -> Tokens:
+    """`tokens` with the packed values `h` of a run scattered back (as they are without a run)."""
+    return tokens if h is None else tokens.with_x(layout.unpack(h, tokens.x))
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """Everything that determines a ViT's architecture (and so its state-dict shapes)."""
@@ -358,8 +363,7 @@ class VisionTransformer(nn.Module):
         h: Optional[Tensor] = None     # the valid tokens, packed by `layout`, while a run lasts
         for i, blk in enumerate(self.blocks):
             if self.policy is not None and (acts is None or acts(i)):
-                if h is not None:
-                    tokens, h = tokens.with_x(layout.unpack(h, tokens.x)), None
+                tokens, h = _unpacked(tokens, layout, h), None
                 tokens, rec = self.policy(i, tokens, self, mode)
                 if rec is not None:
                     records.append(rec)
@@ -374,15 +378,13 @@ class VisionTransformer(nn.Module):
                     h = layout.pack(tokens.x)
                 h = blk.forward_packed_tokens(h, layout)
                 continue
-            if h is not None:
-                tokens, h = tokens.with_x(layout.unpack(h, tokens.x)), None
+            tokens, h = _unpacked(tokens, layout, h), None
             tokens = blk(tokens)
             if isinstance(tokens, tuple):  # a block that drops tokens inside itself (ATS) returns its record
                 tokens, rec = tokens
                 if rec is not None:
                     records.append(rec)
-        if h is not None:
-            tokens = tokens.with_x(layout.unpack(h, tokens.x))
+        tokens = _unpacked(tokens, layout, h)
         if not count_tokens:
             return tokens, records, None
         return tokens, records, torch.stack(counts, dim=1) if counts else torch.zeros(tokens.x.shape[0], 0)

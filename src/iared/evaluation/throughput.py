@@ -143,17 +143,10 @@ def interleaved_throughput(models: dict[str, tuple[nn.Module, dict[str, Any]]], 
             for m, kw in models.values():
                 stack.enter_context(cpu_kernels(m))  # oneDNN linears on CPU, as `measure_throughput`
                 m.eval()
-                for _ in range(warmup):
-                    m(inputs, **kw)
+                time_forward(lambda: m(inputs, **kw), inputs.device, warmup, 0)
             for _ in range(repeats):
                 for name, (m, kw) in models.items():
-                    if inputs.device.type == "cuda":
-                        torch.cuda.synchronize(inputs.device)
-                    t0 = time.perf_counter()
-                    m(inputs, **kw)
-                    if inputs.device.type == "cuda":
-                        torch.cuda.synchronize(inputs.device)
-                    times[name].append(time.perf_counter() - t0)
+                    times[name] += time_forward(lambda: m(inputs, **kw), inputs.device, 0, 1)
     finally:
         for name, (m, _) in models.items():
             m.train(modes[name])

@@ -68,7 +68,7 @@ class _InputDrop(TokenPolicy, abc.ABC):
         return index == 0
 
     def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
-        if index != 0:
+        if not self.acts_before(index):
             return tokens, None
         entering = tokens.patch_valid
         keep, scores = self.select(tokens, model)

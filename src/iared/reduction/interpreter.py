@@ -192,7 +192,7 @@ class IARedPolicy(TokenPolicy):
         return index % self.blocks_per_group == 0  # at the entry of each group
 
     def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
-        if index % self.blocks_per_group != 0:
+        if not self.acts_before(index):
             return tokens, None
         j = index // self.blocks_per_group
         P, G = tokens.num_prefix, model.grid_size

@@ -80,7 +80,7 @@ class TemporalDifferencePolicy(TokenPolicy):
         return index == 0
 
     def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
-        if index != 0:
+        if not self.acts_before(index):
             return tokens, None
         raw = model.raw_patch_tokens(tokens)                                  # (B, T*S, D)
         scores = temporal_difference_scores(raw, model.num_frames)
