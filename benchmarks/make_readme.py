@@ -57,7 +57,8 @@ def render_speed(results: Path) -> str:
     for f, d in docs:
         arch = f"{d.get('arch', '?')} @{d.get('img_size', '?')}"
         alloc = "steady" if str(d.get("allocator", "system")).startswith("glibc") else "system"
-        dev = f"{d.get('device', '?')}/{d.get('threads', '?')}/{d.get('kernels', 'aten')}/{alloc}"
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(d.get("dtype", "float32"), d.get("dtype"))
+        dev = f"{d.get('device', '?')}/{d.get('threads', '?')}/{dtype}/{d.get('kernels', 'aten')}/{alloc}"
         for name, m in (d.get("methods") or {}).items():
             ratio = m.get("flops_ratio")
             speed_vs_flops = m["speedup"] / ratio if ratio and m.get("speedup") is not None else None
@@ -68,7 +69,7 @@ def render_speed(results: Path) -> str:
                          fmt(paired_vs_flops, 2), fmt(m.get("reduction_cost_pct"), 2), dev])
         commands.append(f"- `{d['command']}`" if d.get("command") else f"- `{f.name}`")
     header = ["arch", "batch", "method", "img/s", "GFLOPs/img", "speedup", "speedup / FLOPs ratio",
-              "paired speedup / FLOPs ratio", "policy cost % of FLOPs", "device/threads/kernels/allocator"]
+              "paired speedup / FLOPs ratio", "policy cost % of FLOPs", "device/threads/dtype/kernels/allocator"]
     note = ("speedup = median img/s over the original's (SPEC §3); paired = median over timing rounds of the "
             "per-round time ratio (every round times every method once, so both see the same load). "
             "Policy cost: the reduction module's own GFLOPs (IA-RED²'s interpreters; negative for ATS, which "

@@ -20,3 +20,7 @@ run1 --arch deit_base_patch16_224 --batch-size 1 --json $R/speed_deit_base_patch
 run1 --arch deit_base_patch16_384 --batch-size 1 --json $R/speed_deit_base_patch16_384_b1.json
 run --arch deit_base_patch16_224 --batch-size 64 --json $R/speed_deit_base_patch16_224_b64.json
 run --arch deit_base_patch16_384 --batch-size 64 --json $R/speed_deit_base_patch16_384_b64.json
+# bfloat16 (weights, activations, inputs; oneDNN's bf16 kernels where the CPU has native bf16):
+# DeiT-S, the model whose batch-1 run is furthest from the limit in fp32.
+run1 --arch deit_small_patch16_224 --batch-size 1 --dtype bfloat16 --json $R/speed_deit_small_patch16_224_b1_bf16.json
+run --arch deit_small_patch16_224 --batch-size 64 --dtype bfloat16 --json $R/speed_deit_small_patch16_224_b64_bf16.json

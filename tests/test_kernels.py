@@ -17,6 +17,8 @@ from iared.backbones.vit import Mlp, PatchEmbed
 from test_execution import FixedKeep, tiny_model, uneven_keeps
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="PyTorch's oneDNN linear ops are not available")
+needs_onednn_bf16 = pytest.mark.skipif(not onednn_available(torch.bfloat16),
+                                       reason="no oneDNN bf16 linear here (the CPU lacks native bf16)")
 
 
 def _patched(model: nn.Module) -> list[nn.Module]:
@@ -129,3 +131,29 @@ def test_patch_embedding_as_linear_on_rectangular_one_channel_images():
             torch.testing.assert_close(model.patch_embed(x), ref, rtol=1e-4, atol=1e-5)
             with pytest.raises(ValueError, match="does not match"):
                 model(torch.randn(1, 1, 48, 32))
+
+
+@needs_onednn_bf16
+def test_bfloat16_model_runs_onednn_bf16_and_keeps_uneven_counts_exact():
+    model = tiny_model().to(torch.bfloat16)
+    B = 6
+    model.policy = FixedKeep(uneven_keeps(B, model.grid_size, [0, 2, 4]))  # image 1 keeps only CLS
+    x = torch.randn(B, 3, 32, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        ref = model(x, execution="mask")
+        plain = model(x, execution="compact")
+        with cpu_kernels(model) as used:
+            assert len(_patched(model)) > len(model.blocks)  # bf16 layers are packed too
+            fast = model(x, execution="compact")
+    assert used == "onednn" and fast.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits: paths that round in other places agree to about 1e-2
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(fast.float(), plain.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_resolve_kernels_in_bfloat16():
+    want = "onednn" if onednn_available(torch.bfloat16) else "aten"
+    assert resolve_kernels("auto", "cpu", torch.bfloat16) == want
+    if want == "aten":
+        with pytest.raises(ValueError, match="in bfloat16"):
+            resolve_kernels("onednn", "cpu", torch.bfloat16)

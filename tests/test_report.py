@@ -170,7 +170,7 @@ def test_make_readme_fills_markers_and_keeps_prose(fake_results, capsys):
     speed = mr.marker_pattern("speed").search(text).group(2)
     assert "old speed" not in speed
     # speedup / flops_ratio = 1.5 / 1.6 and paired 1.52 / 1.6 for iared
-    assert "| deit_small_patch16_224 @224 | 64 | iared | 15.0 | 3.000 | 1.50 | 0.94 | 0.95 | 0.04 | cpu/2/aten/system |" in speed
+    assert "| deit_small_patch16_224 @224 | 64 | iared | 15.0 | 3.000 | 1.50 | 0.94 | 0.95 | 0.04 | cpu/2/fp32/aten/system |" in speed
     cf = mr.marker_pattern("cluttered_fashion").search(text).group(2)
     assert "Table 2" in cf and "Table 1" in cf and "Table 5" in cf and "| block 1 |" in cf and "61.50" in cf
     assert mr.marker_pattern("cifar10").search(text).group(2).strip() == "not run yet"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -99,6 +100,18 @@ def test_cli_bench_speed_writes_json(tmp_path):
     assert d["allocator"] == "system"
     assert d["command"].startswith("iared bench speed --arch " + TINY)
     assert set(d["methods"]) == {"original", "random"}
+
+
+def test_bench_speed_in_bfloat16_records_its_dtype():
+    cfg = SpeedConfig(arch=TINY, batch_size=2, methods=("original", "iared"), warmup=0, repeats=1,
+                      calib_images=4, flops_images=2, dtype="bfloat16", allocator="system", command="test")
+    out = bench_speed(cfg, log=lambda line: None)
+    assert out["dtype"] == "bfloat16"
+    # the calibration still lands near the budget: scores are compared in float32, not as bf16 ties
+    assert out["methods"]["iared"]["keep_ratio"] == pytest.approx(0.6, abs=0.1)
+    assert out["methods"]["iared"]["flops_ratio"] > 1.2
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        bench_speed(dataclasses.replace(cfg, dtype="float16"), log=lambda line: None)
 
 
 def test_cli_bench_speed_user_errors(tmp_path, capsys):

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allocator", choices=("steady", "system"), default="steady",
                    help="steady: glibc keeps freed memory for reuse, so no method pays page faults for "
                         "fresh buffers on every forward (recorded as 'allocator'); system: leave malloc as is")
+    b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights, activations and inputs of every method (default float32)")
     b.add_argument("--flops-images", type=_positive_int, default=2, help="images counted exactly for GFLOPs")
     _common(b)
     b.set_defaults(func=_cmd_bench_speed)
@@ -311,7 +313,7 @@ def _cmd_bench_speed(args) -> int:
     from .backbones.kernels import resolve_kernels
     from .backbones.registry import list_models
     from .evaluation.run import write_json_atomic
-    from .evaluation.throughput import SpeedConfig, bench_speed
+    from .evaluation.throughput import DTYPES, SpeedConfig, bench_speed
     from .reduction.policy import available_policies
 
     if args.arch not in list_models():
@@ -319,7 +321,7 @@ def _cmd_bench_speed(args) -> int:
     if not 0 < args.keep_ratio <= 1:
         raise UserError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
     try:
-        resolve_kernels(args.kernels, args.device)
+        resolve_kernels(args.kernels, args.device, DTYPES[args.dtype])
     except ValueError as e:
         raise UserError(f"--kernels: {e}") from None
     methods = None
@@ -332,11 +334,11 @@ def _cmd_bench_speed(args) -> int:
     cfg = SpeedConfig(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
                       methods=methods, warmup=max(args.warmup, 0), repeats=args.repeats,
                       calib_images=args.calib_images, flops_images=args.flops_images, threads=args.threads,
-                      kernels=args.kernels, allocator=args.allocator,
+                      kernels=args.kernels, dtype=args.dtype, allocator=args.allocator,
                       device=args.device, seed=args.seed, command=_command_line(args))
     out = bench_speed(cfg, log=lambda line: print(f"iared bench speed: {line}", file=sys.stderr))
     print(f"{out['arch']} {out['img_size']}px batch {out['batch_size']} on {out['device']}, {out['threads']} threads, "
-          f"{out['kernels']} kernels, allocator {out['allocator']}")
+          f"{out['dtype']}, {out['kernels']} kernels, allocator {out['allocator']}")
     for name, r in out["methods"].items():
         print(f"{name:>14s}  {r['img_per_s']:8.2f} img/s  {r['gflops_per_img']:7.3f} GFLOPs  keep {r['keep_ratio']:.3f}  "
               f"speedup {r['speedup']:.3f}  flops ratio {r['flops_ratio']:.3f}  ({r['of_limit']:.2f} of the limit)")

@@ -66,7 +66,7 @@ class Attention(nn.Module):
         """(B, L, D) -> q, k, v, each (B, H, L, hd)."""
         B, L, _ = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        return qkv.unbind(0)  # one op for three views (three `select`s cost ~3x the dispatch at batch 1)
 
     def attention_probs(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         """The softmax attention matrix (B, H, L, L), computed explicitly (for explainers)."""

@@ -283,6 +283,7 @@ def synthetic_images(n: int, img_size: int, seed: int, in_chans: int = 3) -> Ten
 # SPEC §2's image methods; `methods=("all",)` adds every other registered policy (the ATS
 # ablations), at the cost of a longer run.
 DEFAULT_METHODS = ("iared", "ats", "topk", "random", "attention")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # `iared bench speed --dtype`
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,7 @@ class SpeedConfig:
     flops_images: int = 2              # images counted exactly by `count_flops`
     threads: Optional[int] = None      # torch threads (None: torch's default)
     kernels: str = "auto"              # linear-layer kernels for every method: auto / onednn / aten
+    dtype: str = "float32"             # weights, activations and inputs: float32 or bfloat16
     allocator: str = "steady"          # "steady": `steady_allocator()` first; "system": as the process found it
     device: str = "cpu"
     seed: int = 0
@@ -318,7 +320,7 @@ def _build_methods(model: nn.Module, names: list[str], calib: Tensor, keep_ratio
             methods[name] = None
             continue
         try:
-            policy = build_policy(name, model)
+            policy = build_policy(name, model).to(calib.device, calib.dtype)  # the backbone's dtype
             patch(model, policy)
             if name == "iared":
                 calibrate_iared(model, calib, keep_ratio)
@@ -353,20 +355,23 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     allocator = steady_allocator() if cfg.allocator == "steady" else "system"
     torch.manual_seed(cfg.seed)
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    dtype = DTYPES[cfg.dtype]
     overrides = {} if cfg.img_size is None else {"img_size": cfg.img_size}
-    model = create_model(cfg.arch, **overrides).to(cfg.device).eval()
+    model = create_model(cfg.arch, **overrides).to(cfg.device, dtype).eval()
     img_size = model.patch_embed.img_size[0]
     P, dim = model.num_prefix_tokens, model.embed_dim
     mlp_ratio = model.config.mlp_ratio
-    images = synthetic_images(cfg.batch_size, img_size, cfg.seed, model.config.in_chans).to(cfg.device)
-    calib = synthetic_images(cfg.calib_images, img_size, cfg.seed + 1, model.config.in_chans).to(cfg.device)
+    images = synthetic_images(cfg.batch_size, img_size, cfg.seed, model.config.in_chans).to(cfg.device, dtype)
+    calib = synthetic_images(cfg.calib_images, img_size, cfg.seed + 1, model.config.in_chans).to(cfg.device, dtype)
     if cfg.methods is None:  # the SPEC's image methods that are registered
         names = ["original"] + [m for m in DEFAULT_METHODS if m in available_policies()]
     elif tuple(cfg.methods) == ("all",):
         names = ["original"] + available_policies()
     else:
         names = list(cfg.methods)
-    kernels = resolve_kernels(cfg.kernels, cfg.device)
+    kernels = resolve_kernels(cfg.kernels, cfg.device, dtype)
     load_before = os.getloadavg()[0]
 
     log(f"calibrating budgets to keep ratio {cfg.keep_ratio} on {cfg.calib_images} images")
@@ -445,7 +450,8 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
         row["times_s"] = times[name]
         out_methods[name] = row
     return {"arch": cfg.arch, "img_size": img_size, "batch_size": cfg.batch_size, "device": cfg.device,
-            "threads": torch.get_num_threads(), "kernels": kernels, "allocator": allocator, "command": cfg.command,
+            "threads": torch.get_num_threads(), "dtype": cfg.dtype, "kernels": kernels, "allocator": allocator,
+            "command": cfg.command,
             "keep_ratio_target": cfg.keep_ratio,
             "warmup": cfg.warmup, "repeats": cfg.repeats, "torch": torch.__version__,
             "load_avg_1min": [load_before, load_after], "methods": out_methods}

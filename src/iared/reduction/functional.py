@@ -127,11 +127,13 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     x, P = tokens.x, tokens.num_prefix
     B, N = keep.shape
     L, C = x.shape[1], x.shape[-1]                                                     # L = P + N
-    counts = keep.sum(dim=1)
-    if B <= 1:  # one image: never padding
-        k_min = k_max = int(counts.sum())
+    rows: Optional[Tensor] = None
+    if B == 1:  # one image: never padding, and the rows' count is the kept count (no sum, no sync of its own)
+        rows = F.pad(keep, (P, 0), value=True).reshape(-1).nonzero().squeeze(1)       # (P + K,)
+        k_min = k_max = rows.numel() - P
     else:
-        k_min, k_max = (int(v) for v in torch.aminmax(counts))
+        counts = keep.sum(dim=1)
+        k_min, k_max = (int(v) for v in torch.aminmax(counts)) if B else (0, 0)
     same_count = k_min == k_max
     if k_max == N and same_count:
         return replace(tokens, valid=None) if tokens.valid is not None and bool(tokens.valid.all()) else tokens
@@ -142,7 +144,8 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
         # Row-major positions of "prefix or kept" are exactly those rows, already in order.
         # Every batch-1 compaction takes this path, so it is kept to a few operations:
         # between two blocks each small one costs ~20-60 us, several times its cost in a loop.
-        rows = F.pad(keep, (P, 0), value=True).reshape(-1).nonzero().squeeze(1)       # (B * (P + K),)
+        if rows is None:
+            rows = F.pad(keep, (P, 0), value=True).reshape(-1).nonzero().squeeze(1)   # (B * (P + K),)
         new_x = x.reshape(B * L, C).index_select(0, rows).view(B, P + k_max, C)
         pos = tokens.pos.masked_select(keep).view(B, k_max)                           # (B, K)
         return replace(tokens, x=new_x, pos=pos, valid=None)

@@ -197,7 +197,9 @@ class IARedPolicy(TokenPolicy):
         j = index // self.blocks_per_group
         P, G = tokens.num_prefix, model.grid_size
         head_logits = self.interpreters[j](tokens.x[:, P:])   # (B, N, H)
-        scores = informative_scores(head_logits)               # (B, N)
+        # Scores in float32 whatever the backbone's dtype: in bfloat16 (8 significant bits)
+        # scores near 1 would tie in large groups, and a threshold cannot split a tie.
+        scores = informative_scores(head_logits.float())       # (B, N)
         m = self.group_mode(j, mode)
         if m == "greedy":
             keep = scores > self.group_threshold(j)
