@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -29,10 +30,8 @@ from iared.evaluation.run import write_json_atomic
 from iared.interpret import load_interpreter, prepare_image, run_interpreters
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTE = ("Heatmaps of the interpreters of the CIFAR-10 IA-RED² model (`benchmarks/cifar10.py`, about 50 % test "
-        "accuracy on CIFAR-10) on ImageNet photos of CIFAR-10's classes, resized to 32 x 32. Scores on a fixed "
-        "0-1 scale; tokens dropped by an earlier group score 0.")
 PHOTOS = ROOT.parent / "shared" / "data" / "imagenet_val_subset"
+CIFAR_RESULTS = ROOT / "benchmarks" / "results" / "cifar10.json"
 
 # ImageNet-1k class indices of CIFAR-10's classes (WordNet hyponyms; deer has none in ImageNet-1k).
 CIFAR_OF_IMAGENET: dict[str, list[int]] = {
@@ -40,6 +39,17 @@ CIFAR_OF_IMAGENET: dict[str, list[int]] = {
     + list(range(80, 101)) + list(range(127, 147)), "cat": list(range(281, 286)), "dog": list(range(151, 269)),
     "frog": [30, 31, 32], "horse": [339], "ship": [510, 628, 724, 833], "truck": [555, 569, 675, 717, 867],
 }
+
+
+def note(checkpoint: str, cifar: dict) -> str:
+    """What the figure shows, with the model's CIFAR-10 test accuracy when cifar10.json is about it."""
+    acc = ""
+    if cifar.get("checkpoint") and Path(ROOT / cifar["checkpoint"]).resolve() == Path(checkpoint).resolve():
+        m = cifar["methods"]
+        acc = (f" (`benchmarks/cifar10.py`: CIFAR-10 test top-1 {m['original']['top1']:.1f} % for the backbone, "
+               f"{m['iared']['top1']:.1f} % with IA-RED²)")
+    return (f"Heatmaps of the interpreters of a CIFAR-10 IA-RED² model{acc} on ImageNet photos of CIFAR-10's "
+            "classes, resized to 32 x 32. Scores on a fixed 0-1 scale; tokens dropped by an earlier group score 0.")
 
 
 def pick_photos(root: Path, per_class: int) -> list[tuple[str, int, str]]:
@@ -58,11 +68,17 @@ def pick_photos(root: Path, per_class: int) -> list[tuple[str, int, str]]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default=str(ROOT / "runs" / "cifar10" / "iared" / "model.safetensors"))
+    ap.add_argument("--checkpoint", default=None,
+                    help="IA-RED² model file (default: the one benchmarks/results/cifar10.json was made with)")
     ap.add_argument("--photos", default=str(PHOTOS))
     ap.add_argument("--per-class", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "photos_cifar10"))
     args = ap.parse_args(argv)
+    cifar_doc = json.loads(CIFAR_RESULTS.read_text()) if CIFAR_RESULTS.is_file() else {}
+    if args.checkpoint is None:
+        if not cifar_doc.get("checkpoint"):
+            raise SystemExit(f"photos: no --checkpoint and no {CIFAR_RESULTS}: run benchmarks/cifar10.py first")
+        args.checkpoint = str(ROOT / cifar_doc["checkpoint"])
     model, cfg = load_interpreter(args.checkpoint)
     root = Path(args.photos)
     photos = pick_photos(root, args.per_class)
@@ -86,7 +102,7 @@ def main(argv=None) -> int:
     correct = sum(r["cifar10_class"] == r["predicted"] for r in rows)
     doc = {"task": "interpret on real photos", "command": shlex.join([".venv/bin/python", "benchmarks/photos.py", *argv]),
            "checkpoint": args.checkpoint, "rows": rows, "correct": correct, "n": len(rows),
-           "note": NOTE,
+           "note": note(args.checkpoint, cifar_doc),
            "figure": Path(args.out).with_suffix(".png").name}
     write_json_atomic(doc, str(Path(args.out).with_suffix(".json")))
     print(f"{correct}/{len(rows)} photos predicted as their CIFAR-10 class -> {Path(args.out).with_suffix('.png')}")
