@@ -22,7 +22,9 @@ import torch
 import iared
 from iared.evaluation.flops import count_flops
 from iared.evaluation.run import write_json_atomic
-from iared.evaluation.throughput import calibrate_iared, mean_keep, measure_throughput, synthetic_images
+from iared.backbones.kernels import resolve_kernels
+from iared.evaluation.throughput import (calibrate_iared, mean_keep, measure_throughput, steady_allocator,
+                                        synthetic_images)
 
 
 def main() -> None:
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/threshold_sweep.json")
     args = ap.parse_args()
+    allocator = steady_allocator()  # as `iared bench speed`: no page faults for fresh buffers
     torch.manual_seed(0)
     model = iared.patch(iared.create_model(args.arch).eval(), policy="iared", groups=3)
     size = model.patch_embed.img_size[0]
@@ -54,7 +57,8 @@ def main() -> None:
         print(f"r={r:.2f} thresholds {[round(t, 4) for t in thresholds]} "
               + "  ".join(f"b{b}: {point[f'b{b}']['ms_per_batch']:.0f} ms" for b in batches), flush=True)
     write_json_atomic({"command": shlex.join([".venv/bin/python"] + sys.argv), "arch": args.arch, "groups": 3,
-                       "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0],
+                       "threads": torch.get_num_threads(), "kernels": resolve_kernels("auto"),
+                       "allocator": allocator, "load_avg_1min": os.getloadavg()[0],
                        "points": points}, args.out)
     print(f"wrote {args.out}")
 
