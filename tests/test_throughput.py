@@ -102,6 +102,27 @@ def test_cli_bench_speed_writes_json(tmp_path):
     assert set(d["methods"]) == {"original", "random"}
 
 
+def test_timing_rounds_fixed_or_until_every_method_has_its_time():
+    from iared.evaluation.throughput import MAX_ROUNDS, MIN_ROUNDS, _more_rounds
+
+    def rounds(cfg, per_round):  # timed rounds until _more_rounds says stop; per_round: name -> seconds
+        times, done = {k: [] for k in per_round}, -cfg.warmup
+        while _more_rounds(done, times, cfg):
+            if done >= 0:
+                for k, t in per_round.items():
+                    times[k].append(t)
+            done += 1
+        return done
+
+    fixed = SpeedConfig(arch=TINY, warmup=3, repeats=7)
+    assert rounds(fixed, {"a": 10.0}) == 7                                    # exactly --repeats
+    auto = SpeedConfig(arch=TINY, warmup=2, min_time_s=2.0)
+    assert rounds(auto, {"original": 1.0, "iared": 0.5}) == MIN_ROUNDS       # slow forwards: the minimum
+    assert rounds(auto, {"original": 0.03, "iared": 0.02}) == 100            # 2 s of the fastest: 100 rounds
+    assert rounds(auto, {"original": 1e-6}) == MAX_ROUNDS                    # bounded
+    assert rounds(dataclasses.replace(auto, min_time_s=0.0), {"a": 0.001}) == MIN_ROUNDS
+
+
 def test_bench_speed_in_bfloat16_records_its_dtype():
     cfg = SpeedConfig(arch=TINY, batch_size=2, methods=("original", "iared"), warmup=0, repeats=1,
                       calib_images=4, flops_images=2, dtype="bfloat16", allocator="system", command="test")

@@ -156,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default=None,
                    help="comma-separated, or 'all' for every policy (default: original,iared,ats,topk,random,attention)")
     b.add_argument("--warmup", type=int, default=2, help="untimed forwards per method (default 2)")
-    b.add_argument("--repeats", type=_positive_int, default=5, help="timed forwards per method; median (default 5)")
+    b.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed rounds, each timing every method once; the median is reported (default: "
+                        "at least 5, and until every method has --min-time seconds of timed forwards)")
+    b.add_argument("--min-time", type=float, default=2.0,
+                   help="seconds of timed forwards per method when --repeats is not given (default 2)")
     b.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     b.add_argument("--calib-images", type=_positive_int, default=8, help="calibration batch for the budgets")
     b.add_argument("--kernels", choices=("auto", "onednn", "aten"), default="auto",
@@ -320,6 +324,8 @@ def _cmd_bench_speed(args) -> int:
         raise UserError(f"unknown --arch {args.arch!r}; see iared.list_models()")
     if not 0 < args.keep_ratio <= 1:
         raise UserError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
+    if not 0 <= args.min_time <= 600:
+        raise UserError(f"--min-time must be in [0, 600] seconds, got {args.min_time}")
     try:
         resolve_kernels(args.kernels, args.device, DTYPES[args.dtype])
     except ValueError as e:
@@ -332,7 +338,7 @@ def _cmd_bench_speed(args) -> int:
             raise UserError(f"unknown method(s) {', '.join(unknown)}; available: original, "
                             f"{', '.join(available_policies())}")
     cfg = SpeedConfig(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
-                      methods=methods, warmup=max(args.warmup, 0), repeats=args.repeats,
+                      methods=methods, warmup=max(args.warmup, 0), repeats=args.repeats, min_time_s=args.min_time,
                       calib_images=args.calib_images, flops_images=args.flops_images, threads=args.threads,
                       kernels=args.kernels, dtype=args.dtype, allocator=args.allocator,
                       device=args.device, seed=args.seed, command=_command_line(args))

@@ -284,6 +284,7 @@ def synthetic_images(n: int, img_size: int, seed: int, in_chans: int = 3) -> Ten
 # ablations), at the cost of a longer run.
 DEFAULT_METHODS = ("iared", "ats", "topk", "random", "attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # `iared bench speed --dtype`
+MIN_ROUNDS, MAX_ROUNDS = 5, 1000  # automatic timing rounds of `bench_speed`
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,9 @@ class SpeedConfig:
     keep_ratio: float = 0.6            # budget every reduction method is calibrated to
     methods: Optional[tuple[str, ...]] = None  # None: original + DEFAULT_METHODS; ("all",): every policy
     warmup: int = 2                    # untimed forwards per method
-    repeats: int = 5                   # timed forwards per method (interleaved rounds; median)
+    repeats: Optional[int] = None      # timed rounds (every method once per round; median); None: auto,
+                                       # at least MIN_ROUNDS and until each method has min_time_s timed
+    min_time_s: float = 2.0            # auto rounds: seconds of timed forwards every method reaches
     calib_images: int = 8              # calibration batch for the budgets
     flops_images: int = 2              # images counted exactly by `count_flops`
     threads: Optional[int] = None      # torch threads (None: torch's default)
@@ -332,6 +335,23 @@ def _build_methods(model: nn.Module, names: list[str], calib: Tensor, keep_ratio
         finally:
             unpatch(model)
     return methods
+
+
+def _more_rounds(done: int, times: dict[str, list[float]], cfg: SpeedConfig) -> bool:
+    """Whether `bench_speed` times another round, `done` rounds in (negative: warm-up left).
+
+    Fixed `cfg.repeats`: exactly that many. Automatic: at least MIN_ROUNDS, then until every
+    method has `cfg.min_time_s` seconds of timed forwards (a batch-1 forward of a few ms
+    gets hundreds of rounds, a slow batch-64 one the minimum), at most MAX_ROUNDS: the
+    median of a fast forward's times is only as steady as its number of samples.
+    """
+    if done < 0:
+        return True
+    if cfg.repeats is not None:
+        return done < cfg.repeats
+    if done < MIN_ROUNDS:
+        return True
+    return done < MAX_ROUNDS and min(sum(t) for t in times.values()) < cfg.min_time_s
 
 
 def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
@@ -413,8 +433,12 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
         for module in [model, *(p for p in methods.values() if p is not None)]:
             packed.enter_context(cpu_kernels(module, kernels))
         times: dict[str, list[float]] = {name: [] for name in methods}
-        rounds = [False] * cfg.warmup + [True] * cfg.repeats
-        for timed in tqdm(rounds, desc=f"timing {len(methods)} methods", file=sys.stderr, leave=False):
+        bar = tqdm(desc=f"timing {len(methods)} methods", unit="round", file=sys.stderr, leave=False,
+                   total=cfg.warmup + cfg.repeats if cfg.repeats is not None else None)
+        done = -cfg.warmup  # rounds timed so far; negative while warming up
+        while _more_rounds(done, times, cfg):
+            timed, done = done >= 0, done + 1
+            bar.update(1)
             for name, policy in methods.items():
                 if policy is not None:
                     patch(model, policy)
@@ -425,6 +449,7 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
                         unpatch(model)
                 if timed:
                     times[name].append(t)
+        bar.close()
     load_after = os.getloadavg()[0]
 
     base = results.get("original")
@@ -453,5 +478,6 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
             "threads": torch.get_num_threads(), "dtype": cfg.dtype, "kernels": kernels, "allocator": allocator,
             "command": cfg.command,
             "keep_ratio_target": cfg.keep_ratio,
-            "warmup": cfg.warmup, "repeats": cfg.repeats, "torch": torch.__version__,
+            "warmup": cfg.warmup, "repeats": done, "repeats_auto": cfg.repeats is None,
+            **({"min_time_s": cfg.min_time_s} if cfg.repeats is None else {}), "torch": torch.__version__,
             "load_avg_1min": [load_before, load_after], "methods": out_methods}
