@@ -140,5 +140,6 @@ def test_cli_bench_speed_user_errors(tmp_path, capsys):
     assert main(["bench", "speed", "--arch", "nope", "--json", str(path)]) == 2
     assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--methods", "original,bogus"]) == 2
     assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--keep-ratio", "1.5"]) == 2
+    assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--min-time", "-1"]) == 2
     assert not path.exists()
     assert "error" in capsys.readouterr().err
