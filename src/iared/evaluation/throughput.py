@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.kernels import cpu_kernels, resolve_kernels
+from ..errors import UserError
 from ..backbones.vit import ReductionInfo
 
 
@@ -396,6 +397,8 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
 
     log(f"calibrating budgets to keep ratio {cfg.keep_ratio} on {cfg.calib_images} images")
     methods = _build_methods(model, names, calib, cfg.keep_ratio, log)
+    if not methods:
+        raise UserError(f"none of the methods {', '.join(names)} runs on {cfg.arch} (see the lines above)")
 
     results: dict[str, dict[str, Any]] = {}
     # no_grad, not inference_mode: FlopCounterMode's module tracker needs autograd tensors.
