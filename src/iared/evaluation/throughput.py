@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.kernels import cpu_kernels, resolve_kernels
-from ..errors import UserError
 from ..backbones.vit import ReductionInfo
+from ..errors import UserError
 
 
 def steady_allocator() -> str:

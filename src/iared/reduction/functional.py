@@ -114,6 +114,11 @@ def apply_keep(tokens: Tokens, keep: Tensor) -> Tokens:
     return compact(tokens, keep)
 
 
+def _prefix_or_kept_rows(keep: Tensor, P: int) -> Tensor:
+    """Flat (B * (P + N)) row indices of the prefix tokens and the kept patch tokens, in order."""
+    return F.pad(keep, (P, 0), value=True).reshape(-1).nonzero().squeeze(1)
+
+
 def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     """Really remove dropped tokens: kept tokens to the front, batch cut to the longest.
 
@@ -129,7 +134,7 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     L, C = x.shape[1], x.shape[-1]                                                     # L = P + N
     rows: Optional[Tensor] = None
     if B == 1:  # one image: never padding, and the rows' count is the kept count (no sum, no sync of its own)
-        rows = F.pad(keep, (P, 0), value=True).reshape(-1).nonzero().squeeze(1)       # (P + K,)
+        rows = _prefix_or_kept_rows(keep, P)                                          # (P + K,)
         k_min = k_max = rows.numel() - P
     else:
         counts = keep.sum(dim=1)
@@ -144,8 +149,7 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
         # Row-major positions of "prefix or kept" are exactly those rows, already in order.
         # Every batch-1 compaction takes this path, so it is kept to a few operations:
         # between two blocks each small one costs ~20-60 us, several times its cost in a loop.
-        if rows is None:
-            rows = F.pad(keep, (P, 0), value=True).reshape(-1).nonzero().squeeze(1)   # (B * (P + K),)
+        rows = rows if rows is not None else _prefix_or_kept_rows(keep, P)             # (B * (P + K),)
         new_x = x.reshape(B * L, C).index_select(0, rows).view(B, P + k_max, C)
         pos = tokens.pos.masked_select(keep).view(B, k_max)                           # (B, K)
         return replace(tokens, x=new_x, pos=pos, valid=None)
