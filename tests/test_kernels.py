@@ -59,6 +59,33 @@ def test_every_linear_is_packed_and_mlp_fused_then_restored():
 
 
 @needs_onednn
+def test_interpreter_scores_fused_then_restored():
+    torch.manual_seed(0)
+    model = iared.patch(tiny_model(), "iared", groups=3)
+    interpreters = list(model.policy.interpreters)
+    with torch.no_grad():  # scores spread over (0, 1), not all near init_keep
+        for it in interpreters:
+            it.q.weight.normal_(std=0.3)
+    x = torch.randn(3, 3, 32, 32)
+    patches = torch.randn(3, 7, model.embed_dim)
+    with torch.inference_mode():
+        ref_scores = [it.informative(patches) for it in interpreters]
+        _, ref = model(x, return_info=True)
+        with cpu_kernels(model, "onednn"):
+            assert all("informative" in vars(it) for it in interpreters)
+            fused = [it.informative(patches) for it in interpreters]
+            _, fast = model(x, return_info=True)
+    assert not any("informative" in vars(it) for it in interpreters)
+    for a, b in zip(fused, ref_scores):
+        assert a.dtype == torch.float32 and a.shape == (3, 7)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for s_ref, s_fast in zip(ref.stages, fast.stages):
+        torch.testing.assert_close(s_fast.scores, s_ref.scores, rtol=0, atol=1e-6)
+        clear = (s_ref.scores - 0.5).abs() > 1e-5  # decisions agree wherever a score is not on the threshold
+        assert torch.equal(s_fast.keep[clear], s_ref.keep[clear])
+
+
+@needs_onednn
 def test_iared_and_ats_logits_unchanged():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)

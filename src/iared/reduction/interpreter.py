@@ -99,6 +99,17 @@ class MultiHeadInterpreter(nn.Module):
         weight, bias = self.folded()
         return F.linear(self.norm(patches), weight, bias)                        # (B, N, H)
 
+    def informative(self, patches: Tensor) -> Tensor:
+        """Eq. 1's scores I (B, N), in float32, for patch tokens (B, N, D).
+
+        What inference needs (no per-head logits). `iared.backbones.kernels.cpu_kernels`
+        replaces it with a LayerNorm and one oneDNN call (the linear map with the sigmoid
+        fused), as it does for the backbone's linear layers.
+        """
+        # float32 whatever the backbone's dtype: in bfloat16 (8 significant bits) scores
+        # near 1 would tie in large groups, and a threshold cannot split a tie.
+        return informative_scores(self(patches).float())
+
     def folded(self) -> tuple[Tensor, Tensor]:
         """(H, D) weight and (H,) bias of Eq. 1's logits with the policy token folded in.
 
@@ -162,6 +173,9 @@ class IARedPolicy(TokenPolicy):
         self.groups = groups
         self.blocks_per_group = depth // groups
         self.interpreters = nn.ModuleList(MultiHeadInterpreter(dim, num_heads, head_dim) for _ in range(groups))
+        # The same modules as a plain tuple for `forward`: indexing a ModuleList between two
+        # blocks costs ~15 us at batch 1 (cold Python), a tuple a fraction of that.
+        self._by_group = tuple(self.interpreters)
         self._group_ids = [torch.tensor(j) for j in range(groups)]  # records' extras["group"], made once
         self.threshold = threshold
 
@@ -196,10 +210,13 @@ class IARedPolicy(TokenPolicy):
             return tokens, None
         j = index // self.blocks_per_group
         P, G = tokens.num_prefix, model.grid_size
-        head_logits = self.interpreters[j](tokens.x[:, P:])   # (B, N, H)
-        # Scores in float32 whatever the backbone's dtype: in bfloat16 (8 significant bits)
-        # scores near 1 would tie in large groups, and a threshold cannot split a tie.
-        scores = informative_scores(head_logits.float())       # (B, N)
+        interpreter = self._by_group[j]
+        # Only the policy-gradient loss needs the per-head logits: under no_grad or
+        # inference_mode the interpreter gives the scores alone, a path `cpu_kernels` fuses
+        # (between two blocks at batch 1 every small op costs tens of microseconds).
+        head_logits = interpreter(tokens.x[:, P:]) if torch.is_grad_enabled() else None  # (B, N, H)
+        scores = (interpreter.informative(tokens.x[:, P:]) if head_logits is None
+                  else informative_scores(head_logits.float()))  # (B, N), float32 as in `informative`
         m = self.group_mode(j, mode)
         if m == "greedy":
             keep = scores > self.group_threshold(j)
@@ -210,9 +227,7 @@ class IARedPolicy(TokenPolicy):
         # Tokens already dropped need no masking here: `apply_keep` leaves them dropped and
         # `to_grid` puts no invalid token on the record's grids.
         extras = {"group": self._group_ids[j]}
-        if torch.is_grad_enabled():
-            # Only the policy-gradient loss needs the per-head logits; skipping the grid copy
-            # under no_grad/inference_mode keeps the policy's bookkeeping off the hot path.
+        if head_logits is not None:
             extras["head_logits"] = to_grid(head_logits, tokens, G)
         record = StageRecord.on_tokens(index, tokens, G, None, keep, scores, extras)  # entering: when read
         return apply_keep(tokens, keep), record
