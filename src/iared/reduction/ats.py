@@ -67,17 +67,18 @@ def significance_scores(attn_row: Tensor, v_norm: Tensor, valid: Optional[Tensor
         (B, N) scores, each row summing to 1 (uniform over valid tokens if every
         weighted attention is 0).
     """
-    w = attn_row * v_norm                                           # (B, H, N)
+    w = attn_row * v_norm                                           # (B, H, N), >= 0
     if valid is not None:
-        w = w * valid[:, None, :].to(w.dtype)
-    total = w.sum(dim=-1, keepdim=True)                             # (B, H, 1)
-    per_head = torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
-    s = per_head.sum(dim=1)                                         # (B, N)
+        w = w * valid[:, None, :]
+    tiny = torch.finfo(w.dtype).tiny
+    # A head whose weights are all 0 has total 0 and gives 0 / tiny = 0: no special case.
+    s = (w / w.sum(dim=-1, keepdim=True).clamp_min(tiny)).sum(dim=1)  # (B, N)
     s_total = s.sum(dim=-1, keepdim=True)
     if valid is None:
-        valid = torch.ones_like(s, dtype=torch.bool)
-    uniform = valid.to(s.dtype) / valid.sum(dim=-1, keepdim=True).clamp_min(1)
-    return torch.where(s_total > 0, s / s_total.clamp_min(torch.finfo(s.dtype).tiny), uniform)
+        uniform = 1.0 / s.shape[-1]
+    else:
+        uniform = valid.to(s.dtype) / valid.sum(dim=-1, keepdim=True).clamp_min(1)
+    return torch.where(s_total > 0, s / s_total.clamp_min(tiny), uniform)
 
 
 def sampling_quantiles(K: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,18 +108,25 @@ def inverse_transform_sample(scores: Tensor, K: Union[int, Tensor]) -> Tensor:
         (B, N) bool keep mask with K'_b = keep[b].sum() <= min(K_b, N) tokens.
     """
     B, N = scores.shape
+    cdf = scores.detach().double().cumsum(dim=1)                   # (B, N)
+    cdf = cdf / cdf[:, -1:].clamp_min(torch.finfo(torch.float64).tiny)  # CDF_N exactly 1
+    if isinstance(K, int):
+        # One K for every image (no padding quantiles): the same quantiles and hits in a
+        # few operations, which at batch 1 cost more than the arithmetic they do.
+        if K < 1:
+            raise ValueError("K must be at least 1")
+        q = torch.arange(1, 2 * K, 2, dtype=torch.float64, device=scores.device).div_(2 * K).expand(B, -1)
+        idx = torch.searchsorted(cdf, q.contiguous(), side="left").clamp_max_(N - 1)  # (B, K)
+        return torch.zeros(B, N, dtype=torch.bool, device=scores.device).scatter_(1, idx, True)
     K = torch.as_tensor(K, device=scores.device).long().expand(B)
     if bool((K < 1).any()):
         raise ValueError("K must be at least 1")
     q, real = sampling_quantiles(K)                                # (B, Kmax)
-    cdf = scores.detach().double().cumsum(dim=1)                   # (B, N)
-    cdf = cdf / cdf[:, -1:].clamp_min(torch.finfo(torch.float64).tiny)  # CDF_N exactly 1
     # First j with CDF_j >= k: the token whose interval (CDF_{j-1}, CDF_j] holds k.
     idx = torch.searchsorted(cdf.contiguous(), q.contiguous(), side="left").clamp_max(N - 1)  # (B, Kmax)
     # Count hits per token (padding quantiles of images with a smaller K add 0).
     hits = torch.zeros(B, N, dtype=torch.long, device=scores.device).scatter_add_(1, idx, real.long())
-    keep = hits > 0
-    return keep
+    return hits > 0
 
 
 def topk_keep(scores: Tensor, K: Union[int, Tensor], valid: Optional[Tensor] = None) -> Tensor:
@@ -143,23 +151,25 @@ def topk_keep(scores: Tensor, K: Union[int, Tensor], valid: Optional[Tensor] = N
     return keep if valid is None else keep & valid
 
 
-def budget_k(input_tokens: Tensor, rho: Optional[float] = None, K: Optional[int] = None,
-             min_k: int = 8) -> Tensor:
+def budget_k(input_tokens: Union[Tensor, int], rho: Optional[float] = None, K: Optional[int] = None,
+             min_k: int = 8) -> Union[Tensor, int]:
     """Per-image K for one stage: a fixed K, or K_n = max(round(rho * #input tokens), min_k).
 
     Args:
-        input_tokens: (B,) tokens entering the stage, CLS included.
+        input_tokens: (B,) tokens entering the stage, CLS included, or one int for all.
         rho: ratio of the input tokens (Appendix 0.E.1); ignored when K is given.
         K: a fixed budget.
         min_k: the floor of the ratio rule (8 in the paper).
 
     Returns:
-        (B,) long budgets.
+        (B,) long budgets, or an int for an int `input_tokens`.
     """
+    if K is None and rho is None:
+        raise ValueError("give either K or rho")
+    if isinstance(input_tokens, int):  # every image has this many: the same rule in Python floats
+        return int(K) if K is not None else max(math.floor(float(rho) * input_tokens + 0.5), min_k)
     if K is not None:
         return torch.full_like(input_tokens, int(K), dtype=torch.long)
-    if rho is None:
-        raise ValueError("give either K or rho")
     k = torch.floor(float(rho) * input_tokens.double() + 0.5).long()  # round half up
     return k.clamp_min(min_k)
 
@@ -217,7 +227,8 @@ class ATSBlock(Block):
         attn = self.attn
         q, k, v = attn.qkv_heads(self.norm1(x))                          # each (B, H, L, hd)
         mask = attention_mask(valid)                                    # (B, 1, 1, L) or None
-        token_valid = torch.ones(B, L, dtype=torch.bool, device=x.device) if valid is None else valid
+        # valid None (no padding, nothing masked: batch 1, or equal counts): every token is
+        # real, and the masks below are skipped rather than built all True (same values).
 
         # Attention rows that score: CLS only (Eq. 3), or every valid row (self-attention score).
         rows = q[:, :, :1] if cfg.score == "cls" else q
@@ -228,19 +239,20 @@ class ATSBlock(Block):
         if cfg.score == "cls":
             received = probs[:, :, 0]                                   # (B, H, L)
         elif cfg.score == "selfattn":
-            received = (probs * token_valid[:, None, :, None].to(probs.dtype)).sum(dim=2)
+            received = (probs if valid is None else probs * valid[:, None, :, None]).sum(dim=2)
         else:
             raise ValueError(f"unknown ATS score {cfg.score!r}")
         v_norm = v.norm(dim=-1)                                         # (B, H, L)
 
         # Candidates: patch tokens, or (CLS not enforced) CLS and patch tokens.
         first = P if cfg.enforce_cls else P - 1
-        cand_valid = token_valid[:, first:]
+        cand_valid = None if valid is None else valid[:, first:]
         scores = significance_scores(received[..., first:], v_norm[..., first:], cand_valid)  # (B, M)
-        n_in = tokens.kept_counts() + P
-        K = budget_k(n_in, cfg.rho, cfg.stage_k(self.ats_index), cfg.min_k)
+        n_in = L if valid is None else tokens.kept_counts() + P
+        K = budget_k(n_in, cfg.rho, cfg.stage_k(self.ats_index), cfg.min_k)      # int or (B,)
         if cfg.select == "sample":
-            chosen = inverse_transform_sample(scores, K) & cand_valid
+            chosen = inverse_transform_sample(scores, K)
+            chosen = chosen if cand_valid is None else chosen & cand_valid
         elif cfg.select == "topk":
             chosen = topk_keep(scores, K, cand_valid)
         else:
@@ -263,8 +275,8 @@ class ATSBlock(Block):
                 q_in[b, :, P - 1] = q[b, :, src]
                 keep = keep.clone()
                 keep[b, first_kept[b]] = False
-        entering = tokens.patch_valid
-        keep = keep & entering
+        entering = None if valid is None else tokens.patch_valid         # None: all (the record makes it)
+        keep = keep if entering is None else keep & entering
 
         if tokens.execution == "mask":
             # Shapes stay fixed: every row is computed; unsampled rows are marked invalid.
@@ -286,7 +298,7 @@ class ATSBlock(Block):
             new = sel.with_x(h)
 
         patch_scores = scores[:, 1:] if not cfg.enforce_cls else scores
-        extras = {"k_prime": k_prime, "budget": K}
+        extras = {"k_prime": k_prime, "budget": torch.full((B,), K, device=x.device) if isinstance(K, int) else K}
         if not cfg.enforce_cls:
             extras["cls_kept"] = chosen[:, 0]
         record = StageRecord.on_tokens(self.ats_index, tokens, self.ats_grid, entering, keep, patch_scores, extras)
