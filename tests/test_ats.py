@@ -219,3 +219,21 @@ def test_pretrained_checkpoints_with_ats(shared_dir):
         m.policy.settings.K, m.policy.settings.rho = None, 0.5
         out, info = m(x, return_info=True)
         assert torch.isfinite(out).all() and info.keep_ratio.max() < 1
+
+
+def test_one_k_for_all_images_samples_as_per_image_budgets():
+    # The int-K path (no padding quantiles) against the per-image path with equal budgets,
+    # on scores with zeros (never chosen) and ties.
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(6, 40, generator=gen) ** 4
+    scores[:, ::7] = 0
+    scores[1] = 1.0
+    scores = scores / scores.sum(dim=1, keepdim=True)
+    for K in (1, 5, 17, 40, 90):
+        fast = inverse_transform_sample(scores, K)
+        ref = inverse_transform_sample(scores, torch.full((6,), K))
+        assert torch.equal(fast, ref), K
+    with pytest.raises(ValueError):
+        inverse_transform_sample(scores, 0)
+    for n, rho, K in ((197, 0.775, None), (10, 0.5, None), (151, 0.7, None), (50, None, 12)):
+        assert budget_k(n, rho, K) == int(budget_k(torch.tensor([n]), rho, K)[0])
