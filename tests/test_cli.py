@@ -73,3 +73,17 @@ def test_bad_checkpoint_is_exit_2_and_one_line(tmp_path, capfd, command):
         assert ckpt.name in lines[0] or "checkpoint" in lines[0] or "fit" in lines[0], lines[0]
         assert "pwned" not in captured.out
         assert not (tmp_path / "e.json").exists()
+
+
+def test_bench_speed_choices_are_the_library_s():
+    # The CLI spells its choice lists out (building the parser imports no torch); they must
+    # stay the library's.
+    from iared.backbones.kernels import KERNELS
+    from iared.cli import build_parser
+    from iared.evaluation.throughput import DTYPES
+
+    speed = build_parser()._subparsers._group_actions[0].choices["bench"]._subparsers._group_actions[0].choices["speed"]
+    choices = {a.dest: tuple(a.choices) for a in speed._actions if a.choices}
+    assert choices["kernels"] == tuple(KERNELS)
+    assert choices["dtype"] == tuple(DTYPES)
+    assert choices["allocator"] == ("steady", "system")
