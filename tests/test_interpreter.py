@@ -190,3 +190,16 @@ def test_interpreter_cost_is_small():
     it = pol.interpreters[0]
     ratio = 3 * interpreter_macs(n, d, it.num_heads, it.head_dim) / (12 * block_macs(n + 1, d))
     assert ratio < 0.001  # the folded Eq. 1: N·D·H per group, not N·D²
+
+
+def test_a_replaced_interpreter_is_the_one_used():
+    # Swapping an interpreter (e.g. for an ablation) must change what inference uses.
+    model = iared.patch(tiny_vit(), "iared", groups=3)
+    x = torch.randn(2, 1, 32, 32)
+    fresh = MultiHeadInterpreter(model.embed_dim, 2, 8, init_keep=0.9)
+    with torch.no_grad():
+        fresh.k.bias.fill_(-5.0)  # every score far below 0.5: group 2 drops all its tokens
+    model.policy.interpreters[1] = fresh
+    with torch.inference_mode():
+        _, info = model(x, return_info=True)
+    assert int(info.stages[1].keep.sum()) == 0

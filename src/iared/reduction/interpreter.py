@@ -173,9 +173,6 @@ class IARedPolicy(TokenPolicy):
         self.groups = groups
         self.blocks_per_group = depth // groups
         self.interpreters = nn.ModuleList(MultiHeadInterpreter(dim, num_heads, head_dim) for _ in range(groups))
-        # The same modules as a plain tuple for `forward`: indexing a ModuleList between two
-        # blocks costs ~15 us at batch 1 (cold Python), a tuple a fraction of that.
-        self._by_group = tuple(self.interpreters)
         self._group_ids = [torch.tensor(j) for j in range(groups)]  # records' extras["group"], made once
         self.threshold = threshold
 
@@ -210,7 +207,7 @@ class IARedPolicy(TokenPolicy):
             return tokens, None
         j = index // self.blocks_per_group
         P, G = tokens.num_prefix, model.grid_size
-        interpreter = self._by_group[j]
+        interpreter = self.interpreters[j]
         # Only the policy-gradient loss needs the per-head logits: under no_grad or
         # inference_mode the interpreter gives the scores alone, a path `cpu_kernels` fuses
         # (between two blocks at batch 1 every small op costs tens of microseconds).
