@@ -13,7 +13,7 @@ shapes stay dynamic, which per-image token counts need.
 IA-RED²'s interpreters (`MultiHeadInterpreter.informative`, the scores used at
 inference) become a LayerNorm and one oneDNN linear with the sigmoid of Eq. 1 fused,
 with the policy token folded in once on entry: at batch 1 each small op between two
-blocks costs 20-70 us (the GEMMs before it have pushed the interpreter's own working
+blocks costs 20-60 us (the GEMMs before it have pushed the interpreter's own working
 set out of the caches), so the op count of a group's entry is what its cost is.
 
 The GELU after `Mlp.fc1` is fused into the oneDNN call (post-op "gelu", erf form, the
@@ -148,8 +148,7 @@ def _fused_interpreter(mod: nn.Module):
     1/H (`mv`: between two blocks ~20 us against ~50 for `mean`, a sum and a division)."""
     with torch.no_grad():
         weight, bias = mod.folded()  # (H, D), (H,): a snapshot, as the packed linears
-        weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().clone(), None)
-        bias = bias.detach().clone()
+        weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         mean = torch.full((mod.num_heads,), 1.0 / mod.num_heads, device=bias.device)
     norm, plain = mod.norm, type(mod).informative.__get__(mod)
     shape, eps = tuple(norm.normalized_shape), norm.eps

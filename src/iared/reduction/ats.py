@@ -108,22 +108,24 @@ def inverse_transform_sample(scores: Tensor, K: Union[int, Tensor]) -> Tensor:
         (B, N) bool keep mask with K'_b = keep[b].sum() <= min(K_b, N) tokens.
     """
     B, N = scores.shape
-    cdf = scores.detach().double().cumsum(dim=1)                   # (B, N)
-    cdf = cdf / cdf[:, -1:].clamp_min(torch.finfo(torch.float64).tiny)  # CDF_N exactly 1
     if isinstance(K, int):
-        # One K for every image (no padding quantiles): the same quantiles and hits in a
-        # few operations, which at batch 1 cost more than the arithmetic they do.
+        # One K for every image: no padding quantiles, so the quantiles and the hits take
+        # a few operations, which at batch 1 cost more than the arithmetic they do.
         if K < 1:
             raise ValueError("K must be at least 1")
         q = torch.arange(1, 2 * K, 2, dtype=torch.float64, device=scores.device).div_(2 * K).expand(B, -1)
-        idx = torch.searchsorted(cdf, q.contiguous(), side="left").clamp_max_(N - 1)  # (B, K)
-        return torch.zeros(B, N, dtype=torch.bool, device=scores.device).scatter_(1, idx, True)
-    K = torch.as_tensor(K, device=scores.device).long().expand(B)
-    if bool((K < 1).any()):
-        raise ValueError("K must be at least 1")
-    q, real = sampling_quantiles(K)                                # (B, Kmax)
+        real = None
+    else:
+        K = torch.as_tensor(K, device=scores.device).long().expand(B)
+        if bool((K < 1).any()):
+            raise ValueError("K must be at least 1")
+        q, real = sampling_quantiles(K)                            # (B, Kmax)
+    cdf = scores.detach().double().cumsum(dim=1)                   # (B, N)
+    cdf = cdf / cdf[:, -1:].clamp_min(torch.finfo(torch.float64).tiny)  # CDF_N exactly 1
     # First j with CDF_j >= k: the token whose interval (CDF_{j-1}, CDF_j] holds k.
-    idx = torch.searchsorted(cdf.contiguous(), q.contiguous(), side="left").clamp_max(N - 1)  # (B, Kmax)
+    idx = torch.searchsorted(cdf, q.contiguous(), side="left").clamp_max_(N - 1)  # (B, Kmax)
+    if real is None:
+        return torch.zeros(B, N, dtype=torch.bool, device=scores.device).scatter_(1, idx, True)
     # Count hits per token (padding quantiles of images with a smaller K add 0).
     hits = torch.zeros(B, N, dtype=torch.long, device=scores.device).scatter_add_(1, idx, real.long())
     return hits > 0

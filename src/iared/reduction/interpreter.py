@@ -207,13 +207,15 @@ class IARedPolicy(TokenPolicy):
             return tokens, None
         j = index // self.blocks_per_group
         P, G = tokens.num_prefix, model.grid_size
-        interpreter = self.interpreters[j]
+        interpreter, patches = self.interpreters[j], tokens.x[:, P:]
         # Only the policy-gradient loss needs the per-head logits: under no_grad or
         # inference_mode the interpreter gives the scores alone, a path `cpu_kernels` fuses
         # (between two blocks at batch 1 every small op costs tens of microseconds).
-        head_logits = interpreter(tokens.x[:, P:]) if torch.is_grad_enabled() else None  # (B, N, H)
-        scores = (interpreter.informative(tokens.x[:, P:]) if head_logits is None
-                  else informative_scores(head_logits.float()))  # (B, N), float32 as in `informative`
+        if torch.is_grad_enabled():
+            head_logits = interpreter(patches)                            # (B, N, H)
+            scores = informative_scores(head_logits.float())              # (B, N), float32 as in `informative`
+        else:
+            head_logits, scores = None, interpreter.informative(patches)
         m = self.group_mode(j, mode)
         if m == "greedy":
             keep = scores > self.group_threshold(j)
