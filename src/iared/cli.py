@@ -48,6 +48,9 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-batches", type=_positive_int, default=None,
                    help="stop each epoch after N batches (tiny runs and tests)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--val-size", type=_positive_int, default=None, help="validate on the first N items")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clutter fragments for the first epochs, e.g. 0,2,4 (cluttered data only)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (mirror-symmetric classes)")
     p.add_argument("--init", default=None, help="start from this model file's weights (same architecture)")
-    p.add_argument("--val-size", type=_positive_int, default=None, help="validate on the first N items")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train_backbone)
 
     p = sub.add_parser("train", help="IA-RED² training (Algorithm 1: interpreters by REINFORCE, then fine-tuning)")
@@ -101,9 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam (the paper's images, default) or sgd with momentum 0.9 (its video runs)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="when fine-tuning (default 0)")
-    p.add_argument("--val-size", type=_positive_int, default=None, help="validate on the first N items")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="accuracy, FLOPs, throughput and keep ratio per method")
