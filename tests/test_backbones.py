@@ -40,6 +40,17 @@ def test_required_names_are_registered():
         create_model("resnet50")
 
 
+def test_image_size_must_be_a_multiple_of_the_patch():
+    # a strided convolution would drop the last pixels silently; the packed patch embedding
+    # of `cpu_kernels` could not even reshape them
+    with pytest.raises(ValueError, match="not a positive multiple of the patch size"):
+        create_model("deit_tiny_patch16_224", img_size=100)
+    with pytest.raises(ValueError, match="multiple"):
+        create_model("vit_custom", img_size=(32, 30), patch_size=4, embed_dim=8, depth=1, num_heads=2)
+    assert create_model("vit_custom", img_size=(32, 28), patch_size=4, embed_dim=8, depth=1,
+                        num_heads=2).patch_embed.grid_size == (8, 7)
+
+
 def test_timm_state_dict_layout():
     sd = create_model("deit_small_distilled_patch16_224").state_dict()
     expected = {"cls_token", "dist_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",

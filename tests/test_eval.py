@@ -181,6 +181,12 @@ def test_foreign_checkpoint_needs_arch(tiny_data, tmp_path, capsys):
     assert main(["eval", "--data", "tiny", "--checkpoint", str(tmp_path / "missing.safetensors"),
                  "--json", str(out)]) == 2
     assert not out.exists()
+    # an output that cannot be written fails before the evaluation, not after it
+    capsys.readouterr()
+    assert main(["eval", "--data", "tiny", "--checkpoint", str(pth), "--arch", "vit_custom", "--json",
+                 str(pth / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write --json" in err[0], err
 
 
 def test_eval_pretrained_mnist_checkpoint(shared_dir, tmp_path):

@@ -146,3 +146,21 @@ def test_cli_bench_speed_user_errors(tmp_path, capsys):
                  "--calib-images", "2", "--batch-size", "1"]) == 2
     assert not path.exists()
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["json_is_a_folder", "under_a_file", "img_size"])
+def test_cli_bench_speed_fails_before_the_work(tmp_path, capsys, monkeypatch, bad):
+    # An output that cannot be written, or a size the architecture cannot take, is one line
+    # and exit 2 before anything is timed (it used to be a traceback after the whole run).
+    import iared.evaluation.throughput as throughput
+
+    monkeypatch.setattr(throughput, "bench_speed", lambda *a, **k: pytest.fail("the benchmark ran"))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    json_path = {"json_is_a_folder": tmp_path, "under_a_file": blocker / "x.json"}.get(bad, tmp_path / "x.json")
+    extra = ["--img-size", "18"] if bad == "img_size" else []
+    assert main(["bench", "speed", "--arch", TINY, "--json", str(json_path), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iared bench speed: error:"), err
+    assert ("patch size" if bad == "img_size" else str(json_path)) in err[0]
+    assert blocker.read_text() == "not a folder" and list(tmp_path.iterdir()) == [blocker]

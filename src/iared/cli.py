@@ -26,6 +26,16 @@ def _device(name: Optional[str]) -> str:
     return name
 
 
+def _check_output_file(path: str, flag: str = "--json") -> None:
+    """Fail before the work, not after it, when `path` cannot be written (UserError)."""
+    from .fileio import check_writable
+
+    try:
+        check_writable(path, is_file=True)
+    except OSError as e:
+        raise UserError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -266,6 +276,7 @@ def _cmd_eval(args) -> int:
 
     from .evaluation.run import EvalConfig, run_eval
 
+    _check_output_file(args.json)
     torch.manual_seed(args.seed)
     cfg = EvalConfig(
         data=args.data, checkpoint=args.checkpoint, backbone=args.backbone, methods=args.methods,
@@ -311,14 +322,23 @@ def _cmd_interpret(args) -> int:
 
 
 def _cmd_bench_speed(args) -> int:
+    import torch
+
     from .backbones.kernels import resolve_kernels
-    from .backbones.registry import list_models
+    from .backbones.registry import create_model, list_models
     from .evaluation.run import write_json_atomic
     from .evaluation.throughput import DTYPES, SpeedConfig, bench_speed
     from .reduction.policy import available_policies
 
     if args.arch not in list_models():
         raise UserError(f"unknown --arch {args.arch!r}; see iared.list_models()")
+    if args.img_size is not None:
+        with torch.device("meta"):  # the architecture's own checks, without allocating weights
+            try:
+                create_model(args.arch, img_size=args.img_size)
+            except ValueError as e:
+                raise UserError(f"--img-size {args.img_size}: {e}") from None
+    _check_output_file(args.json)
     if not 0 < args.keep_ratio <= 1:
         raise UserError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
     if not 0 <= args.min_time <= 600:
@@ -354,14 +374,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the "command" key of result files
+    name = " ".join(filter(None, ["iared", args.command, getattr(args, "bench", None)]))  # as argparse names it
     try:
         args.device = _device(getattr(args, "device", None))
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"iared {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"iared {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
 
 

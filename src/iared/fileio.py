@@ -43,3 +43,21 @@ def atomic_write_json(path: PathLike, obj: Any, default: Optional[Callable[[Any]
                       indent: int = 1) -> Path:
     """Write `obj` as JSON (one trailing newline) to `path` atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent, default=default) + "\n")
+
+
+def check_writable(path: PathLike, is_file: bool = False) -> Path:
+    """Create the folder `path` (or, with `is_file`, the folder of the file `path`) and
+    prove it takes new files, before any long work whose output would be lost.
+
+    Raises:
+        OSError: the folder cannot be created or written, or the file path is a folder.
+    """
+    path = Path(path)
+    if is_file and path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder")
+    folder = path.parent if is_file else path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+    return path

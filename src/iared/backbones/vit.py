@@ -35,6 +35,11 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
+        if any(s <= 0 or s % p for s, p in zip(self.img_size, self.patch_size)):
+            # timm's strict PatchEmbed refuses these too; a strided convolution would
+            # silently ignore the last rows and columns of every image.
+            raise ValueError(f"image size {self.img_size} is not a positive multiple of the patch size "
+                             f"{self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, check_writable
 
 
 def load_data(spec: str, split: str, seed: int = 0, **kw: Any) -> Dataset:
@@ -31,10 +30,7 @@ def load_data(spec: str, split: str, seed: int = 0, **kw: Any) -> Dataset:
 def check_output_dir(out: Path) -> None:
     """Create `out` and prove it is writable (a probe file), or raise `UserError`."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        check_writable(out)
     except OSError as e:
         raise UserError(f"output folder {out} is not writable: {e.strerror or e}") from None
 
