@@ -87,3 +87,22 @@ def test_bench_speed_choices_are_the_library_s():
     assert choices["kernels"] == tuple(KERNELS)
     assert choices["dtype"] == tuple(DTYPES)
     assert choices["allocator"] == ("steady", "system")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train-backbone", "--data", "cluttered-digits", "--arch", "vit_custom", "--out", "x", "--epochs", "-1"],
+     "--epochs"),
+    (["train", "--data", "d", "--checkpoint", "c", "--out", "x", "--lr", "0"], "--lr"),
+    (["train", "--data", "d", "--checkpoint", "c", "--out", "x", "--lr", "nan"], "--lr"),
+    (["train", "--data", "d", "--checkpoint", "c", "--out", "x", "--label-smoothing", "1"], "--label-smoothing"),
+    (["train-backbone", "--data", "d", "--arch", "a", "--out", "x", "--weight-decay", "-0.1"], "--weight-decay"),
+    (["eval", "--data", "d", "--checkpoint", "c", "--json", "j", "--threshold", "2"], "--threshold"),
+])
+def test_numbers_out_of_range_are_usage_errors(argv, flag, capsys):
+    # Before any work: a negative epoch count used to train one step, a threshold of 2 to
+    # evaluate a model that keeps nothing.
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected a number in" in err and "Traceback" not in err

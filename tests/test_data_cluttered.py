@@ -166,3 +166,13 @@ def test_shared_cluttered_fashion(shared_dir):
     mean, std = measure_stats(train, 2000)
     assert mean == pytest.approx(DEFAULT_STATS["cluttered-fashion"][0], abs=2e-4)
     assert std == pytest.approx(DEFAULT_STATS["cluttered-fashion"][1], abs=2e-4)
+
+
+def test_normalisation_must_fit_the_channels():
+    # two means for one-channel images would broadcast them to two channels
+    with pytest.raises(DataError, match="mean has 2 values; cluttered-digits images have 1 channel"):
+        build_dataset("cluttered-digits", "val", mean=(0.5, 0.5))
+    with pytest.raises(DataError, match="std must be positive"):
+        build_dataset("cluttered-digits", "val", std=(0.0,))
+    ds = build_dataset("cluttered-digits", "val", mean=(0.5,), std=(0.25,))
+    assert ds.info.mean == (0.5,) and ds.info.std == (0.25,)

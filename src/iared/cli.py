@@ -46,15 +46,35 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _number(lo: float = float("-inf"), hi: float = float("inf"), open_lo: bool = False, open_hi: bool = False):
+    """An argparse type: a float in the interval lo..hi (ends open or closed)."""
+    interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not ((lo < v) if open_lo else (lo <= v)) or not ((v < hi) if open_hi else (v <= hi)):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text}")
+        return v
+
+    return parse
+
+
+_POSITIVE = _number(0.0, open_lo=True, open_hi=True)
+_NON_NEGATIVE = _number(0.0, open_hi=True)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=float, default=None, help="training budget in epochs")
+    p.add_argument("--epochs", type=_POSITIVE, default=None, help="training budget in epochs")
     p.add_argument("--batch-size", type=_positive_int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=_POSITIVE, default=None)
     p.add_argument("--limit-batches", type=_positive_int, default=None,
                    help="stop each epoch after N batches (tiny runs and tests)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -85,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=_positive_int, default=None, help="blocks (vit_custom default 6)")
     p.add_argument("--heads", type=_positive_int, default=None, help="attention heads (vit_custom default 4)")
     p.add_argument("--patch-size", type=_positive_int, default=None, help="patch side (vit_custom default 4)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
-    p.add_argument("--warmup-epochs", type=float, default=0.3, help="linear warmup (default 0.3 epochs)")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="default 0.1")
+    p.add_argument("--weight-decay", type=_NON_NEGATIVE, default=0.05, help="AdamW weight decay (default 0.05)")
+    p.add_argument("--warmup-epochs", type=_NON_NEGATIVE, default=0.3, help="linear warmup (default 0.3 epochs)")
+    p.add_argument("--label-smoothing", type=_number(0.0, 1.0, open_hi=True), default=0.1, help="default 0.1")
     p.add_argument("--clutter-ramp", default="",
                    help="clutter fragments for the first epochs, e.g. 0,2,4 (cluttered data only)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (mirror-symmetric classes)")
@@ -107,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="10:20", help="E_p:E_b, interpreter vs fine-tuning epochs (default 10:20)")
     p.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
                    help="fine-tune the blocks after each interpreter (default on)")
-    p.add_argument("--finetune-lr", type=float, default=None, help="learning rate of the blocks (default: --lr)")
+    p.add_argument("--finetune-lr", type=_POSITIVE, default=None, help="learning rate of the blocks (default: --lr)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam (the paper's images, default) or sgd with momentum 0.9 (its video runs)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="when fine-tuning (default 0)")
+    p.add_argument("--label-smoothing", type=_number(0.0, 1.0, open_hi=True), default=0.0,
+                   help="when fine-tuning (default 0)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="accuracy, FLOPs, throughput and keep ratio per method")
@@ -127,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-images", type=_positive_int, default=None, help="evaluate only the first N images")
     p.add_argument("--arch", default=None,
                    help="registry name for a foreign .pth/.pt checkpoint (e.g. vit_mnist_patch7_28)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=_number(0.0, 1.0), default=None,
                    help="keep threshold of the checkpoint's IA-RED² interpreters (default: as saved)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--flops-images", type=_positive_int, default=32,

@@ -63,7 +63,17 @@ def build_dataset(spec: str, split: str, seed: int = 0, **kw: Any) -> Dataset:
     check_split(split)
     if kind not in DATASETS:
         raise DataError(f"unknown data kind {kind!r}: expected one of {', '.join(sorted(DATASETS))}")
-    return DATASETS[kind](path, split, seed, **kw)
+    std = kw.get("std")
+    if std is not None and not all(s > 0 for s in std):
+        raise DataError(f"std must be positive, got {tuple(std)}")
+    ds = DATASETS[kind](path, split, seed, **kw)
+    channels = getattr(getattr(ds, "info", None), "in_chans", None)  # a user's kind may not say
+    for name in ("mean", "std"):
+        if channels is not None and kw.get(name) is not None and len(kw[name]) not in (1, channels):
+            # one value per channel (or one for all); anything else would broadcast the
+            # images to another number of channels
+            raise DataError(f"{name} has {len(kw[name])} values; {kind} images have {channels} channel(s)")
+    return ds
 
 
 def _needs_path(kind: str, path: Optional[str], what: str) -> str:

@@ -151,6 +151,8 @@ def train_backbone(options: BackboneOptions) -> dict[str, Any]:
     Raises:
         UserError: bad data, arch, sizes or output folder (before any training).
     """
+    if not options.epochs > 0 or not options.lr > 0:
+        raise UserError(f"--epochs and --lr must be positive, got {options.epochs} and {options.lr}")
     if options.clutter_ramp and any(k < 0 for k in options.clutter_ramp):
         raise UserError("--clutter-ramp takes non-negative fragment counts")
     with distributed(options.device) as dist_info:
