@@ -179,6 +179,23 @@ def test_attach_detach_and_model_file(tmp_path):
     assert torch.equal(m(x), ref)
 
 
+def test_patching_over_ats_replaces_it():
+    # A second `patch` used to leave ATS's blocks in place under the new policy (both acted,
+    # and `unpatch` no longer restored the plain blocks).
+    m = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    ref = m(x)
+    iared.patch(m, policy="ats", rho=0.5)
+    ats = m.policy
+    iared.patch(m, policy="random", keep_ratio=1.0)
+    assert all(type(b) is Block for b in m.blocks)
+    assert torch.equal(m(x), ref)  # keeps everything: the plain backbone's logits
+    iared.patch(m, ats)
+    with pytest.raises(ValueError, match="unknown policy"):
+        iared.patch(m, policy="no_such_policy")
+    assert m.policy is ats and type(m.blocks[2]) is ATSBlock  # a failed patch keeps the old policy
+
+
 def test_variants_run_and_nocls_moves_first_token():
     m = peaked(tiny(), 12.0)
     x = torch.randn(4, 3, 32, 32)

@@ -1,5 +1,6 @@
 """Backbones: every registered model, timm's state-dict layout, checkpoint loading."""
 
+import contextlib
 import gzip
 import io
 import os
@@ -49,6 +50,19 @@ def test_image_size_must_be_a_multiple_of_the_patch():
         create_model("vit_custom", img_size=(32, 30), patch_size=4, embed_dim=8, depth=1, num_heads=2)
     assert create_model("vit_custom", img_size=(32, 28), patch_size=4, embed_dim=8, depth=1,
                         num_heads=2).patch_embed.grid_size == (8, 7)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_wrong_input_shape_is_one_clear_error(packed):
+    from iared.backbones.kernels import cpu_kernels
+
+    m = create_model("vit_custom", img_size=16, patch_size=4, embed_dim=8, depth=1, num_heads=2).eval()
+    with torch.inference_mode(), (cpu_kernels(m) if packed else contextlib.nullcontext()):
+        for shape in [(1, 1, 16, 16), (3, 16, 16), (1, 3, 12, 16)]:
+            with pytest.raises(ValueError, match=r"does not match the model's images \(B, 3, 16, 16\)"):
+                m(torch.randn(*shape))
+        with pytest.raises(ValueError, match="execution must be"):
+            m(torch.randn(1, 3, 16, 16), execution="dropped")
 
 
 def test_timm_state_dict_layout():

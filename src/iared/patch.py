@@ -27,14 +27,24 @@ def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -
         **kwargs: the policy's settings (e.g. ``groups=3`` for "iared", ``rho=0.87`` for "ats").
 
     Returns:
-        The same model object, now with `model.policy` set.
+        The same model object, now with `model.policy` set. A policy attached before is
+        detached first (ATS's blocks become plain blocks again); if the new one cannot be
+        built, the model keeps the old one.
     """
     if not hasattr(model, "policy"):
         raise TypeError(f"{type(model).__name__} has no policy hook; use a backbone from iared.create_model")
-    if isinstance(policy, str):
-        policy = build_policy(policy, model, **kwargs)
-    elif kwargs:
+    if not isinstance(policy, str) and kwargs:
         raise TypeError("settings are only accepted with a policy name")
+    previous = model.policy
+    if previous is not None:
+        unpatch(model)  # policies are built on, and attached to, the plain backbone
+    if isinstance(policy, str):
+        try:
+            policy = build_policy(policy, model, **kwargs)
+        except BaseException:
+            if previous is not None:
+                patch(model, previous)
+            raise
     # Policies that act inside blocks (ATS) patch the blocks themselves when attached.
     attach = getattr(policy, "attach", None)
     if callable(attach):

@@ -133,8 +133,8 @@ def _patch_linear(mod: nn.Module):
     dtype = conv.weight.dtype
 
     def forward(x: Tensor) -> Tensor:
-        if not _fast_path(x, dtype) or tuple(x.shape[-2:]) != mod.img_size:
-            return plain(x)  # also the size check and its error message
+        if not _fast_path(x, dtype) or x.dim() != 4 or tuple(x.shape[1:]) != (C, *mod.img_size):
+            return plain(x)  # also the shape check and its error message
         B, gh, gw = x.shape[0], *mod.grid_size
         patches = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * ph * pw)
         return torch.ops.mkldnn._linear_pointwise(patches, weight, bias, "none", [], "")  # (B, N, D)

@@ -45,8 +45,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's {self.img_size}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.proj.in_channels, *self.img_size):
+            raise ValueError(f"input of shape {tuple(x.shape)} does not match the model's images "
+                             f"(B, {self.proj.in_channels}, {self.img_size[0]}, {self.img_size[1]})")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
@@ -416,6 +417,8 @@ class VisionTransformer(nn.Module):
             logits (B, num_classes), or (logits, ReductionInfo) with `return_info`.
         """
         execution = execution or ("mask" if self.training else "compact")
+        if execution not in ("mask", "compact"):
+            raise ValueError(f"execution must be 'mask' or 'compact', got {execution!r}")
         tokens = self.embed(x, execution)
         tokens, records, counts = self.forward_tokens(tokens, mode, count_tokens=return_info)
         logits = self.forward_head(tokens)
