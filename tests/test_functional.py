@@ -36,6 +36,22 @@ def test_compact_without_padding_when_counts_are_equal():
     assert out.pos.tolist() == [[0, 2], [1, 4]]
 
 
+def test_one_image_compaction_by_hand():
+    # batch 1 has its own path (rows along dim 1, positions by the same rows)
+    t = _tokens(B=1, N=6, C=2, P=2)                      # x rows 0..7: 2 prefix + 6 patches
+    first = apply_keep(t, torch.tensor([[0, 1, 1, 0, 1, 1]], dtype=torch.bool))
+    assert first.valid is None and first.pos.tolist() == [[1, 2, 4, 5]]
+    assert torch.equal(first.x[0], t.x[0, [0, 1, 3, 4, 6, 7]])
+    second = apply_keep(first, torch.tensor([[1, 0, 0, 1]], dtype=torch.bool))  # over the 4 left
+    assert second.pos.tolist() == [[1, 5]]
+    assert torch.equal(second.x[0], t.x[0, [0, 1, 3, 7]])
+    assert apply_keep(second, torch.ones(1, 2, dtype=torch.bool)) is second      # nothing dropped
+    only_prefix = apply_keep(second, torch.zeros(1, 2, dtype=torch.bool))
+    assert only_prefix.pos.shape == (1, 0) and torch.equal(only_prefix.x[0], t.x[0, :2])
+    # a non-bool keep mask is taken as bool
+    assert apply_keep(t, torch.tensor([[0, 1, 1, 0, 1, 1]])).pos.tolist() == [[1, 2, 4, 5]]
+
+
 def test_mask_mode_keeps_shape_and_marks_invalid():
     t = _tokens(execution="mask")
     keep = torch.tensor([[1, 0, 1, 0, 1]] * 3, dtype=torch.bool)

@@ -105,7 +105,8 @@ def apply_keep(tokens: Tokens, keep: Tensor) -> Tokens:
         The next tokens, in `tokens.execution` mode (see the module docstring).
     """
     P = tokens.num_prefix
-    keep = keep.bool()
+    if keep.dtype != torch.bool:  # (a dispatch saved when it is already bool: see `compact`)
+        keep = keep.bool()
     if tokens.valid is not None:
         keep = keep & tokens.patch_valid
     if tokens.execution == "mask":
@@ -132,10 +133,17 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     x, P = tokens.x, tokens.num_prefix
     B, N = keep.shape
     L, C = x.shape[1], x.shape[-1]                                                     # L = P + N
-    rows: Optional[Tensor] = None
     if B == 1:  # one image: never padding, and the rows' count is the kept count (no sum, no sync of its own)
         rows = _prefix_or_kept_rows(keep, P)                                          # (P + K,)
         k_min = k_max = rows.numel() - P
+        if k_max < N:
+            # Every batch-1 compaction ends here, in as few operations as it takes: between
+            # two blocks each small one costs ~20-60 us, several times its cost in a loop.
+            # Rows of x and positions of pos are taken along dim 1 directly (no flattening
+            # views), the positions by the same rows (no masked_select, which counts the
+            # mask again and syncs on it).
+            return replace(tokens, x=x.index_select(1, rows), pos=tokens.pos.index_select(1, rows[P:] - P),
+                           valid=None)
     else:
         counts = keep.sum(dim=1)
         k_min, k_max = (int(v) for v in torch.aminmax(counts)) if B else (0, 0)
@@ -147,9 +155,7 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     # expanded index and a `cat` after it were two thirds of the policy's time at batch 64).
     if same_count:
         # Row-major positions of "prefix or kept" are exactly those rows, already in order.
-        # Every batch-1 compaction takes this path, so it is kept to a few operations:
-        # between two blocks each small one costs ~20-60 us, several times its cost in a loop.
-        rows = rows if rows is not None else _prefix_or_kept_rows(keep, P)             # (B * (P + K),)
+        rows = _prefix_or_kept_rows(keep, P)                                            # (B * (P + K),)
         new_x = x.reshape(B * L, C).index_select(0, rows).view(B, P + k_max, C)
         pos = tokens.pos.masked_select(keep).view(B, k_max)                           # (B, K)
         return replace(tokens, x=new_x, pos=pos, valid=None)
