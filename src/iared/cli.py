@@ -359,7 +359,6 @@ def _cmd_bench_speed(args) -> int:
                 create_model(args.arch, img_size=args.img_size)
             except ValueError as e:
                 raise UserError(f"--img-size {args.img_size}: {e}") from None
-    _check_output_file(args.json)
     if not 0 < args.keep_ratio <= 1:
         raise UserError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
     if not 0 <= args.min_time <= 600:
@@ -375,6 +374,7 @@ def _cmd_bench_speed(args) -> int:
         if unknown:
             raise UserError(f"unknown method(s) {', '.join(unknown)}; available: original, "
                             f"{', '.join(available_policies())}")
+    _check_output_file(args.json)  # last: a bad flag leaves no folder behind
     cfg = SpeedConfig(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
                       methods=methods, warmup=max(args.warmup, 0), repeats=args.repeats, min_time_s=args.min_time,
                       calib_images=args.calib_images, flops_images=args.flops_images, threads=args.threads,

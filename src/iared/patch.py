@@ -29,7 +29,7 @@ def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -
     Returns:
         The same model object, now with `model.policy` set. A policy attached before is
         detached first (ATS's blocks become plain blocks again); if the new one cannot be
-        built, the model keeps the old one.
+        built or attached, the model keeps the old one.
     """
     if not hasattr(model, "policy"):
         raise TypeError(f"{type(model).__name__} has no policy hook; use a backbone from iared.create_model")
@@ -38,17 +38,17 @@ def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -
     previous = model.policy
     if previous is not None:
         unpatch(model)  # policies are built on, and attached to, the plain backbone
-    if isinstance(policy, str):
-        try:
+    try:
+        if isinstance(policy, str):
             policy = build_policy(policy, model, **kwargs)
-        except BaseException:
-            if previous is not None:
-                patch(model, previous)
-            raise
-    # Policies that act inside blocks (ATS) patch the blocks themselves when attached.
-    attach = getattr(policy, "attach", None)
-    if callable(attach):
-        attach(model)
+        # Policies that act inside blocks (ATS) patch the blocks themselves when attached.
+        attach = getattr(policy, "attach", None)
+        if callable(attach):
+            attach(model)
+    except BaseException:
+        if previous is not None:
+            patch(model, previous)
+        raise
     model.policy = policy
     return model
 
