@@ -140,6 +140,7 @@ def test_cli_bench_speed_user_errors(tmp_path, capsys):
     assert main(["bench", "speed", "--arch", "nope", "--json", str(path)]) == 2
     assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--methods", "original,bogus"]) == 2
     assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--keep-ratio", "1.5"]) == 2
+    assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--methods", " , "]) == 2
     assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--min-time", "-1"]) == 2
     # a video-only policy on an image backbone: skipped, and with nothing left to time, a user error
     assert main(["bench", "speed", "--arch", TINY, "--json", str(path), "--methods", "tempdiff",

@@ -370,6 +370,8 @@ def _cmd_bench_speed(args) -> int:
     methods = None
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if not methods:
+            raise UserError(f"--methods names no method: {args.methods!r}")
         unknown = [m for m in methods if m not in ("original", "all") and m not in available_policies()]
         if unknown:
             raise UserError(f"unknown method(s) {', '.join(unknown)}; available: original, "
