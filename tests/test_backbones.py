@@ -211,6 +211,34 @@ def test_foreign_cifar_vit_on_real_cifar(shared_dir):
     assert (pred == labels).float().mean().item() == pytest.approx(0.480, abs=0.01)  # SOURCES.md: 48.0 %
 
 
+def test_model_file_writes_are_checked_and_leave_nothing_behind(tmp_path):
+    m = create_model("vit_custom", img_size=16, patch_size=4, embed_dim=8, depth=2, num_heads=2, num_classes=3)
+    with pytest.raises(ValueError, match="unknown arch"):  # load_model could not rebuild it
+        iared.save_model(m, tmp_path / "m.safetensors", arch="no_such_arch")
+    with pytest.raises(IsADirectoryError):
+        iared.save_model(m, tmp_path, arch="vit_custom")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left next to the folder or in it
+    iared.save_model(m, tmp_path / "sub" / "m.safetensors", arch="vit_custom")
+    path = tmp_path / "sub" / "m.safetensors"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # an ordinary file, not mkstemp's 0600
+    assert torch.equal(iared.load_model(path).pos_embed, m.pos_embed)
+
+
+def test_invalid_settings_are_value_errors():
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        create_model("vit_custom", embed_dim=10, num_heads=3)
+    m = create_model("vit_custom", img_size=16, patch_size=4, embed_dim=8, depth=6, num_heads=2)
+    for kw in ({"rho": 2.0}, {"rho": 0.0}, {"K": 0}, {"K": [4, 0, 4, 4]}, {"min_k": 0}):
+        with pytest.raises(ValueError):
+            iared.patch(m, "ats", **kw)
+    with pytest.raises(ValueError, match="2 thresholds for 3 groups"):
+        iared.patch(m, "iared", groups=3, threshold=[0.5, 0.5])
+    assert m.policy is None
+
+
 def test_model_file_round_trip(tmp_path):
     torch.manual_seed(0)
     m = iared.patch(create_model("vit_custom", img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=4,

@@ -26,6 +26,8 @@ def _umask() -> int:
 def atomic_write(path: PathLike, data: Union[bytes, str]) -> Path:
     """Write `data` (bytes or text) to `path` atomically; create the folder if needed."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

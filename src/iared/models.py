@@ -15,7 +15,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .backbones.checkpoint import CheckpointError, PathLike, load_into, read_checkpoint, save_safetensors
-from .backbones.registry import create_model
+from .backbones.registry import create_model, list_models
 from .patch import patch
 
 FORMAT_VERSION = 1
@@ -32,6 +32,8 @@ def save_model(model: nn.Module, path: PathLike, arch: str, data: Optional[dict[
         data: the data config it was trained on (kind, img size, mean/std, class names).
         extra: anything else JSON-serialisable to keep (e.g. training summary).
     """
+    if arch not in list_models():  # load_model rebuilds the backbone by this name
+        raise ValueError(f"unknown arch {arch!r}; see iared.list_models()")
     policy = getattr(model, "policy", None)
     meta = {
         "format": FORMAT_VERSION,

@@ -212,10 +212,10 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[dict[str, str]] = None) -> None:
-    """Write tensors atomically (temp file + rename) as safetensors."""
-    from safetensors.torch import save_file
+    """Write tensors as safetensors through `iared.fileio.atomic_write` (a unique temporary
+    file in the destination folder, removed on failure; the usual file permissions)."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    from ..fileio import atomic_write
+
+    atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))

@@ -60,7 +60,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, scale: Optional[float] = None):
         super().__init__()
-        assert dim % num_heads == 0, "dim must be divisible by num_heads"
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         # timm scales by head_dim**-0.5; some foreign checkpoints were trained with another scale.

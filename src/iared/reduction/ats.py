@@ -340,6 +340,10 @@ class ATSPolicy(TokenPolicy):
                 raise ValueError(f"{len(K)} values of K for {len(stages)} stages")
         if K is None and rho is None:
             rho = 1.0
+        if K is None and not 0 < rho <= 1:
+            raise ValueError(f"rho must be in (0, 1], got {rho}")
+        if K is not None and min(K if isinstance(K, list) else [K]) < 1 or min_k < 1:
+            raise ValueError(f"K and min_k must be at least 1, got K={K}, min_k={min_k}")
         if score not in ("cls", "selfattn") or select not in ("sample", "topk"):
             raise ValueError(f"unknown ATS variant score={score!r} select={select!r}")
         self.settings = ATSSettings(stages=stages, rho=None if K is not None else float(rho), K=K,

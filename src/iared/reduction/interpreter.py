@@ -174,7 +174,9 @@ class IARedPolicy(TokenPolicy):
         self.blocks_per_group = depth // groups
         self.interpreters = nn.ModuleList(MultiHeadInterpreter(dim, num_heads, head_dim) for _ in range(groups))
         self._group_ids = [torch.tensor(j) for j in range(groups)]  # records' extras["group"], made once
-        self.threshold = threshold
+        if isinstance(threshold, (list, tuple)) and len(threshold) != groups:
+            raise ValueError(f"{len(threshold)} thresholds for {groups} groups")
+        self.threshold = threshold  # scores are in (0, 1): below 0 keeps every token, 1 or more none
 
     @classmethod
     def for_model(cls, model: nn.Module, groups: int = 3, num_heads: Optional[int] = None,
