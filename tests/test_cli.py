@@ -106,3 +106,4 @@ def test_numbers_out_of_range_are_usage_errors(argv, flag, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: expected a number in" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1  # one line, as every user error (no usage text)

@@ -83,8 +83,16 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (as every other user error is)
+    instead of the whole usage text; sub-command parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iared", description=(
+    parser = _Parser(prog="iared", description=(
         "IA-RED² and ATS: faster, explainable vision transformers by dropping uninformative patch tokens."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
