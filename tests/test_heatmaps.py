@@ -230,6 +230,15 @@ def test_bad_arguments():
         explain(model, x, "attention", block=3)
     with pytest.raises(ValueError, match="policy"):
         explain(model, x, "iared")
+    n, classes = x.shape[0], model.config.num_classes
+    for method in ("gradcam", "chefer"):
+        # a target per image or one for all; a wrong count used to broadcast silently
+        with pytest.raises(ValueError, match="one class per image"):
+            explain(model, x, method, target=torch.zeros(n + 1, dtype=torch.long))
+        with pytest.raises(ValueError, match="target classes must be in"):
+            explain(model, x, method, target=classes)
+        one = explain(model, x, method, target=1)
+        assert torch.equal(one, explain(model, x, method, target=torch.ones(n, dtype=torch.long)))
 
 
 # -- IA-RED² scores through a fake policy -------------------------------------------------

@@ -182,9 +182,15 @@ def _resolve_target(logits: Tensor, target: Union[None, int, Tensor]) -> Tensor:
     B = logits.shape[0]
     if target is None:
         return logits.argmax(dim=-1)
-    if isinstance(target, int):
-        return torch.full((B,), target, dtype=torch.long, device=logits.device)
-    return torch.as_tensor(target, device=logits.device).long().reshape(-1).expand(B)
+    cls = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+    if cls.numel() == 1:  # one class for every image
+        cls = cls.expand(B)
+    if cls.numel() != B:
+        raise ValueError(f"target: one class per image ({B}) or one for all, got {cls.numel()}")
+    C = logits.shape[-1]
+    if B and not bool(((cls >= 0) & (cls < C)).all()):
+        raise ValueError(f"target classes must be in 0..{C - 1}, got {cls.tolist()}")
+    return cls
 
 
 # -- the methods ------------------------------------------------------------------------
