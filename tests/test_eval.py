@@ -1,5 +1,6 @@
 """`iared eval`: method parsing, accuracy, and the SPEC §3 JSON layout on tiny synthetic data."""
 
+import dataclasses
 import json
 
 import pytest
@@ -199,3 +200,25 @@ def test_eval_pretrained_mnist_checkpoint(shared_dir, tmp_path):
     res = json.loads(out.read_text())["methods"]
     assert res["original"]["top1"] > 90          # SOURCES.md: 97.94 % on the full test set
     assert res["ats@0.5"]["gflops_per_img"] < res["original"]["gflops_per_img"]
+
+
+def test_segmentation_without_masks_fails_before_the_evaluation(tmp_path, iared_file, monkeypatch, capsys):
+    # asked for explicitly, --segmentation on data without masks used to evaluate everything and
+    # leave a note in the JSON; now one line and exit 2, and nothing written
+    class NoMasks(TinyData):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.info = dataclasses.replace(self.info, has_masks=False)
+
+    register_dataset("tiny-nomasks", lambda path, split, seed, **kw: NoMasks(split, seed, **kw))
+    try:
+        out = tmp_path / "e.json"
+        argv = ["eval", "--data", "tiny-nomasks", "--checkpoint", str(iared_file), "--json", str(out),
+                "--flops-images", "1", "--no-throughput"]
+        assert main(argv + ["--segmentation"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "has no pixel masks" in err[0] and not out.exists()
+        assert main(argv) == 0
+        assert json.loads(out.read_text())["notes"]["img_per_s"] == "not measured (--no-throughput)"
+    finally:
+        DATASETS.pop("tiny-nomasks", None)

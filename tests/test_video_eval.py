@@ -107,5 +107,8 @@ def test_cli_eval_on_video_reports_table3_keys(tmp_path, capsys):
         assert main(["eval", "--data", "cluttered-digits", "--checkpoint", str(ckpt), "--json",
                      str(tmp_path / "x.json")]) == 2
         assert "video" in capsys.readouterr().err
+        # segmentation metrics are for images with masks: one line, exit 2 (was silently ignored)
+        assert main(argv + ["--segmentation"]) == 2
+        assert "--segmentation is for image models" in capsys.readouterr().err
     finally:
         DATASETS.pop("tinyvideo", None)

@@ -284,8 +284,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     model = load_for_eval(cfg.checkpoint, cfg.arch).to(cfg.device)
     base = load_backbone_for_eval(cfg, model)
     if hasattr(model, "num_frames"):  # a video model: the paper's Table 3 protocol
+        if cfg.segmentation:
+            raise UserError("--segmentation is for image models on data with pixel masks, not video")
         return run_video_eval(cfg, model, base, specs, allocator)
     ds = _dataset(cfg, model)
+    if cfg.segmentation and not ds.info.has_masks:  # before the evaluation, not after it
+        raise UserError(f"data {cfg.data!r} has no pixel masks: --segmentation needs a kind with masks "
+                        f"(cluttered-digits, cluttered-fashion)")
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
     flops_images = _first_images(ds, cfg.flops_images).to(cfg.device)
     speed_images = _first_images(ds, cfg.batch_size).to(cfg.device) if cfg.throughput else None
@@ -328,9 +333,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "notes": {
             "gflops_per_img": f"multiply-adds / 1e9 per image, counted one image at a time on the first "
                               f"{int(flops_images.shape[0])} images",
-            "img_per_s": f"median of {cfg.throughput_repeats} timed forwards of one batch of "
-                         f"{0 if speed_images is None else int(speed_images.shape[0])} images, methods timed "
-                         f"round-robin",
+            "img_per_s": "not measured (--no-throughput)" if speed_images is None else
+                         f"median of {cfg.throughput_repeats} timed forwards of one batch of "
+                         f"{int(speed_images.shape[0])} images, methods timed round-robin",
             "keep_ratio": "fraction of patch tokens alive after the last stage; token_ratio: mean over blocks "
                           "of tokens entering the block / all tokens",
         },
@@ -411,8 +416,6 @@ def _relative_to_original(rows: dict[str, dict[str, Any]], flops_key: str, rate_
 
 
 def _segmentation(cfg: EvalConfig, model: nn.Module, base: nn.Module, ds) -> dict[str, Any]:
-    if not ds.info.has_masks:
-        return {"note": f"data {cfg.data!r} has no masks: no segmentation metrics"}
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
     out: dict[str, Any] = {}
     if type(getattr(model, "policy", None)).__name__ == "IARedPolicy":
