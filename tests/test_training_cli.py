@@ -159,3 +159,19 @@ def test_train_backbone_init_from_model_file(tmp_path, backbone, capsys):
     # another patch size does not fit the file: one-line error, exit 2
     assert main(common + ["--out", str(tmp_path / "b"), "--patch-size", "4"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_starting_over_removes_the_earlier_runs_checkpoints(tmp_path, backbone, capfd):
+    # A new run in the folder of an earlier one (no --resume) used to leave that run's checkpoints,
+    # whose higher steps a later --resume took as the newest: it continued the earlier run.
+    out = tmp_path / "ia"
+    assert main(_train_args(backbone, out, "--checkpoint-every", "1", "--limit-batches", "4")) == 0  # more steps
+    assert list((out / "checkpoints").glob("step-*.pt"))
+    capfd.readouterr()
+    assert main(_train_args(backbone, out, "--checkpoint-every", "1", "--seed", "1")) == 0
+    assert "removed, starting over" in capfd.readouterr().err
+    second = read_checkpoint(out / "model.safetensors")
+    assert main(_train_args(backbone, out, "--checkpoint-every", "1", "--seed", "1", "--resume")) == 0
+    assert "is complete: nothing left to train" in capfd.readouterr().err
+    again = read_checkpoint(out / "model.safetensors")
+    assert second.keys() == again.keys() and all(torch.equal(second[k], again[k]) for k in second)

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .checkpointing import ResumeError, load_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpointing import ResumeError, list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistInfo, all_reduce_sum, average_gradients
 
 StepFn = Callable[[nn.Module, dict[str, Any], torch.Generator], dict[str, Any]]
@@ -307,8 +307,19 @@ def run_stages(model: nn.Module, stages: list[Stage], val_data: Optional[Dataset
         set_rng_state(state["rng"])
         pos = dict(state["position"])
         history = state["history"]
-        log(f"resuming at stage {pos['stage'] + 1}/{len(stages)}, epoch {pos['epoch']}, step {pos['step']}")
+        if pos["stage"] >= len(stages):
+            log(f"the run in {options.out} is complete: nothing left to train (outputs written again)")
+        else:
+            log(f"resuming at stage {pos['stage'] + 1}/{len(stages)}, epoch {pos['epoch']}, step {pos['step']}")
     else:
+        stale = list_checkpoints(options.out) if not resume and dist_info.is_main else []
+        if stale:
+            # Starting over: the earlier run's checkpoints go, or a later --resume would pick up
+            # the newest step, theirs, and continue that run instead of this one.
+            log(f"{options.out} held {len(stale)} checkpoint(s) of an earlier run: removed, starting over "
+                f"(--resume continues a run)")
+            for path in stale:
+                path.unlink(missing_ok=True)
         pos = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0}
         history = {"stages": []}
 
