@@ -239,6 +239,20 @@ def test_invalid_settings_are_value_errors():
     assert m.policy is None
 
 
+def test_new_head_for_another_number_of_classes(tmp_path):
+    torch.manual_seed(0)
+    src = create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=1000)
+    torch.save({"model": src.state_dict()}, tmp_path / "in1k.pth")
+    dst = create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=10)
+    with pytest.raises(CheckpointError, match="wrong shape 4: head.weight"):
+        load_pretrained(dst, tmp_path / "in1k.pth")
+    head = {k: v.clone() for k, v in dst.state_dict().items() if k.startswith(("head.", "head_dist."))}
+    load_pretrained(dst, tmp_path / "in1k.pth", new_head=True)
+    theirs, ours = src.state_dict(), dst.state_dict()
+    assert all(torch.equal(ours[k], head[k]) for k in head) and len(head) == 4  # its own, untouched
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k not in head)  # everything else loaded
+
+
 def test_model_file_round_trip(tmp_path):
     torch.manual_seed(0)
     m = iared.patch(create_model("vit_custom", img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=4,

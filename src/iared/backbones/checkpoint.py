@@ -202,11 +202,27 @@ def _short(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
 
 
-def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
-    """Load a timm/DeiT/foreign checkpoint file into `model` (in place) and return it."""
+HEAD_PREFIXES = ("head.", "head_dist.")  # the classifier(s) of our ViTs, timm's names
+
+
+def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True, new_head: bool = False) -> nn.Module:
+    """Load a timm/DeiT/foreign checkpoint file into `model` (in place) and return it.
+
+    Args:
+        model: the backbone to fill.
+        path: the checkpoint (.pth/.pt/.safetensors, plain or wrapped state dict).
+        strict: every key of the model and of the checkpoint must match (shapes always must).
+        new_head: keep the model's own classifier (fine-tuning an ImageNet checkpoint for
+            another number of classes, as timm does when `num_classes` differs): the
+            checkpoint's `head.*` / `head_dist.*` are not loaded.
+    """
     sd = unwrap_state_dict(read_checkpoint(path))
     if "pos_embedding" in sd and any(k.startswith("transformer.layers.") for k in sd):
         sd = convert_lucidrains_vit(sd)
+    if new_head:
+        own = model.state_dict()
+        sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
+        sd.update({k: v for k, v in own.items() if k.startswith(HEAD_PREFIXES)})  # as it is
     load_into(model, sd, strict=strict)
     return model
 
