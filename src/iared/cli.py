@@ -26,14 +26,14 @@ def _device(name: Optional[str]) -> str:
     return name
 
 
-def _check_output_file(path: str, flag: str = "--json") -> None:
-    """Fail before the work, not after it, when `path` cannot be written (UserError)."""
+def _check_output_file(path: str) -> None:
+    """Fail before the work, not after it, when the --json `path` cannot be written (UserError)."""
     from .fileio import check_writable
 
     try:
         check_writable(path, is_file=True)
     except OSError as e:
-        raise UserError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot write --json {path}: {e.strerror or e}") from None
 
 
 def _positive_int(text: str) -> int:

@@ -342,7 +342,8 @@ class ATSPolicy(TokenPolicy):
             rho = 1.0
         if K is None and not 0 < rho <= 1:
             raise ValueError(f"rho must be in (0, 1], got {rho}")
-        if K is not None and min(K if isinstance(K, list) else [K]) < 1 or min_k < 1:
+        budgets = [] if K is None else K if isinstance(K, list) else [K]
+        if any(k < 1 for k in budgets) or min_k < 1:
             raise ValueError(f"K and min_k must be at least 1, got K={K}, min_k={min_k}")
         if score not in ("cls", "selfattn") or select not in ("sample", "topk"):
             raise ValueError(f"unknown ATS variant score={score!r} select={select!r}")
