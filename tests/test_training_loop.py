@@ -50,6 +50,17 @@ def test_checkpoints_atomic_keep_two_weights_only(tmp_path):
     assert torch.equal(load_latest(tmp_path)["model"]["w"], torch.full((2,), 15.0))
 
 
+def test_failed_or_killed_write_leaves_no_temporary_file(tmp_path):
+    save_checkpoint({"x": torch.ones(3)}, tmp_path, 1)
+    d = tmp_path / "checkpoints"
+    with pytest.raises(Exception):
+        save_checkpoint({"x": lambda: 0}, tmp_path, 2)          # torch.save cannot pickle a lambda
+    assert sorted(p.name for p in d.iterdir()) == ["step-00000001.pt"]
+    (d / ".step-00000002.pt.999999.tmp").write_bytes(b"half")   # what a SIGKILL mid-write leaves
+    save_checkpoint({"x": torch.ones(3)}, tmp_path, 3)
+    assert sorted(p.name for p in d.iterdir()) == ["step-00000001.pt", "step-00000003.pt"]
+
+
 def test_damaged_checkpoint_clear_error_previous_kept(tmp_path):
     save_checkpoint({"x": torch.ones(3)}, tmp_path, 1)
     save_checkpoint({"x": torch.ones(1000)}, tmp_path, 2)

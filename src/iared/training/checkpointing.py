@@ -62,14 +62,21 @@ def save_checkpoint(state: dict[str, Any], out: os.PathLike | str, step: int) ->
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step-{step:08d}.pt"
     tmp = d / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # a full disk or an unpicklable state leaves nothing behind
+        raise
     _fsync_dir(d)
     for old in list_checkpoints(out)[:-KEEP_LAST]:
         old.unlink(missing_ok=True)
+    # Temporary files of a run killed while writing (one writer per folder: rank 0).
+    for stale in d.glob(".step-*.pt.*.tmp"):
+        stale.unlink(missing_ok=True)
     return path
 
 
