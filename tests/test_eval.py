@@ -129,6 +129,25 @@ def test_eval_threshold_knob_and_segmentation(tiny_data, iared_file, tmp_path):
     assert 0 <= res["segmentation"]["rollout"]["mIoU"] <= 100
 
 
+def test_eval_method_budgets_out_of_range_are_one_line(tiny_data, iared_file, tmp_path, capsys, monkeypatch):
+    """`iared@T` takes what `--threshold` takes, [0, 1]; every budget is checked before any
+    method is evaluated (a bad last method used to fail after the others had run)."""
+    import iared.evaluation.run as run_module
+
+    evaluated = []
+    monkeypatch.setattr(run_module, "evaluate", lambda m, *a, **k: evaluated.append(m) or {})
+    for method, says in (("iared@2", "threshold must be in [0, 1], got 2"),
+                         ("iared@-0.5", "threshold must be in [0, 1], got -0.5"),
+                         ("random@1.5", "keep_ratio must be in (0, 1], got 1.5"),
+                         ("ats@0", "rho must be in (0, 1], got 0")):
+        argv = ["eval", "--data", "tiny", "--checkpoint", str(iared_file), "--methods", f"original,{method}",
+                "--json", str(tmp_path / "e.json"), "--no-throughput", "--limit-batches", "1"]
+        assert main(argv) == 2, method
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1, err
+    assert evaluated == [] and not (tmp_path / "e.json").exists()
+
+
 def test_eval_backbone_runs_original_and_baselines(tiny_data, iared_file, tmp_path, capsys):
     """--backbone: "original", the baselines and their heatmaps use it; "iared" its own blocks."""
     other = tiny_model()

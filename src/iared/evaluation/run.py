@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -175,12 +175,15 @@ def build_method(model: nn.Module, spec: MethodSpec, seed: int = 0, threshold: O
         if type(getattr(model, "policy", None)).__name__ != "IARedPolicy":
             raise UserError("method 'iared' needs an IA-RED² checkpoint (written by iared train)")
         m = copy.deepcopy(model)
-        t = spec.settings.get("threshold", threshold)
-        if t is not None:
-            m.policy.threshold = t
         unknown = set(spec.settings) - {"threshold"}
         if unknown:
             raise UserError(f"method 'iared' takes only a threshold, got {', '.join(sorted(unknown))}")
+        t = spec.settings.get("threshold", threshold)
+        if t is not None:
+            # Scores are in (0, 1): 0 keeps every token, 1 none; beyond that a value says nothing more.
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+                raise UserError(f"method {spec.label!r}: threshold must be in [0, 1], got {t}")
+            m.policy.threshold = float(t)
         return m
     m = copy.deepcopy(model)
     if getattr(m, "policy", None) is not None:
@@ -297,8 +300,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     timed: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-    for spec in specs:
-        m = _method_model(cfg, model, base, spec)
+    for spec, m in _method_models(cfg, model, base, specs):
         policy = getattr(m, "policy", None)
         stats = evaluate(m, loader, cfg.device, cfg.limit_batches, progress=cfg.progress, desc=spec.label)
         entry: dict[str, Any] = {
@@ -364,8 +366,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     limit = None if cfg.limit_batches is None else cfg.limit_batches * cfg.batch_size
     rows: dict[str, Any] = {}
     timed: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-    for spec in specs:
-        m = _method_model(cfg, model, base, spec)
+    for spec, m in _method_models(cfg, model, base, specs):
         policy = getattr(m, "policy", None)
         mode = "greedy" if spec.name == "iared" else None
         row = evaluate_video(m, ds, batch_size=cfg.batch_size, mode=mode, limit=limit, device=cfg.device,
@@ -393,6 +394,16 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     if cfg.json_path:
         write_json_atomic(out, cfg.json_path)
     return out
+
+
+def _method_models(cfg: EvalConfig, model: nn.Module, base: nn.Module,
+                   specs: Sequence[MethodSpec]) -> Iterator[tuple[MethodSpec, nn.Module]]:
+    """(spec, model) of every method, each set up before any is evaluated: a budget out of
+    range fails in seconds, not after the methods before it have run over the whole split."""
+    models = [_method_model(cfg, model, base, spec) for spec in specs]
+    for i, spec in enumerate(specs):
+        m, models[i] = models[i], None  # the caller keeps it only if it times it
+        yield spec, m
 
 
 def _method_model(cfg: EvalConfig, model: nn.Module, base: nn.Module, spec: MethodSpec) -> nn.Module:
