@@ -107,3 +107,17 @@ def test_numbers_out_of_range_are_usage_errors(argv, flag, capsys):
     err = capsys.readouterr().err
     assert f"argument {flag}: expected a number in" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1  # one line, as every user error (no usage text)
+
+
+def test_readme_data_table_names_every_data_kind():
+    """The README's DATA table documents each registered kind, and nothing that is not one."""
+    import re
+    from pathlib import Path
+
+    from iared.data import DATASETS
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    table = readme.read_text(encoding="utf-8").split("`DATA` is `KIND[:PATH]`:")[1].split("\n\n")[1]
+    first_cells = [row.split("|")[1] for row in table.splitlines()[2:]]
+    documented = {kind for cell in first_cells for kind in re.findall(r"`([a-z0-9-]+)[\[:`]", cell)}
+    assert documented == set(DATASETS)
