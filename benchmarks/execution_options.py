@@ -14,7 +14,8 @@ Options (all give the same logits as mask mode, checked before timing):
                  `VisionTransformer.forward_tokens` does); attention on one padded
                  (B, L_max) copy of q/k/v with a key mask
   packed-2       as packed-1, attention in 2 buckets of images of similar length
-  packed         as packed-1, attention in up to 4 buckets (the default)
+  packed-N       as packed-1, attention in up to N buckets
+  packed         as packed-1, buckets as `length_buckets` sizes them (the default)
   nested         as packed-1, attention through jagged nested tensors (torch.nested)
 
 Every option runs with the same linear-layer kernels (--kernels, oneDNN by default).
@@ -98,8 +99,8 @@ def run_option(name: str, model, x):
             vit.Block.forward_packed = _padded_block
         elif name == "per-block":
             vit._runs_packed = lambda blk, tokens: False
-        elif name in ("packed-1", "packed-2"):
-            vit.PackedLayout = functools.partial(saved[2], max_buckets=int(name[-1]))
+        elif name.startswith("packed-"):
+            vit.PackedLayout = functools.partial(saved[2], max_buckets=int(name.split("-")[1]))
         elif name == "nested":
             vit.Attention.forward_packed = _nested_attention
         return model(x)

@@ -7,6 +7,8 @@ the mask-mode logits, and each image run alone must equal its row of the batch.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -110,6 +112,24 @@ def test_length_buckets_cover_every_image_once():
     # equal lengths: one call over the whole batch, in batch order
     assert length_buckets(torch.ones(4, 6, dtype=torch.bool)) == (None, [(0, 4, 6)])
     assert packed_index(valid[:2]).tolist() == list(range(20)) + [20]
+
+
+def test_length_buckets_leave_each_call_enough_work():
+    """One image per call where an image's attention is large, fewer, fuller calls where it
+    is small, and never more than MAX_BUCKETS calls."""
+    from iared.reduction.functional import MAX_BUCKETS, MIN_BUCKET_MACS
+
+    counts = torch.arange(64) % 40 + 30                                  # 30..69 tokens
+    valid = torch.arange(70)[None] < counts[:, None]
+    per_image = 2 * 64 * float((counts.double() ** 2).mean())            # width 64: ~0.5M multiply-adds
+    _, small = length_buckets(valid, width=64)
+    assert len(small) == 64 // math.ceil(MIN_BUCKET_MACS / per_image) < MAX_BUCKETS
+    _, wide = length_buckets(valid, width=768)                          # a DeiT-B image is work enough
+    _, unsized = length_buckets(valid)
+    assert len(wide) == len(unsized) == MAX_BUCKETS
+    spread = valid[[0, 15, 30, 39]]                                      # 30, 45, 60, 69 tokens
+    assert len(length_buckets(spread, width=768)[1]) == 4                # never more calls than images
+    assert length_buckets(spread, width=8) == (None, [(0, 4, 69)])       # too little work: one call
 
 
 def test_packed_layout_places_every_valid_token_once():

@@ -157,7 +157,7 @@ class Block(nn.Module):
 
     def forward_packed(self, tokens: Tokens) -> Tokens:
         """`forward` on the valid tokens only, gathered into one (T, D) sequence."""
-        layout = PackedLayout(tokens.valid)
+        layout = PackedLayout(tokens.valid, tokens.x.shape[-1])
         return tokens.with_x(layout.unpack(self.forward_packed_tokens(layout.pack(tokens.x), layout), tokens.x))
 
     def forward_packed_tokens(self, h: Tensor, layout: PackedLayout) -> Tensor:
@@ -381,7 +381,7 @@ class VisionTransformer(nn.Module):
             if _runs_packed(blk, tokens):
                 if h is None:
                     if layout is None or not layout.matches(tokens.valid):
-                        layout = PackedLayout(tokens.valid)
+                        layout = PackedLayout(tokens.valid, tokens.x.shape[-1])
                     h = layout.pack(tokens.x)
                 h = blk.forward_packed_tokens(h, layout)
                 continue

@@ -25,6 +25,7 @@ dropped tokens are present-but-masked or absent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
@@ -210,13 +211,36 @@ def to_grid(values: Tensor, tokens: Tokens, grid_size: int, fill: float = 0.0) -
 #   packed, torch.nested SDPA              28.3     0.82      0.55 (CPU fallback)
 #
 # Keeping a group packed across its blocks instead of gathering and scattering in every
-# block gained 1.6 % (1 thread, process CPU time: 26.8 against 26.4 img/s). The CPU SDPA
-# kernel has no fixed cost per call worth the name (0.22 ms per image of 120 tokens for
-# calls of 1 to 8 images), so 4 buckets cost nothing over 2 and waste far less padding
-# (attention over the padded layout was 17 %, 37 % and 49 % above the per-image cost in
-# the three groups of an IA-RED² forward with 2 buckets).
+# block gained 1.6 % (1 thread, process CPU time: 26.8 against 26.4 img/s). For a DeiT the
+# CPU SDPA kernel's fixed cost per call is small against an image's attention (0.22 ms
+# per image of 120 tokens for calls of 1 to 8 images), so 4 buckets cost nothing over 2
+# and waste far less padding (attention over the padded layout was 17 %, 37 % and 49 %
+# above the per-image cost in the three groups of an IA-RED² forward with 2 buckets); how
+# many buckets a batch gets is set below (`MIN_BUCKET_MACS`).
 #
 # All options give the mask-mode logits to within 3e-6.
+
+
+# How many buckets. Each attention call has a fixed cost (its q/k/v scatter, the SDPA
+# call, the gather back: ~25 us hot, more between the GEMMs of a forward), so one image
+# per call is worth it only where an image brings enough attention work. Measured with
+# 2 threads, speedup of the reduced model over the unreduced one:
+#
+#   DeiT-B 384, B = 32 (`execution_options.py`, 4 rounds)   4 buckets 1.46, 16 (this rule) 1.52
+#                                          (another run, 2 rounds)   4: 1.44, 8: 1.54, 16: 1.52
+#   DeiT-S, B = 64                     4 / 8 / 16 / 32 buckets: 0.96 / 0.97 / 0.95 / 0.96 of the limit
+#   DeiT-S, B = 8                      2 / 4 / 8: 0.92 of the limit each
+#   DeiT-S, B = 4                      1 / 2 / 4: 0.86 / 0.89 / 0.91 of the limit
+#   width 64 (4 heads of 16; the cluttered-fashion model of benchmarks/results, its own
+#   IA-RED² keeps), B = 16: 4 buckets of 4 images 1.18-1.24, 16 of one image 1.10-1.14
+#   (three runs); B = 64: 4 buckets 1.43, 16 buckets 1.41, this rule (12 then 6) 1.44,
+#   medians of 8 interleaved rounds, spread +-0.08.
+#
+# So: one image per call where an image's attention is large (a DeiT: ~9M multiply-adds
+# at 110 tokens), about four where it is small (width 64 at 70 tokens: 0.6M), at most 16
+# calls.
+MAX_BUCKETS = 16
+MIN_BUCKET_MACS = 2.5e6
 
 
 def packed_index(valid: Tensor) -> Tensor:
@@ -256,14 +280,21 @@ class PackedLayout:
     sequence: its q/k/v are scattered from, and its attention output gathered into, a
     slice (no concatenation, no padded output buffer).
 
+    Args:
+        valid: (B, L) bool, the valid tokens.
+        width: the tokens' width (the attention's heads x head width), which sizes the
+            buckets (see `length_buckets`); None: as for a wide model.
+        max_buckets, slack: see `length_buckets`.
+
     Attributes:
         valid: the (B, L) bool tensor the layout was built for (compared by identity).
         index: (T,) flat (B * L) position of each packed token.
         buckets: one `Bucket` per attention call.
     """
 
-    def __init__(self, valid: Tensor, max_buckets: int = 4, slack: float = 1.15):
-        order, ranges = length_buckets(valid, max_buckets, slack)
+    def __init__(self, valid: Tensor, width: Optional[int] = None, max_buckets: int = MAX_BUCKETS,
+                 slack: float = 1.15):
+        order, ranges = length_buckets(valid, width, max_buckets, slack)
         B, L = valid.shape
         device = valid.device
         images = order if order is not None else torch.arange(B, device=device)
@@ -317,18 +348,23 @@ class PackedLayout:
 Buckets = tuple[Optional[Tensor], list[tuple[int, int, int]]]
 
 
-def length_buckets(valid: Tensor, max_buckets: int = 4, slack: float = 1.15) -> Buckets:
+def length_buckets(valid: Tensor, width: Optional[int] = None, max_buckets: int = MAX_BUCKETS,
+                   slack: float = 1.15) -> Buckets:
     """Group images of similar length so attention pads each group to its own longest.
 
-    Attention per bucket costs about n_images · L_bucket²; one call over the whole batch
-    costs B · L_max². Images are sorted by extent (last valid slot + 1, which equals the
-    count for compacted tokens) and cut into at most `max_buckets` groups of equal image
-    count: a bounded Python loop over buckets, never over images (see the measurements
-    above). In sorted order every bucket is a contiguous slice of the batch, which
-    `PackedLayout` turns into a contiguous range of the packed tokens.
+    Attention per bucket costs about n_images · L_bucket², plus a fixed cost per call; one
+    call over the whole batch costs B · L_max². Images are sorted by extent (last valid
+    slot + 1, which equals the count for compacted tokens) and cut into groups of equal
+    image count, as many as leave each call at least `MIN_BUCKET_MACS` of attention work
+    (one image each for a DeiT, about four for a width-64 model), at most `max_buckets`:
+    a bounded Python loop over buckets, never over images. In sorted order every bucket
+    is a contiguous slice of the batch, which `PackedLayout` turns into a contiguous
+    range of the packed tokens.
 
     Args:
         valid: (B, L) bool, valid tokens (prefix included).
+        width: the tokens' width, for the attention work per image (2 · width · L²
+            multiply-adds); None counts every image as enough work for a call of its own.
         max_buckets: upper bound on the number of attention calls.
         slack: one bucket is used when padding to the batch's longest costs at most this
             factor over the sum of per-image attention costs.
@@ -342,10 +378,14 @@ def length_buckets(valid: Tensor, max_buckets: int = 4, slack: float = 1.15) -> 
     slot = torch.arange(1, L + 1, device=valid.device)
     extent = (valid * slot).amax(dim=1)                                   # (B,)
     e_max = int(extent.max())
-    if B == 1 or B * e_max ** 2 <= slack * float((extent.double() ** 2).sum()):
+    squares = float((extent.double() ** 2).sum())
+    if B == 1 or B * e_max ** 2 <= slack * squares:
+        return None, [(0, B, e_max)]
+    per_call = 1 if width is None else math.ceil(MIN_BUCKET_MACS * B / (2 * width * squares))
+    n = max(1, min(max_buckets, B // per_call))
+    if n == 1:
         return None, [(0, B, e_max)]
     extent, order = torch.sort(extent, descending=True)
-    n = min(B, max_buckets)
     starts = [B * i // n for i in range(n + 1)]
     lengths = extent[starts[:-1]].tolist()
     return order, [(starts[i], starts[i + 1], int(lengths[i])) for i in range(n)]
