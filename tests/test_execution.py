@@ -62,16 +62,30 @@ def uneven_keeps(B: int, G: int, blocks: list[int], seed: int = 0) -> dict[int, 
     return out
 
 
+@pytest.mark.parametrize("buckets", ["sized", "one image each"])
 @pytest.mark.parametrize("policy", [FixedKeep, FixedKeepRuns])
 @pytest.mark.parametrize("blocks,distilled", [([0], False), ([0, 2, 4], False), ([1, 3], True), ([5], False)])
-def test_packed_equals_masked_reference(blocks, distilled, policy):
+def test_packed_equals_masked_reference(blocks, distilled, policy, buckets, monkeypatch):
+    import iared.reduction.functional as functional
+
     model = tiny_model(distilled=distilled)
     B = 6
     model.policy = policy(uneven_keeps(B, model.grid_size, blocks))
     x = torch.randn(B, 3, 32, 32)
+    layouts = []
+
+    class Recorded(PackedLayout):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            layouts.append(len(self.buckets))
+
+    monkeypatch.setattr(vit, "PackedLayout", Recorded)
+    if buckets == "one image each":  # the tiny model's attention would go in one call
+        monkeypatch.setattr(functional, "MIN_BUCKET_MACS", 0.0)
     with torch.no_grad():
         ref, info_ref = model(x, execution="mask", return_info=True)
         out, info = model(x, execution="compact", return_info=True)
+    assert layouts and (max(layouts) == B if buckets == "one image each" else max(layouts) == 1)
     counts = info.block_tokens[:, -1]
     assert len(set(counts.tolist())) > 2 and int(counts[1]) == model.num_prefix_tokens  # the case we mean
     assert torch.equal(info.block_tokens, info_ref.block_tokens)
