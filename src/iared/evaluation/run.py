@@ -398,12 +398,13 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
 
 def _method_models(cfg: EvalConfig, model: nn.Module, base: nn.Module,
                    specs: Sequence[MethodSpec]) -> Iterator[tuple[MethodSpec, nn.Module]]:
-    """(spec, model) of every method, each set up before any is evaluated: a budget out of
-    range fails in seconds, not after the methods before it have run over the whole split."""
-    models = [_method_model(cfg, model, base, spec) for spec in specs]
-    for i, spec in enumerate(specs):
-        m, models[i] = models[i], None  # the caller keeps it only if it times it
-        yield spec, m
+    """(spec, model) of every method, one at a time. Each is set up once beforehand and
+    dropped, so a budget out of range fails in seconds, not after the methods before it
+    have run over the whole split, while only one extra copy of the model is ever held."""
+    for spec in specs:
+        _method_model(cfg, model, base, spec)
+    for spec in specs:
+        yield spec, _method_model(cfg, model, base, spec)
 
 
 def _method_model(cfg: EvalConfig, model: nn.Module, base: nn.Module, spec: MethodSpec) -> nn.Module:
