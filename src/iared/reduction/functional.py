@@ -379,10 +379,10 @@ def length_buckets(valid: Tensor, width: Optional[int] = None, max_buckets: int 
     extent = (valid * slot).amax(dim=1)                                   # (B,)
     e_max = int(extent.max())
     squares = float((extent.double() ** 2).sum())
-    if B == 1 or B * e_max ** 2 <= slack * squares:
-        return None, [(0, B, e_max)]
-    per_call = 1 if width is None else max(1, math.ceil(MIN_BUCKET_MACS * B / (2 * width * squares)))
-    n = max(1, min(max_buckets, B // per_call))
+    n = 1
+    if B > 1 and B * e_max ** 2 > slack * squares:  # padding to the longest would cost too much
+        per_call = 1 if width is None else max(1, math.ceil(MIN_BUCKET_MACS * B / (2 * width * squares)))
+        n = max(1, min(max_buckets, B // per_call))
     if n == 1:
         return None, [(0, B, e_max)]
     extent, order = torch.sort(extent, descending=True)
