@@ -2,8 +2,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build of torch is installed first and pinned: an unpinned `torch` would pull CUDA packages.
-TORCH := torch==2.13.0
+# torch and torchvision are installed first and pinned: pip takes these two from the machine's disk,
+# where an unpinned `torch` would download several GB (timm needs torchvision).
+TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test install clean
 
@@ -13,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/python -c "import iared, torch; assert torch.__version__.startswith('2.13.0')"
+	$(BIN)/python -c "import iared, torch; assert torch.__version__.startswith('2.14.1')"
 	touch $@
 
 install: $(VENV)/.installed
