@@ -12,6 +12,12 @@ every input it runs the model once (greedy interpreters, as at inference) and wr
   tokens dropped by an earlier group score 0), the grid shape, the kept masks and kept
   ratios per group, and the predicted class (name, index, probability) with the top 5.
 
+A ToMe model file (policy "tome") has no scores; it is interpreted by its merges instead:
+`panel.png` shows the input, each patch in the mean colour of the merged token covering it
+after the last block (token borders drawn), and the patches whose own token is still
+there; `scores.json` has `"scores": null`, a kept mask per block, and `"merged_into"`, the
+grid cell of the token covering each cell after the last block.
+
 `OUTDIR/summary.json` lists every input with its output folder, or the error it gave.
 
 Inputs are decoded by `data.images.load_image` (any size, aspect ratio, grayscale, RGBA,
@@ -39,7 +45,7 @@ from .backbones.checkpoint import CheckpointError
 from .data.base import normalize
 from .data.images import load_image, resize_center_crop, to_tensor
 from .errors import UserError
-from .evaluation.figures import atomic_write_bytes, figure_png, heatmap_panel, keep_ratio, video_strip
+from .evaluation.figures import atomic_write_bytes, figure_png, heatmap_panel, keep_ratio, merge_panel, video_strip
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 # Models whose input side is at least this are taken as photo models (ImageNet-like):
@@ -126,7 +132,8 @@ def data_config(meta: dict[str, Any], model: nn.Module) -> InputConfig:
 
 
 def load_interpreter(checkpoint: str, device: str = "cpu") -> tuple[nn.Module, InputConfig]:
-    """Load an IA-RED² model file and check it has interpreters that score tokens.
+    """Load an IA-RED² model file and check it has interpreters that score tokens (or ToMe,
+    which is then set to trace its merges).
 
     Raises:
         UserError: missing/truncated/unsafe file, no iared metadata, metadata that does
@@ -146,7 +153,9 @@ def load_interpreter(checkpoint: str, device: str = "cpu") -> tuple[nn.Module, I
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot build the model of {checkpoint}: {first}") from None
     policy = model.model_meta.get("policy") or {}
-    if policy.get("name") != "iared":
+    if policy.get("name") == "tome":
+        model.policy.trace_source = True  # the merges are what there is to show
+    elif policy.get("name") != "iared":
         raise UserError(f"{checkpoint} has no IA-RED² interpreters (policy: {policy.get('name')}); "
                         "train one with `iared train`")
     cfg = data_config(model.model_meta, model)
@@ -214,15 +223,18 @@ def run_interpreters(model: nn.Module, x: Tensor) -> dict[str, Any]:
 
     Returns:
         dict with "scores" and "keep" (lists over groups of (G,) float / bool tensors),
-        "probs" (num_classes,).
+        "probs" (num_classes,); for a merging policy (ToMe) "scores" is None and "owner"
+        (G,) gives the cell of the token covering each cell after the last block.
     """
     device = next(model.parameters()).device
     logits, info = model(x.unsqueeze(0).to(device), return_info=True)
+    out = {"keep": [s.keep[0].cpu() for s in info.stages], "probs": logits[0].float().softmax(-1).cpu()}
     scores = [s.scores for s in info.stages]
-    if not scores or any(s is None for s in scores):
-        raise UserError("the checkpoint's policy records no informative scores")
-    return {"scores": [s[0].float().cpu() for s in scores], "keep": [s.keep[0].cpu() for s in info.stages],
-            "probs": logits[0].float().softmax(-1).cpu()}
+    if scores and all(s is not None for s in scores):
+        return {**out, "scores": [s[0].float().cpu() for s in scores]}
+    if scores and "owner" in info.stages[-1].extras:
+        return {**out, "scores": None, "owner": info.stages[-1].extras["owner"][0].cpu()}
+    raise UserError("the checkpoint's policy records no informative scores")
 
 
 def prediction(probs: Tensor, class_names: Sequence[str], k: int = 5) -> dict[str, Any]:
@@ -264,13 +276,15 @@ def scores_record(out: dict[str, Any], grid_shape: Sequence[int], pred: dict[str
         "kind": "video" if len(grid_shape) == 3 else "image",
         "grid_shape": list(grid_shape),
         "grid_order": order or "row-major (row * w + col)",
-        "groups": len(out["scores"]),
-        "scores": [np.round(shaped(s).numpy().astype(np.float64), 6).tolist() for s in out["scores"]],
+        "groups": len(out["keep"]),
+        "scores": None if out["scores"] is None else
+                  [np.round(shaped(s).numpy().astype(np.float64), 6).tolist() for s in out["scores"]],
         "keep": [shaped(k.to(torch.int64)).tolist() for k in out["keep"]],
         "keep_ratio_per_group": [keep_ratio(k) for k in out["keep"]],
         "keep_ratio": keep_ratio(out["keep"][-1]) if out["keep"] else 1.0,
         "prediction": {k: v for k, v in pred.items() if k != "top5"},
         "top5": pred["top5"],
+        **({"merged_into": shaped(out["owner"]).tolist()} if "owner" in out else {}),
     }
 
 
@@ -322,9 +336,14 @@ def interpret_one(model: nn.Module, cfg: InputConfig, source: str, out_dir: Path
         h, w = model.patch_embed.grid_size
         grid_shape, order = (h, w), None
     out = run_interpreters(model, x)
+    if is_video and out["scores"] is None:
+        raise UserError("merge panels (ToMe) are drawn for image models only")
     pred = prediction(out["probs"], cfg.class_names)
     record = scores_record(out, grid_shape, pred, source, checkpoint, order)
-    if is_video:
+    if "owner" in out:
+        fig = merge_panel(shown, out["owner"], out["keep"][-1], (h, w), len(out["keep"]), title=_title(source, pred))
+        fig_name = "panel.png"
+    elif is_video:
         fig = video_strip(shown, out["scores"], out["keep"], cfg.num_frames, (h, w), title=_title(source, pred),
                           cmap=options.cmap, alpha=options.alpha)
         fig_name = "frames.png"

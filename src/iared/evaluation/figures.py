@@ -161,6 +161,36 @@ def kept_patches(image: np.ndarray, keep: ArrayLike, grid_hw: tuple[int, int],
     return np.where(mask[:, :, None], image, (1.0 - fade) * image + fade * fill).astype(np.float32)
 
 
+def merged_regions(image: np.ndarray, owner: ArrayLike, grid_hw: tuple[int, int],
+                   edge: float = 1.0) -> np.ndarray:
+    """The image as merged tokens see it (ToMe's figures): each token's cells in their mean colour.
+
+    Args:
+        image: (H, W, 3) in [0, 1].
+        owner: (G,) for each grid cell, the cell index of the token covering it
+            (`Tokens.owner`, ToMe's records' extras["owner"]).
+        grid_hw: (h, w).
+        edge: the grey level of the borders drawn between different tokens.
+
+    Returns:
+        (H, W, 3) float32.
+    """
+    H, W = image.shape[:2]
+    h, w = grid_hw
+    rows = np.minimum((np.arange(H) * h) // H, h - 1)
+    cols = np.minimum((np.arange(W) * w) // W, w - 1)
+    token = _np(owner).astype(np.int64).reshape(-1)[rows[:, None] * w + cols[None, :]]       # (H, W)
+    count = np.bincount(token.ravel(), minlength=h * w).clip(min=1)
+    mean = np.stack([np.bincount(token.ravel(), image[..., c].ravel(), minlength=h * w) / count
+                     for c in range(3)], axis=-1)                                           # (G, 3)
+    out = mean[token].astype(np.float32)
+    border = np.zeros((H, W), dtype=bool)
+    border[:-1] |= token[:-1] != token[1:]
+    border[:, :-1] |= token[:, :-1] != token[:, 1:]
+    out[border] = edge
+    return out
+
+
 def keep_ratio(keep: ArrayLike) -> float:
     """Fraction of the full grid that is kept."""
     k = _np(keep).astype(bool)
@@ -232,6 +262,34 @@ def heatmap_panel(image: ArrayLike, grid_scores_per_group: Sequence[ArrayLike],
     if D:
         _show(ax, kept_patches(img, keep_masks_per_group[-1], grid_hw), "kept patches")
         corner_text(ax, f"{keep_ratio(keep_masks_per_group[-1]):.2f}")
+    return fig
+
+
+def merge_panel(image: ArrayLike, owner: ArrayLike, keep: ArrayLike, grid_hw: tuple[int, int],
+                stages: int, title: Optional[str] = None, cell: float = 2.2) -> Figure:
+    """One row for a merging policy (ToMe): the image, its merged tokens, the patches kept.
+
+    Args:
+        image: the model's input for display (see `display_image`).
+        owner: (G,) the cell of the token covering each cell after the last block.
+        keep: (G,) bool, cells whose own token is still there after the last block (the
+            destinations and unmerged tokens).
+        grid_hw: (h, w).
+        stages: the number of merging blocks, for the label.
+        title: figure title (e.g. the prediction).
+        cell: inches per panel.
+
+    Returns:
+        The figure.
+    """
+    img = display_image(image)
+    fig, axes = _new_figure(1, 3, cell, title)
+    _show(axes[0, 0], img, "input")
+    tokens = len(np.unique(_np(owner)))
+    _show(axes[0, 1], merged_regions(img, owner, grid_hw), f"tokens after {stages} blocks")
+    corner_text(axes[0, 1], f"{tokens}")
+    _show(axes[0, 2], kept_patches(img, keep, grid_hw), "surviving tokens")
+    corner_text(axes[0, 2], f"{keep_ratio(keep):.2f}")
     return fig
 
 
@@ -352,6 +410,7 @@ def save_figure(fig: Figure, path: Union[str, os.PathLike], dpi: int = 120) -> P
 
 __all__ = [
     "atomic_write_bytes", "corner_text", "denormalize", "display_image", "figure_png", "grid_heatmap",
-    "heatmap_panel", "keep_mask_pixels", "keep_ratio", "kept_patches", "method_grid", "overlay",
+    "heatmap_panel", "keep_mask_pixels", "keep_ratio", "kept_patches", "merge_panel", "merged_regions",
+    "method_grid", "overlay",
     "save_figure", "video_strip",
 ]

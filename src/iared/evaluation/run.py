@@ -10,6 +10,8 @@ draws a trade-off curve:
     ats_single[@RHO]            single-stage ATS (use ats_single@K=48 for a fixed K)
     topk[@RHO], ats_selfattn[@RHO], ats_nocls[@RHO]   the ATS variants, same knob
     random[@R], attention[@R]   drop at the input, keep ratio R (default 0.7)
+    tome[@R]                    ToMe: merge R tokens in every block
+    evit[@RHO]                  EViT: keep rate RHO at blocks 3, 6, 9 (the rest fused into one token)
     tempdiff[@R]                video: keep the patches that changed most since the last frame
 
 `NAME@KEY=VALUE` sets any setting of the policy instead (several joined by `+`, e.g.
@@ -37,7 +39,8 @@ from .throughput import interleaved_throughput, steady_allocator
 
 # The knob `@VALUE` of each method, as a policy setting.
 KNOBS = {"iared": "threshold", "ats": "rho", "ats_single": "rho", "topk": "rho", "ats_selfattn": "rho",
-         "ats_nocls": "rho", "random": "keep_ratio", "attention": "keep_ratio", "tempdiff": "keep_ratio"}
+         "ats_nocls": "rho", "random": "keep_ratio", "attention": "keep_ratio", "tempdiff": "keep_ratio",
+         "tome": "r", "evit": "keep_rate"}
 
 
 @dataclass(frozen=True)

@@ -223,8 +223,9 @@ def _knob(policy: nn.Module) -> Optional[tuple[Any, str]]:
     settings = getattr(policy, "settings", None)
     if settings is not None and hasattr(settings, "rho"):
         return settings, "rho"
-    if hasattr(policy, "keep_ratio"):
-        return policy, "keep_ratio"
+    for attr in ("keep_ratio", "keep_rate", "r"):  # r: ToMe's tokens merged per block
+        if hasattr(policy, attr):
+            return policy, attr
     return None
 
 
@@ -233,12 +234,16 @@ def calibrate_knob(model: nn.Module, images: Tensor, keep_ratio: float, steps: i
                    tol: float = 0.01) -> Optional[float]:
     """Bisect a policy's scalar knob (`rho`, `keep_ratio`) until the keep ratio is near the target.
 
+    ToMe's `r` (tokens merged per block) is an integer that keeps less as it grows: it is
+    bisected over 0..grid_size // 2 (past that every block merges all it may) and set to
+    the value whose keep ratio is closest to the target.
+
     Args:
         model: a backbone with a policy attached (eval mode).
         images: the calibration batch.
         keep_ratio: target mean fraction of patch tokens entering a block.
-        steps: at most this many forwards.
-        tol: stop when the keep ratio is within `tol` of the target.
+        steps: at most this many forwards (for `r`: about log2(grid_size) of them).
+        tol: stop when the keep ratio is within `tol` of the target (a float knob).
 
     Returns:
         The knob value set on the policy, or None when the policy has no knob.
@@ -247,16 +252,30 @@ def calibrate_knob(model: nn.Module, images: Tensor, keep_ratio: float, steps: i
     if knob is None:
         return None
     obj, attr = knob
-    lo, hi, value = 0.0, 1.0, keep_ratio  # every knob keeps more as it grows, up to 1
-    best = (math.inf, value)
     P = model.num_prefix_tokens
-    for _ in range(steps):
+
+    def keeps(value: Any) -> float:
         setattr(obj, attr, value)
         reset = getattr(model.policy, "reset", None)
         if callable(reset):
             reset()
         _, info = model(images, return_info=True, execution="compact")
-        got = float(mean_keep(info, P).mean())
+        return float(mean_keep(info, P).mean())
+
+    if attr == "r":
+        # Integer bisection: the two values around the target are both tried (log2(G) forwards).
+        lo, hi, best = 0, model.grid_size // 2, (math.inf, 0)
+        while lo <= hi:
+            r = (lo + hi) // 2
+            got = keeps(r)
+            best = min(best, (abs(got - keep_ratio), r))
+            lo, hi = (r + 1, hi) if got > keep_ratio else (lo, r - 1)
+        setattr(obj, attr, best[1])
+        return best[1]
+    lo, hi, value = 0.0, 1.0, keep_ratio  # the other knobs keep more as they grow, up to 1
+    best = (math.inf, value)
+    for _ in range(steps):
+        got = keeps(value)
         best = min(best, (abs(got - keep_ratio), value))
         if abs(got - keep_ratio) <= tol:
             break
@@ -283,7 +302,7 @@ def synthetic_images(n: int, img_size: int, seed: int, in_chans: int = 3) -> Ten
 
 # SPEC §2's image methods; `methods=("all",)` adds every other registered policy (the ATS
 # ablations), at the cost of a longer run.
-DEFAULT_METHODS = ("iared", "ats", "topk", "random", "attention")
+DEFAULT_METHODS = ("iared", "ats", "topk", "random", "attention", "tome", "evit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # `iared bench speed --dtype`
 MIN_ROUNDS, MAX_ROUNDS = 5, 1000  # automatic timing rounds of `bench_speed`
 

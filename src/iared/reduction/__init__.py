@@ -5,6 +5,8 @@ Importing this package registers every policy by name (see `policy.register_poli
 
 from . import interpreter  # noqa: F401  (registers "iared")
 from . import video_baselines  # noqa: F401  (registers "tempdiff")
+from . import evit  # noqa: F401  (registers "evit")
+from . import tome  # noqa: F401  (registers "tome")
 from . import ats, baselines  # noqa: F401  (register "ats", "ats_single", "topk", "ats_selfattn", "ats_nocls", "random", "attention")
 from .functional import Tokens, apply_keep, to_grid
 from .interpreter import IARedPolicy, MultiHeadInterpreter, informative_scores, log_keep_drop

@@ -48,6 +48,11 @@ class Tokens:
             tokens; None when every token is valid (the fast case: no masking at all).
         num_prefix: P, the number of prefix tokens, never scored and never dropped.
         execution: how dropping is carried out, see the module docstring.
+        size: (B, P + N) float, how many input tokens each token stands for once tokens
+            are merged (ToMe); None: one each (no merging has happened).
+        owner: (B, G) long, for each cell of the full patch grid the `pos` of the token
+            that now carries its content (merging methods, when asked to trace it); None:
+            not traced. Indexed by grid cell, so dropping tokens never has to move it.
     """
 
     x: Tensor
@@ -55,6 +60,8 @@ class Tokens:
     valid: Optional[Tensor]
     num_prefix: int
     execution: Execution = "compact"
+    size: Optional[Tensor] = None
+    owner: Optional[Tensor] = None
 
     @property
     def patch_valid(self) -> Tensor:
@@ -143,8 +150,9 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
             # Rows of x and positions of pos are taken along dim 1 directly (no flattening
             # views), the positions by the same rows (no masked_select, which counts the
             # mask again and syncs on it).
+            size = None if tokens.size is None else tokens.size.index_select(1, rows)
             return replace(tokens, x=x.index_select(1, rows), pos=tokens.pos.index_select(1, rows[P:] - P),
-                           valid=None)
+                           valid=None, size=size)
     else:
         counts = keep.sum(dim=1)
         k_min, k_max = (int(v) for v in torch.aminmax(counts)) if B else (0, 0)
@@ -159,7 +167,7 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
         rows = _prefix_or_kept_rows(keep, P)                                            # (B * (P + K),)
         new_x = x.reshape(B * L, C).index_select(0, rows).view(B, P + k_max, C)
         pos = tokens.pos.masked_select(keep).view(B, k_max)                           # (B, K)
-        return replace(tokens, x=new_x, pos=pos, valid=None)
+        return replace(tokens, x=new_x, pos=pos, valid=None, size=_take_rows(tokens.size, rows, P + k_max))
     # a stable sort on "not kept" moves kept tokens to the front in their order
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k_max]  # (B, K)
     prefix_rows = torch.arange(P, device=x.device).expand(B, P)
@@ -168,7 +176,15 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     slot_valid = torch.arange(k_max, device=x.device)[None, :] < counts[:, None]       # (B, K)
     pos = tokens.pos.gather(1, order).masked_fill(~slot_valid, -1)
     prefix = torch.ones(B, P, dtype=torch.bool, device=x.device)
-    return replace(tokens, x=new_x, pos=pos, valid=torch.cat([prefix, slot_valid], dim=1))
+    return replace(tokens, x=new_x, pos=pos, valid=torch.cat([prefix, slot_valid], dim=1),
+                   size=_take_rows(tokens.size, rows.reshape(-1), P + k_max))
+
+
+def _take_rows(size: Optional[Tensor], rows: Tensor, length: int) -> Optional[Tensor]:
+    """The per-token sizes (B, L) at the flat (B * L) `rows` that `compact` keeps, as (B, length)."""
+    if size is None:
+        return None
+    return size.reshape(-1).index_select(0, rows).view(size.shape[0], length)
 
 
 def to_grid(values: Tensor, tokens: Tokens, grid_size: int, fill: float = 0.0) -> Tensor:
