@@ -5,6 +5,9 @@
     iared.load_pretrained(model, "deit_small_patch16_224.pth")   # timm/DeiT checkpoints load as-is
     iared.patch(model, policy="iared", groups=3)                 # or "ats", "topk", "random", ...
     logits, info = model(images, return_info=True)               # info.stages[j].scores: heatmaps
+
+    model = iared.patch(timm_or_hf_vit, policy="ats")            # a model you hold: converted (a new object)
+    original = iared.unpatch(model)                              # and given back
 """
 
 from . import reduction  # noqa: F401  (registers the token policies)

@@ -7,6 +7,12 @@ called in front of every block. `iared.unpatch(model)` removes it again.
     model = iared.create_model("deit_small_patch16_224")
     iared.patch(model, policy="iared", groups=3)        # IA-RED² interpreters
     logits, info = model(images, return_info=True)      # info.stages: per-group records
+
+Models users already hold (timm's ViT / DeiT, Hugging Face's ViT) are converted into our
+backbone first (`iared.integrations`), so the call returns a new object for them:
+
+    model = iared.patch(timm.create_model("deit_small_patch16_224"), policy="ats")
+    timm_model = iared.unpatch(model)                   # the original, same parameters
 """
 
 from __future__ import annotations
@@ -15,29 +21,37 @@ from typing import Union
 
 from torch import nn
 
+from .integrations import library_of, to_iared, to_source
 from .reduction.policy import available_policies, build_policy
 
 
 def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -> nn.Module:
-    """Attach `policy` (a registered name or a policy module) to `model`, in place.
+    """Attach `policy` (a registered name or a policy module) to `model`.
 
     Args:
-        model: a backbone of the registry (`iared.create_model`) or a loaded checkpoint.
+        model: a backbone of the registry (`iared.create_model`) or a loaded checkpoint,
+            patched in place; or timm's `VisionTransformer` / `VisionTransformerDistilled`
+            or Hugging Face's `ViTModel` / `ViTForImageClassification`, converted first
+            (see `iared.integrations`; features our backbone lacks raise an error).
         policy: a name from `iared.available_policies()` or a policy module.
         **kwargs: the policy's settings (e.g. ``groups=3`` for "iared", ``rho=0.87`` for "ats").
 
     Returns:
-        The same model object, now with `model.policy` set. A policy attached before is
-        detached first (ATS's blocks become plain blocks again); if the new one cannot be
-        built or attached, the model keeps the old one.
+        For our own models, the same object, now with `model.policy` set. For a timm or
+        Hugging Face model, a NEW iared `VisionTransformer` (use the returned object): timm's
+        parameters are shared with it (training one trains both), Hugging Face's are
+        copied (`iared.unpatch` writes them back). A policy attached before is detached
+        first (ATS's blocks become plain blocks again); if the new one cannot be built or
+        attached, the model keeps the old one.
     """
-    if not hasattr(model, "policy"):
-        raise TypeError(f"{type(model).__name__} has no policy hook; use a backbone from iared.create_model")
     if not isinstance(policy, str) and kwargs:
         raise TypeError("settings are only accepted with a policy name")
+    model = to_iared(model)
+    if not hasattr(model, "policy"):
+        raise TypeError(f"{type(model).__name__} has no policy hook; use a backbone from iared.create_model")
     previous = model.policy
     if previous is not None:
-        unpatch(model)  # policies are built on, and attached to, the plain backbone
+        _detach(model)  # policies are built on, and attached to, the plain backbone
     try:
         if isinstance(policy, str):
             policy = build_policy(policy, model, **kwargs)
@@ -54,12 +68,29 @@ def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Remove the policy attached by `patch`; the backbone computes as before."""
+    """Remove the policy attached by `patch`; the backbone computes as before.
+
+    Args:
+        model: a model returned by `patch`.
+
+    Returns:
+        `model` itself for our own backbones. For a model `patch` converted from timm or
+        Hugging Face, the original model (timm: its parameters are the shared ones;
+        Hugging Face: the current weights written back into it); the converted model,
+        if still held, has no policy any more. A timm / Hugging Face model never
+        converted is returned as it is.
+    """
+    if library_of(model) is not None:
+        return model
+    _detach(model)
+    return to_source(model)
+
+
+def _detach(model: nn.Module) -> None:
     detach = getattr(model.policy, "detach_from", None)
     if callable(detach):
         detach(model)
     model.policy = None
-    return model
 
 
 __all__ = ["patch", "unpatch", "available_policies"]
