@@ -162,3 +162,18 @@ def test_resize_center_crop_and_to_tensor():
     np.testing.assert_array_equal(np.asarray(crop), 255)
     t = to_tensor(Image.fromarray(np.full((2, 3, 3), 255, np.uint8)))
     assert t.shape == (3, 2, 3) and float(t.max()) == 1.0
+
+
+@pytest.mark.parametrize("size", [(227, 227), (500, 375), (333, 640), (249, 248)])
+@pytest.mark.parametrize("crop_pct", [0.875, 0.9, 0.95])
+def test_resize_center_crop_is_timms_eval_transform(size, crop_pct):
+    # The same pixels as timm's eval transform (Resize + CenterCrop, bicubic): a checkpoint's
+    # published accuracy is measured through it.
+    timm_data = pytest.importorskip("timm.data")
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    ours = to_tensor(resize_center_crop(img, (224, 224), crop_pct=crop_pct))
+    theirs = timm_data.create_transform(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=crop_pct,
+                                        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(img)
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    assert (ours - theirs).abs().max().item() == 0.0

@@ -14,6 +14,8 @@ loaders use; they work on PIL images so one resampling filter is used everywhere
 
 from __future__ import annotations
 
+import math
+
 import io
 import os
 import warnings
@@ -165,12 +167,17 @@ def resize_center_crop(img: Image.Image, size: tuple[int, int], crop_pct: float 
     """
     th, tw = size
     w, h = img.size
-    scale_to = max(th, tw) / crop_pct
-    ratio = scale_to / min(w, h)
-    nw, nh = max(tw, round(w * ratio)), max(th, round(h * ratio))
+    # As timm's `transforms_imagenet_eval` (torchvision's Resize): the shorter side becomes
+    # floor(size / crop_pct) (224 / 0.9 -> 248), the longer one int(short * long / shorter).
+    short = math.floor(max(th, tw) / crop_pct)
+    if w <= h:
+        nw, nh = short, int(short * h / w)
+    else:
+        nw, nh = int(short * w / h), short
+    nw, nh = max(tw, nw), max(th, nh)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - tw) // 2, (nh - th) // 2
+    left, top = int(round((nw - tw) / 2.0)), int(round((nh - th) / 2.0))  # as torchvision's CenterCrop
     return img.crop((left, top, left + tw, top + th))
 
 
