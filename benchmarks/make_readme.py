@@ -20,6 +20,7 @@ Markers filled (NAME: source files):
     cluttered_fashion  cluttered_fashion.json  (benchmarks/cluttered_fashion.py)
     cifar10            cifar10.json            (benchmarks/cifar10.py)
     offshelf           offshelf.json
+    imagenet           imagenet_vit_tiny.json  (benchmarks/imagenet.py)
     moving_fashion     moving_fashion.json
     pruning            pruning.json
 """
@@ -72,8 +73,8 @@ def render_speed(results: Path) -> str:
               "paired speedup / FLOPs ratio", "policy cost % of FLOPs", "device/threads/dtype/kernels/allocator"]
     note = ("speedup = median img/s over the original's (SPEC §3); paired = median over timing rounds of the "
             "per-round time ratio (every round times every method once, so both see the same load). "
-            "Policy cost: the reduction module's own GFLOPs (IA-RED²'s interpreters; negative for ATS, which "
-            "drops inside a block) as a share of the backbone's.")
+            "Policy cost: the reduction module's own GFLOPs (IA-RED²'s interpreters; negative for ATS and ToMe, "
+            "which reduce inside a block) as a share of the backbone's.")
     return table(header, rows) + "\n\n" + note + "\n\nMade by:\n" + "\n".join(commands)
 
 
@@ -198,6 +199,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "cluttered_fashion_tau2": lambda results: render_cluttered_fashion(results, "cluttered_fashion_tau2.json"),
     "cifar10": render_trade_off("cifar10.json"),
     "offshelf": render_trade_off("offshelf.json"),
+    "imagenet": render_trade_off("imagenet_vit_tiny.json"),
     "moving_fashion": render_trade_off("moving_fashion.json"),
     "pruning": render_trade_off("pruning.json"),
     "photos": render_trade_off("photos_cifar10.json"),

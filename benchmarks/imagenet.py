@@ -1,0 +1,219 @@
+"""The real ImageNet ViT-Tiny, training-free: ATS, top-K, random, attention, ToMe and EViT.
+
+The model is what a user holds: timm's `vit_tiny_patch16_224` with the augreg ImageNet-1k
+weights of ../shared/models, handed to `iared.patch` (converted into our backbone, weights
+shared). Images are ../shared/data/imagenet_val_subset (650 ImageNet validation photos,
+1000 classes), preprocessed by the model's own `pretrained_cfg` (timm's eval transform:
+bicubic, crop_pct 0.9, mean = std = 0.5), so "original" is timm's published subset
+accuracy. For every method and budget: top-1 / top-5 with their standard error, GFLOPs
+per image (counted one image at a time), keep ratio, and measured img/s at batch 64 and
+batch 1 (every method timed round-robin on the same images, oneDNN linears).
+
+    .venv/bin/python benchmarks/imagenet.py [--limit N] [--shared ../shared]
+
+Writes benchmarks/results/imagenet_vit_tiny.json and imagenet_vit_tiny_tradeoff.png.
+IA-RED² itself needs interpreters trained on this model (Algorithm 1); it is not among
+these rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import iared  # noqa: E402
+from iared.data import imagefolder  # noqa: E402
+from iared.evaluation.accuracy import evaluate  # noqa: E402
+from iared.evaluation.flops import count_flops  # noqa: E402
+from iared.evaluation.run import MethodSpec, build_method, write_json_atomic  # noqa: E402
+from iared.evaluation.throughput import interleaved_throughput, resolve_kernels, steady_allocator  # noqa: E402
+
+ARCH = "vit_tiny_patch16_224"
+CHECKPOINT = "models/vit_tiny_patch16_224_augreg_in1k.safetensors"
+DATA = "data/imagenet_val_subset"
+
+# Budgets: each family's knob over the range where the others' GFLOPs fall (0.6-1.1 of 1.25).
+# ATS and top-K apply rho at each of their 9 stages (K = rho * tokens entering), so their
+# keep ratio compounds (0.9 ** 9 = 0.39): their rhos sit close to 1.
+METHODS = (
+    [MethodSpec("original", "original")]
+    + [MethodSpec(f"ats@{r}", "ats", {"rho": r}) for r in (1.0, 0.95, 0.9, 0.8)]
+    + [MethodSpec(f"topk@{r}", "topk", {"rho": r}) for r in (0.97, 0.93, 0.9, 0.8)]
+    + [MethodSpec(f"random@{k}", "random", {"keep_ratio": k}) for k in (0.9, 0.7, 0.5)]
+    + [MethodSpec(f"attention@{k}", "attention", {"keep_ratio": k}) for k in (0.9, 0.7, 0.5)]
+    + [MethodSpec(f"tome@{r}", "tome", {"r": r}) for r in (4, 8, 12, 16)]
+    + [MethodSpec(f"evit@{k}", "evit", {"keep_rate": k}) for k in (0.9, 0.7, 0.5)]
+)
+
+
+def family(label: str) -> str:
+    return label.split("@")[0]
+
+
+def load_model(shared: Path) -> torch.nn.Module:
+    """timm's model with the real weights, converted into our backbone (weights shared), no policy."""
+    import timm
+    from safetensors.torch import load_file
+
+    from iared.integrations.timm import from_timm
+
+    timm_model = timm.create_model(ARCH, pretrained=False)
+    timm_model.load_state_dict(load_file(shared / CHECKPOINT))
+    return from_timm(timm_model)  # what `iared.patch(timm_model, ...)` does first; rows attach their policy
+
+
+def load_images(shared: Path, cfg: dict, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every photo decoded once through the model's eval transform: (n, 3, H, W), (n,)."""
+    size = cfg["input_size"][-1]
+    ds = imagefolder(str(shared / DATA), "test", img_size=size, crop_pct=cfg["crop_pct"],
+                     mean=cfg["mean"], std=cfg["std"])
+    n = len(ds) if limit is None else min(limit, len(ds))
+    items = [ds[i] for i in range(n)]
+    return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
+
+
+def standard_error(pct: float, n: int) -> float:
+    """Binomial standard error of an accuracy in percent over n images."""
+    p = pct / 100.0
+    return 100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def run(args: argparse.Namespace) -> dict:
+    shared = Path(args.shared).resolve()
+    model = load_model(shared)
+    cfg = model.pretrained_cfg
+    t0 = time.time()
+    images, labels = load_images(shared, cfg, args.limit)
+    n = int(labels.shape[0])
+    print(f"loaded {n} photos in {time.time() - t0:.1f}s ({cfg['interpolation']}, crop_pct {cfg['crop_pct']})",
+          flush=True)
+    loader = [{"image": images[i:i + args.batch_size], "label": labels[i:i + args.batch_size]}
+              for i in range(0, n, args.batch_size)]
+    results, models = {}, {}
+    for spec in METHODS:
+        m = build_method(model, spec, seed=0).eval()
+        stats = evaluate(m, loader, progress=True, desc=spec.label)
+        gflops = float(count_flops(m, images[:args.flops_images]).mean()) / 1e9
+        policy = getattr(m, "policy", None)
+        results[spec.label] = {
+            "top1": stats["top1"], "top1_se": standard_error(stats["top1"], n),
+            "top5": stats["top5"], "gflops_per_img": gflops,
+            "keep_ratio": stats["keep_ratio"], "token_ratio": stats["token_ratio"],
+            "keep_ratio_per_stage": stats["keep_ratio_per_stage"], "stage_blocks": stats["stage_blocks"],
+            "policy": policy.config() if hasattr(policy, "config") else None,
+        }
+        models[spec.label] = (m, {})
+        print(f"{spec.label:>14s}  top-1 {stats['top1']:6.2f}  {gflops:.4f} GFLOPs  keep {stats['keep_ratio']:.3f}",
+              flush=True)
+
+    # Throughput: all methods round-robin on the same batch (see `interleaved_throughput`).
+    for batch, repeats in ((args.batch_size, args.repeats), (1, args.repeats_b1)):
+        print(f"timing batch {batch} ({repeats} rounds)", flush=True)
+        speeds = interleaved_throughput(models, images[:batch], warmup=2, repeats=repeats)
+        for label, rate in speeds.items():
+            results[label][f"img_per_s_b{batch}"] = rate
+    base = results["original"]
+    for r in results.values():
+        r["img_per_s"] = r[f"img_per_s_b{args.batch_size}"]
+        r["flops_ratio"] = base["gflops_per_img"] / r["gflops_per_img"]
+        r["speedup"] = r["img_per_s"] / base["img_per_s"]
+        r["speedup_b1"] = r["img_per_s_b1"] / base["img_per_s_b1"]
+    return {"arch": ARCH, "checkpoint": CHECKPOINT, "data": DATA, "n_images": n,
+            "preprocessing": {k: cfg[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")},
+            "methods": results}
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = out["methods"]
+    styles = {"ats": ("C0", "o-"), "topk": ("C1", "s-"), "random": ("C2", "^-"), "attention": ("C3", "d-"),
+              "tome": ("C4", "P-"), "evit": ("C5", "X-")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for ax, key, xlabel in ((axes[0], "gflops_per_img", "GFLOPs per image (multiply-adds, counted)"),
+                            (axes[1], "speedup", f"measured speedup, batch {out['batch_size']} (img/s over the original's)")):
+        o = res["original"]
+        for fam, (color, fmt) in styles.items():
+            pts = sorted((r[key], r["top1"], r["top1_se"]) for lab, r in res.items() if family(lab) == fam)
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=fmt,
+                            color=color, label=fam, ms=5, capsize=2)
+        ax.plot([o[key]], [o["top1"]], "k*", ms=13, label="original")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].invert_xaxis()  # cheaper to the right, as speedup grows to the right
+    axes[0].set_ylabel(f"top-1 % on {out['n_images']} ImageNet val photos (± 1 s.e.)")
+    axes[1].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{out['arch']} (timm, augreg in1k) via iared.patch, training-free token reduction; {out['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the shared data/models folder")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N photos (default: all 650)")
+    ap.add_argument("--batch-size", type=int, default=64, help="evaluation and throughput batch")
+    ap.add_argument("--flops-images", type=int, default=16, help="GFLOPs averaged over the first N photos")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds at --batch-size")
+    ap.add_argument("--repeats-b1", type=int, default=40, help="timed rounds at batch 1")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    shared = Path(args.shared)
+    for rel in (CHECKPOINT, DATA):
+        if not (shared / rel).exists():
+            print(f"imagenet: {shared / rel} not found (needs ../shared, or --shared)", file=sys.stderr)
+            return 2
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        print("imagenet: needs timm (pip install 'iared[timm]')", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    allocator = steady_allocator()  # before anything is allocated, as `iared bench speed`
+    t0 = time.time()
+    out = run(args)
+    import platform
+
+    import timm
+
+    out.update({
+        "command": shlex.join(["python", "benchmarks/imagenet.py"] + list(sys.argv[1:] if argv is None else argv)),
+        "batch_size": args.batch_size, "device": "cpu", "device_name": f"CPU ({platform.processor() or platform.machine()}), "
+        f"{torch.get_num_threads()} threads", "threads": torch.get_num_threads(),
+        "kernels": resolve_kernels("auto", "cpu"), "allocator": allocator,
+        "torch": torch.__version__, "timm": timm.__version__, "wall_s": time.time() - t0,
+        "notes": (f"No training or fine-tuning: every policy is plugged into the pretrained model. top1_se = binomial "
+                  f"standard error. gflops_per_img = multiply-adds / 1e9 counted one image at a time on the first "
+                  f"{args.flops_images} photos. img_per_s_b64 / img_per_s_b1: median of {args.repeats} / "
+                  f"{args.repeats_b1} rounds, every method timed once per round on the same images (the first "
+                  f"64 photos / the first one). ats/topk@rho: multi-stage (blocks 3-11 for 12 blocks), "
+                  f"K = rho * input tokens; random/attention@k: drop at the input, keep ratio k; tome@r: r tokens "
+                  f"merged per block; evit@k: keep rate k at blocks 3, 6, 9, the rest fused into one token."),
+    })
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig = out_dir / "imagenet_vit_tiny_tradeoff.png"
+    plot(out, fig)
+    out["figure"] = fig.name
+    write_json_atomic(out, out_dir / "imagenet_vit_tiny.json")
+    print(f"wrote {out_dir / 'imagenet_vit_tiny.json'} and {fig} in {out['wall_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
