@@ -43,7 +43,9 @@ class Tokens:
     Attributes:
         x: (B, P + N, C) prefix tokens first (CLS, distillation), then patch tokens.
         pos: (B, N) original index of each patch token on the full patch grid, so any
-            score can be mapped back to the grid (-1 marks padding in compact mode).
+            score can be mapped back to the grid (-1 marks padding in compact mode; G, one
+            past the grid, a token made by a policy that stands for no single cell, as
+            EViT's fused token: `to_grid` leaves it out).
         valid: (B, P + N) bool, False for dropped (mask mode) or padding (compact mode)
             tokens; None when every token is valid (the fast case: no masking at all).
         num_prefix: P, the number of prefix tokens, never scored and never dropped.
