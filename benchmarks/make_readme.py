@@ -1,4 +1,4 @@
-"""Regenerate the README's results tables from `benchmarks/results/*.json`.
+"""Regenerate the results tables of benchmarks/README.md from `benchmarks/results/*.json`.
 
 The README owns its prose; this script only rewrites the text between marker pairs
 
@@ -11,7 +11,7 @@ Tables are never typed by hand: each is rendered from the JSON files a benchmark
 renders as "not run yet"; a marker pair missing from the README is reported on stdout
 and nothing is added for it (the README's sections are the lead's to decide).
 
-    .venv/bin/python benchmarks/make_readme.py [--readme README.md] [--results benchmarks/results]
+    .venv/bin/python benchmarks/make_readme.py [--readme benchmarks/README.md] [--results benchmarks/results]
 
 Markers filled (NAME: source files):
 
@@ -71,7 +71,7 @@ def render_speed(results: Path) -> str:
         commands.append(f"- `{d['command']}`" if d.get("command") else f"- `{f.name}`")
     header = ["arch", "batch", "method", "img/s", "GFLOPs/img", "speedup", "speedup / FLOPs ratio",
               "paired speedup / FLOPs ratio", "policy cost % of FLOPs", "device/threads/dtype/kernels/allocator"]
-    note = ("speedup = median img/s over the original's (SPEC §3); paired = median over timing rounds of the "
+    note = ("speedup = median img/s over the original's; paired = median over timing rounds of the "
             "per-round time ratio (every round times every method once, so both see the same load). "
             "Policy cost: the reduction module's own GFLOPs (IA-RED²'s interpreters; negative for ATS and ToMe, "
             "which reduce inside a block) as a share of the backbone's.")
@@ -120,7 +120,7 @@ def render_cluttered_fashion(results: Path, name: str = "cluttered_fashion.json"
                      "figures; tokens dropped by an earlier group score 0)\n\n"
                      + metric_table({f"group {k}": v for k, v in d["iared_groups"].items()}, first="group"))
     if d.get("targets"):
-        parts.append("SPEC §5 targets: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in d["targets"].items()))
+        parts.append("Targets: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in d["targets"].items()))
     return "\n\n".join(parts)
 
 
@@ -137,7 +137,7 @@ def render_trade_off(file_name: str) -> Callable[[Path], str]:
                 parts.append(d[key])
         parts += _generic_body(d)
         figures = [d["figure"]] if isinstance(d.get("figure"), str) else d.get("figures") or []
-        parts += [f"![{Path(f).stem}](benchmarks/results/{Path(f).name})" for f in figures
+        parts += [f"![{Path(f).stem}](results/{Path(f).name})" for f in figures
                   if isinstance(f, str) and (results / Path(f).name).is_file()]
         return "\n\n".join(parts)
 
@@ -253,7 +253,7 @@ def update_readme(text: str, results: Path, renderers: Optional[dict[str, Callab
 def main(argv: Optional[Sequence[str]] = None) -> int:
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", default=str(root / "README.md"), help="README to update in place")
+    parser.add_argument("--readme", default=str(root / "benchmarks" / "README.md"), help="README to update in place")
     parser.add_argument("--results", default=str(root / "benchmarks" / "results"), help="folder of results JSON")
     args = parser.parse_args(argv)
     readme = Path(args.readme)
