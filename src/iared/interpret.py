@@ -95,6 +95,7 @@ class InputConfig:
     crop_pct: float                    # with "crop": the crop covers this fraction of the short side
     class_names: tuple[str, ...]       # index -> name ("" list: indices are used)
     num_frames: int = 0                # T for a video model, 0 for images
+    interpolation: str = "bicubic"     # resampling filter of the resize (timm's names)
 
 
 def data_config(meta: dict[str, Any], model: nn.Module) -> InputConfig:
@@ -117,8 +118,9 @@ def data_config(meta: dict[str, Any], model: nn.Module) -> InputConfig:
     if in_chans not in (1, 3):
         raise UserError(f"the model takes {in_chans} input channels; only 1 (grayscale) and 3 (RGB) images exist")
     default_mean, default_std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if in_chans == 3 else ((0.5,), (0.5,))
-    mean = tuple(float(v) for v in data.get("mean", default_mean))
-    std = tuple(float(v) for v in data.get("std", default_std))
+    pre = getattr(model, "pretrained_cfg", None) or {}  # the file's preprocessing (`iared.preprocess`) wins
+    mean = tuple(float(v) for v in pre.get("mean", data.get("mean", default_mean)))
+    std = tuple(float(v) for v in pre.get("std", data.get("std", default_std)))
     if len(mean) != in_chans or len(std) != in_chans:
         raise UserError(f"the checkpoint's data config has {len(mean)} means / {len(std)} stds for {in_chans} channels")
     resize = data.get("resize")
@@ -127,7 +129,8 @@ def data_config(meta: dict[str, Any], model: nn.Module) -> InputConfig:
         resize = "crop" if photo else "resize"
     num_frames = int(getattr(cfg, "num_frames", 0) or 0)
     return InputConfig(img_size=img_size, in_chans=in_chans, mean=mean, std=std, resize=resize,
-                       crop_pct=float(data.get("crop_pct", 0.875)),
+                       crop_pct=float(pre.get("crop_pct", data.get("crop_pct", 0.875))),
+                       interpolation=str(pre.get("interpolation", "bicubic")),
                        class_names=tuple(str(c) for c in data.get("class_names", ())), num_frames=num_frames)
 
 
@@ -178,11 +181,11 @@ def prepare_image(path: str, cfg: InputConfig) -> tuple[Tensor, Tensor]:
     img = load_image(path, mode="L" if cfg.in_chans == 1 else "RGB")
     H, W = cfg.img_size
     if cfg.resize == "crop":
-        img = resize_center_crop(img, (H, W), cfg.crop_pct)
+        img = resize_center_crop(img, (H, W), cfg.crop_pct, cfg.interpolation)
     elif img.size != (W, H):
-        from PIL import Image
+        from .data.images import FILTERS
 
-        img = img.resize((W, H), Image.BICUBIC)
+        img = img.resize((W, H), FILTERS[cfg.interpolation])
     shown = to_tensor(img)
     return normalize(shown, cfg.mean, cfg.std), shown
 

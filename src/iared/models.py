@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .backbones.checkpoint import CheckpointError, PathLike, load_into, read_checkpoint, save_safetensors
+from .backbones.checkpoint import (CheckpointError, PathLike, load_into, read_checkpoint, read_metadata,
+                                   read_preprocess, save_safetensors)
 from .backbones.registry import create_model, list_models
 from .patch import patch
 
@@ -34,7 +35,14 @@ def save_model(model: nn.Module, path: PathLike, arch: str, data: Optional[dict[
     """
     if arch not in list_models():  # load_model rebuilds the backbone by this name
         raise ValueError(f"unknown arch {arch!r}; see iared.list_models()")
+    from .preprocess import to_metadata
+
     policy = getattr(model, "policy", None)
+    preprocess = dict(getattr(model, "pretrained_cfg", None) or {})
+    if data:  # what the model was trained on is what it expects
+        preprocess.update({k: data[k] for k in ("mean", "std") if data.get(k) is not None})
+    if hasattr(model, "patch_embed"):
+        preprocess["input_size"] = (model.config.in_chans, *model.patch_embed.img_size)
     meta = {
         "format": FORMAT_VERSION,
         "arch": arch,
@@ -43,19 +51,17 @@ def save_model(model: nn.Module, path: PathLike, arch: str, data: Optional[dict[
         "data": data,
         "extra": extra or {},
     }
-    save_safetensors(model.state_dict(), path, metadata={"iared": json.dumps(meta)})
+    # The preprocessing also goes at the top level in timm's layout, where `load_pretrained`
+    # (and any tool reading timm's files) finds it.
+    save_safetensors(model.state_dict(), path, metadata={**to_metadata(preprocess), "iared": json.dumps(meta)})
 
 
 def read_model_meta(path: PathLike) -> dict[str, Any]:
     """The JSON metadata of a model file, or a CheckpointError if it has none."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path} is not an iared model file (.safetensors written by iared)")
-    read_checkpoint(path)  # validates the file with a clear error first
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get("iared")
+    meta = read_metadata(path).get("iared")
     if meta is None:
         raise CheckpointError(f"{path} has no iared metadata: load it with iared.load_pretrained into a backbone")
     return json.loads(meta)
@@ -70,5 +76,10 @@ def load_model(path: PathLike, map_location: str = "cpu") -> nn.Module:
         patch(model, policy=cfg.pop("name"), **cfg)
     sd = read_checkpoint(path)
     load_into(model, sd, strict=True)
+    # Preprocessing: the arch's defaults, then the data it was trained on (files written
+    # before the preprocessing was recorded), then what the file records.
+    data = meta.get("data") or {}
+    model.pretrained_cfg.update({k: tuple(data[k]) for k in ("mean", "std") if data.get(k) is not None})
+    model.pretrained_cfg.update(read_preprocess(path))
     model.model_meta = meta  # plain attribute: where the model came from (data config, ...)
     return model.to(map_location).eval()

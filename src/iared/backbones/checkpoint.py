@@ -217,6 +217,7 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True, new_h
             checkpoint's `head.*` / `head_dist.*` are not loaded.
     """
     sd = unwrap_state_dict(read_checkpoint(path))
+    preprocess = read_preprocess(path)
     if "pos_embedding" in sd and any(k.startswith("transformer.layers.") for k in sd):
         sd = convert_lucidrains_vit(sd)
     if new_head:
@@ -224,7 +225,34 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True, new_h
         sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
         sd.update({k: v for k, v in own.items() if k.startswith(HEAD_PREFIXES)})  # as it is
     load_into(model, sd, strict=strict)
+    if preprocess:
+        # The file's recipe replaces the arch's defaults; the input size stays the model's
+        # (a 224 px checkpoint loaded into a 384 px model is resized to 384).
+        preprocess.pop("input_size", None)
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **preprocess}
     return model
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file ({} for other formats or none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    read_checkpoint(path)  # validates the file with a clear error first
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_preprocess(path: PathLike) -> dict[str, Any]:
+    """The preprocessing fields (`iared.preprocess`) a checkpoint's metadata records ({} if none)."""
+    from ..preprocess import PreprocessError, parse
+
+    try:
+        return parse(read_metadata(path))
+    except PreprocessError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[dict[str, str]] = None) -> None:

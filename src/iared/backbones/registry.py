@@ -28,10 +28,41 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered model with random weights; `overrides` replace config fields."""
+    """Build a registered model with random weights; `overrides` replace config fields.
+
+    The model carries its preprocessing as `model.pretrained_cfg` (see `iared.preprocess`):
+    the arch's published defaults, with `input_size` following the built model.
+    """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _MODELS[name](**overrides)
+    model = _MODELS[name](**overrides)
+    model.pretrained_cfg = default_preprocess(name, model)
+    return model
+
+
+# What the published weights of each arch expect (timm's pretrained_cfg of the tags these
+# names resolve to; the last two as their SOURCES describe). Archs trained here have none:
+# their model files record the data they were trained on.
+_AUGREG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.9, crop_mode="center")
+_DEIT = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.875,
+             crop_mode="center")
+_PREPROCESS: dict[str, dict] = {
+    **{f"vit_{s}_patch16_224": _AUGREG for s in ("tiny", "small", "base")},
+    **{f"deit_{s}_patch16_224": _DEIT for s in ("tiny", "small", "base")},
+    **{f"deit_{s}_distilled_patch16_224": _DEIT for s in ("tiny", "small", "base")},
+    "deit_base_patch16_384": {**_DEIT, "crop_pct": 1.0},
+    "vit_mnist_patch7_28": dict(mean=(0.1307,), std=(0.3081,), interpolation="bilinear", crop_pct=1.0),
+    "vit_tiny8_patch4_32": dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear", crop_pct=1.0),
+}
+
+
+def default_preprocess(name: str, model: nn.Module) -> dict:
+    """The published preprocessing of arch `name` for the built `model` ({} if none is known)."""
+    cfg = dict(_PREPROCESS.get(name, {}))
+    if cfg and hasattr(model, "patch_embed"):
+        h, w = model.patch_embed.img_size
+        cfg["input_size"] = (model.config.in_chans, h, w)
+    return cfg
 
 
 def _vit(overrides: dict, **defaults) -> VisionTransformer:

@@ -22,11 +22,21 @@ from .images import ImageError, load_image
 # run seed never moves held-out items into training.
 Builder = Callable[..., Dataset]
 DATASETS: dict[str, Builder] = {}
+# The preprocessing options (`iared.preprocess.loader_options`) each kind's builder takes.
+PREPROCESS_OPTIONS: dict[str, frozenset[str]] = {}
+NORMALISATION = frozenset({"mean", "std"})
+PHOTO_OPTIONS = frozenset({"img_size", "mean", "std", "crop_pct", "interpolation", "crop_mode"})
 
 
-def register_dataset(kind: str, builder: Builder) -> None:
-    """Make `kind` available to `build_dataset` (e.g. from the video data module)."""
+def register_dataset(kind: str, builder: Builder, preprocess: frozenset[str] = frozenset()) -> None:
+    """Make `kind` available to `build_dataset` (e.g. from the video data module).
+
+    `preprocess` names the options of `iared.preprocess.loader_options` the builder takes:
+    a model's recipe is applied only where it means something (a photo folder is resized
+    and normalised as the model wants; generated data keeps its size).
+    """
     DATASETS[kind] = builder
+    PREPROCESS_OPTIONS[kind] = frozenset(preprocess)
 
 
 def parse_data_spec(spec: str) -> tuple[str, Optional[str]]:
@@ -44,13 +54,16 @@ def parse_data_spec(spec: str) -> tuple[str, Optional[str]]:
     return kind, (path.strip() or None)
 
 
-def build_dataset(spec: str, split: str, seed: int = 0, **kw: Any) -> Dataset:
+def build_dataset(spec: str, split: str, seed: int = 0, preprocess: Optional[dict[str, Any]] = None,
+                  **kw: Any) -> Dataset:
     """Build the data set a spec names.
 
     Args:
         spec: `KIND[:PATH]`, e.g. "cluttered-digits", "cifar10:/data/cifar10_jpg".
         split: "train", "val" or "test".
         seed: seed of generated data (clutter); ignored by file-based kinds.
+        preprocess: a model's `pretrained_cfg` (see `iared.preprocess`): the options of it
+            this kind takes are applied; `kw` overrides them.
         **kw: options of the kind's builder (e.g. img_size, skip_bad, canvas_size).
 
     Returns:
@@ -63,6 +76,16 @@ def build_dataset(spec: str, split: str, seed: int = 0, **kw: Any) -> Dataset:
     check_split(split)
     if kind not in DATASETS:
         raise DataError(f"unknown data kind {kind!r}: expected one of {', '.join(sorted(DATASETS))}")
+    if preprocess:
+        from ..preprocess import PreprocessError, loader_options
+
+        try:
+            options = loader_options(preprocess)
+        except PreprocessError as e:
+            raise DataError(str(e)) from None
+        accepted = PREPROCESS_OPTIONS.get(kind, frozenset())
+        given = {k: v for k, v in kw.items() if v is not None or k not in options}  # None: not given
+        kw = {**{k: v for k, v in options.items() if k in accepted}, **given}
     std = kw.get("std")
     if std is not None and not all(s > 0 for s in std):
         raise DataError(f"std must be positive, got {tuple(std)}")
@@ -116,20 +139,20 @@ def _build_imagefolder(path, split, seed, **kw):
     return imagefolder(_needs_path("imagefolder", path, "DIR"), split, **kw)
 
 
-register_dataset("cluttered-digits", _build_cluttered_digits)
-register_dataset("cluttered-fashion", _build_cluttered_fashion)
-register_dataset("mnist", _build_mnist)
-register_dataset("fashion-mnist", _build_fashion_mnist)
-register_dataset("cifar10", _build_cifar10)
-register_dataset("imagefolder", _build_imagefolder)
+register_dataset("cluttered-digits", _build_cluttered_digits, NORMALISATION)
+register_dataset("cluttered-fashion", _build_cluttered_fashion, NORMALISATION)
+register_dataset("mnist", _build_mnist, NORMALISATION)
+register_dataset("fashion-mnist", _build_fashion_mnist, NORMALISATION)
+register_dataset("cifar10", _build_cifar10, NORMALISATION)
+register_dataset("imagefolder", _build_imagefolder, PHOTO_OPTIONS)
 
 from .video import build_moving_fashion, build_videofolder  # noqa: E402  (video kinds)
 
-register_dataset("moving-fashion", build_moving_fashion)
-register_dataset("videofolder", build_videofolder)
+register_dataset("moving-fashion", build_moving_fashion, NORMALISATION)
+register_dataset("videofolder", build_videofolder, NORMALISATION)
 
 __all__ = [
-    "DATASETS", "SPLITS", "ClutteredDataset", "DataError", "DataInfo", "IdxDataset", "ImageError",
+    "DATASETS", "PREPROCESS_OPTIONS", "SPLITS", "ClutteredDataset", "DataError", "DataInfo", "IdxDataset", "ImageError",
     "ImageFileDataset", "build_dataset", "carve_split", "check_split", "cifar10", "cluttered_digits",
     "cluttered_fashion", "imagefolder", "load_image", "measure_stats", "parse_data_spec", "read_idx",
     "register_dataset", "scan",

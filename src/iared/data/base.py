@@ -44,6 +44,8 @@ class DataInfo:
     mean: tuple[float, ...]         # per-channel mean subtracted from [0, 1] pixels
     std: tuple[float, ...]          # per-channel std the centred pixels are divided by
     has_masks: bool                 # items carry a "mask" (foreground pixels) for segmentation
+    indexed: bool = False           # labels are given indices into a model's classes (labels.tsv,
+                                    # classes.tsv): a head with more classes than the data is fine
 
 
 def check_split(split: str) -> str:

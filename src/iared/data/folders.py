@@ -20,7 +20,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .base import DataError, DataInfo, SkipBadMixin, carve_split, check_split, normalize
-from .images import ImageError, load_image, resize_center_crop, to_tensor
+from .images import FILTERS, ImageError, load_image, resize_center_crop, to_tensor
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                         ".ppm", ".pgm", ".pbm", ".pnm"})
@@ -39,16 +39,21 @@ class ImageFileDataset(SkipBadMixin, Dataset):
     """Labelled image files, from a directory tree or members of one zip file."""
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], info: DataInfo,
-                 zip_path: Optional[str] = None, crop_pct: float = 1.0, skip_bad: bool = False):
+                 zip_path: Optional[str] = None, crop_pct: float = 1.0, skip_bad: bool = False,
+                 interpolation: str = "bicubic", crop_mode: str = "center"):
         """
         Args:
             files: file paths, or member names of `zip_path`.
             labels: class index of each file.
             info: the data set's `DataInfo` (mode, size and normalisation come from it).
             zip_path: read `files` from this zip instead of the file system.
-            crop_pct: see `resize_center_crop`; applied only to images not already `img_size`.
+            crop_pct, interpolation, crop_mode: see `resize_center_crop`; applied only to
+                images not already `img_size`.
             skip_bad: replace undecodable files by the next good one (with a warning).
         """
+        if interpolation not in FILTERS or crop_mode not in ("center", "squash"):
+            raise DataError(f"{info.kind}: unknown interpolation {interpolation!r} or crop mode {crop_mode!r} "
+                            f"(interpolations: {', '.join(FILTERS)}; crop modes: center, squash)")
         if len(files) == 0:
             raise DataError(f"{info.kind}: no images found")
         self.files = list(files)
@@ -56,6 +61,7 @@ class ImageFileDataset(SkipBadMixin, Dataset):
         self.info = info
         self.zip_path = zip_path
         self.crop_pct = crop_pct
+        self.interpolation, self.crop_mode = interpolation, crop_mode
         self.skip_bad = skip_bad
         self._zf: Optional[zipfile.ZipFile] = None
         self._zf_pid = -1
@@ -89,7 +95,7 @@ class ImageFileDataset(SkipBadMixin, Dataset):
         img = load_image(self._read(index), mode=mode, name=self.source_name(index))
         h, w = self.info.img_size
         if img.size != (w, h):
-            img = resize_center_crop(img, (h, w), self.crop_pct)
+            img = resize_center_crop(img, (h, w), self.crop_pct, self.interpolation, self.crop_mode)
         x = normalize(to_tensor(img), self.info.mean, self.info.std)
         return {"image": x, "label": int(self.labels[index])}
 
@@ -202,24 +208,31 @@ def _read_synsets(path: Path) -> tuple[list[str], list[str]]:
     return wnids, names
 
 
-def _read_labels_tsv(root: Path) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+def _read_labels_tsv(root: Path) -> tuple[list[tuple[str, int]], tuple[str, ...], bool]:
     """Entries and class names of a flat folder described by `labels.tsv`.
 
     Each row is `file<TAB>class` with `file` relative to the folder; `class` is an index
     (names then come from `synset_words.txt` next to it, if present) or a class name.
     A first row whose class column is not an integer and names a column ("class...") is
-    taken as the header.
+    taken as the header. The third value says whether the classes were given as indices.
     """
     rows = []
     with open(root / "labels.tsv", newline="", encoding="utf-8") as f:
-        for row in csv.reader(f, delimiter="\t"):
-            if len(row) >= 2 and row[0].strip():
-                rows.append((row[0].strip(), row[1].strip()))
+        for n, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+            if not any(c.strip() for c in row):
+                continue  # blank line
+            if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                raise DataError(f"imagefolder: {root / 'labels.tsv'} line {n}: expected file<TAB>class, got {row!r}")
+            rows.append((row[0].strip(), row[1].strip()))
     if rows and not rows[0][1].lstrip("-").isdigit() and rows[0][1].lower().startswith("class"):
         rows = rows[1:]
     if not rows:
         raise DataError(f"imagefolder: {root / 'labels.tsv'} lists no files")
     synsets = root / "synset_words.txt"
+    if any(c.lstrip("-").isdigit() for _, c in rows) and not all(c.isdigit() for _, c in rows):
+        bad = next(c for _, c in rows if not c.isdigit())
+        raise DataError(f"imagefolder: {root / 'labels.tsv'} mixes class indices and names ({bad!r}); "
+                        "use non-negative indices or names throughout")
     if all(c.isdigit() for _, c in rows):
         labels = [int(c) for _, c in rows]
         if synsets.is_file():
@@ -231,18 +244,43 @@ def _read_labels_tsv(root: Path) -> tuple[list[tuple[str, int]], tuple[str, ...]
     else:
         names = tuple(sorted({c for _, c in rows}))
         labels = [names.index(c) for _, c in rows]
-    return [(str(root / f), y) for (f, _), y in zip(rows, labels)], names
+        return [(str(root / f), y) for (f, _), y in zip(rows, labels)], names, False
+    return [(str(root / f), y) for (f, _), y in zip(rows, labels)], names, True
 
 
-def _class_dir_entries(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
-    index = {c: i for i, c in enumerate(classes)}
+def _class_dir_entries(root: Path, classes: Sequence[str], index: Optional[dict[str, int]] = None) -> list[tuple[str, int]]:
+    index = index if index is not None else {c: i for i, c in enumerate(classes)}
     return [(f, index[c]) for f, c in _entries_from_class_dirs(root) if c in index]
+
+
+def _read_classes_tsv(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Folder name -> class index, and class names by index, from a `classes.tsv`.
+
+    Columns (tab-separated, with a header): the folder name (`wnid`), its index into the
+    model's classes (`class_index`) and optionally a `name`, as Imagenette ships:
+    `n01440764<TAB>0<TAB>tench, Tinca tinca`.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f, delimiter="\t") if r and any(c.strip() for c in r)]
+    if not rows or len(rows[0]) < 2:
+        raise DataError(f"imagefolder: {path} needs a header and rows of folder<TAB>class_index")
+    index: dict[str, int] = {}
+    names: dict[int, str] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) < 2 or not row[1].strip().isdigit():
+            raise DataError(f"imagefolder: {path} line {n}: expected folder<TAB>class_index, got {row!r}")
+        i = int(row[1])
+        index[row[0].strip()] = i
+        names[i] = (row[2].split(",")[0].strip() if len(row) > 2 and row[2].strip() else row[0].strip())
+    size = max(names) + 1
+    return index, tuple(names.get(i, str(i)) for i in range(size))
 
 
 def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: int = 224,
                 crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN,
                 std: Sequence[float] = IMAGENET_STD, skip_bad: bool = False,
-                val_fraction: float = VAL_FRACTION) -> ImageFileDataset:
+                val_fraction: float = VAL_FRACTION, interpolation: str = "bicubic",
+                crop_mode: str = "center") -> ImageFileDataset:
     """An ImageNet-style folder of real photos, resized and centre-cropped.
 
     Layouts, tried in this order:
@@ -250,6 +288,10 @@ def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: i
       * `DIR/{train,val,test}/<class>/*` (split folders; class indices from `train/` when
         present; without `val/`, "train" and "val" are carved from `train/`),
       * `DIR/<class>/*` (one set).
+    Class folders are numbered in sorted order, unless `DIR/classes.tsv` maps each folder to
+    its index into the model's classes (`_read_classes_tsv`; Imagenette's ten ImageNet
+    classes keep their ImageNet-1k indices). Indices from `labels.tsv` or `classes.tsv`
+    index a model's head, which may have more classes than the folder holds.
     Without split folders the whole folder is "test", and "train"/"val" are a
     deterministic (1 - val_fraction, val_fraction) partition of it.
 
@@ -260,6 +302,7 @@ def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: i
         img_size: side of the square output.
         crop_pct: resize the shorter side to img_size / crop_pct, then centre-crop.
         mean, std: normalisation (ImageNet's by default).
+        interpolation, crop_mode: see `resize_center_crop`.
         skip_bad: replace undecodable files by the next good one (with a warning).
         val_fraction: share carved out as "val" when there is no `val/` folder.
 
@@ -270,9 +313,12 @@ def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: i
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"imagefolder: not a directory: {path}")
-    carve = False
+    carve, indexed = False, False
+    index = None
+    if (root / "classes.tsv").is_file():
+        index, indexed_names = _read_classes_tsv(root / "classes.tsv")
     if (root / "labels.tsv").is_file():
-        entries, names = _read_labels_tsv(root)
+        entries, names, indexed = _read_labels_tsv(root)
         carve = split != "test"
     elif any((root / s).is_dir() for s in ("train", "val", "test")):
         ref = root / "train" if (root / "train").is_dir() else root / split
@@ -284,21 +330,24 @@ def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: i
         source = root / ("train" if carve else split)
         if not source.is_dir():
             raise DataError(f"imagefolder: no {split}/ folder in {path}")
-        entries = _class_dir_entries(source, names)
+        entries = _class_dir_entries(source, names, index)
     else:
         names = tuple(sorted(d for d in os.listdir(root) if (root / d).is_dir() and not d.startswith(".")))
-        entries = _class_dir_entries(root, names)
+        entries = _class_dir_entries(root, names, index)
         carve = split != "test"
         synsets = root / "synset_words.txt"
         if synsets.is_file():  # show "tench" rather than "n01440764"
             lookup = dict(zip(*_read_synsets(synsets)))
             names = tuple(lookup.get(n, n) for n in names)
+    if index is not None and not (root / "labels.tsv").is_file():
+        names, indexed = indexed_names, True
     if not entries:
         raise DataError(f"imagefolder: no images found in {path}")
     if carve:
         keep = carve_split(len(entries), split, split_seed, round(val_fraction * len(entries)))
         entries = [entries[i] for i in keep]
     info = DataInfo(kind="imagefolder", num_classes=len(names), class_names=tuple(names), in_chans=3,
-                    img_size=(img_size, img_size), mean=tuple(mean), std=tuple(std), has_masks=False)
-    return ImageFileDataset([f for f, _ in entries], [y for _, y in entries], info,
-                            crop_pct=crop_pct, skip_bad=skip_bad)
+                    img_size=(img_size, img_size), mean=tuple(mean), std=tuple(std), has_masks=False,
+                    indexed=indexed)
+    return ImageFileDataset([f for f, _ in entries], [y for _, y in entries], info, crop_pct=crop_pct,
+                            skip_bad=skip_bad, interpolation=interpolation, crop_mode=crop_mode)

@@ -152,7 +152,12 @@ def _one_line(e: BaseException) -> str:
     return text[0][:200] if text else type(e).__name__
 
 
-def resize_center_crop(img: Image.Image, size: tuple[int, int], crop_pct: float = 0.875) -> Image.Image:
+FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def resize_center_crop(img: Image.Image, size: tuple[int, int], crop_pct: float = 0.875,
+                       interpolation: str = "bicubic", crop_mode: str = "center") -> Image.Image:
     """Resize the shorter side to size / crop_pct, then take the central `size` crop.
 
     This is timm's evaluation transform for ImageNet models (crop_pct 0.875: 256 -> 224).
@@ -161,12 +166,25 @@ def resize_center_crop(img: Image.Image, size: tuple[int, int], crop_pct: float 
         img: a PIL image.
         size: (H, W) of the result.
         crop_pct: fraction of the resized image the crop covers (1.0: resize to fit exactly).
+        interpolation: the resampling filter, by timm's name ("bicubic", "bilinear", ...).
+        crop_mode: "center" as above; "squash": resize both sides to size / crop_pct
+            (the aspect ratio is not kept), then crop the centre.
 
     Returns:
         A PIL image of exactly (H, W).
     """
+    if interpolation not in FILTERS:
+        raise ValueError(f"unknown interpolation {interpolation!r}: use one of {', '.join(FILTERS)}")
+    resample = FILTERS[interpolation]
     th, tw = size
     w, h = img.size
+    if crop_mode == "squash":
+        nh, nw = math.floor(th / crop_pct), math.floor(tw / crop_pct)
+        img = img.resize((nw, nh), resample) if (nw, nh) != (w, h) else img
+        left, top = int(round((nw - tw) / 2.0)), int(round((nh - th) / 2.0))
+        return img.crop((left, top, left + tw, top + th))
+    if crop_mode != "center":
+        raise ValueError(f"unknown crop_mode {crop_mode!r}: use 'center' or 'squash'")
     # As timm's `transforms_imagenet_eval` (torchvision's Resize): the shorter side becomes
     # floor(size / crop_pct) (224 / 0.9 -> 248), the longer one int(short * long / shorter).
     short = math.floor(max(th, tw) / crop_pct)
@@ -176,7 +194,7 @@ def resize_center_crop(img: Image.Image, size: tuple[int, int], crop_pct: float 
         nw, nh = int(short * w / h), short
     nw, nh = max(tw, nw), max(th, nh)
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
+        img = img.resize((nw, nh), resample)
     left, top = int(round((nw - tw) / 2.0)), int(round((nh - th) / 2.0))  # as torchvision's CenterCrop
     return img.crop((left, top, left + tw, top + th))
 

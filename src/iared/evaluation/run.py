@@ -6,7 +6,8 @@ draws a trade-off curve:
     original                    the backbone (`backbone`, else the checkpoint's blocks), no policy
     iared[@T]                   the checkpoint's own interpreters, keep threshold T (default: as saved;
                                 iared@0 keeps every token: the checkpoint's blocks alone)
-    ats[@RHO]                   multi-stage ATS, K_n = max(round(RHO * input tokens), 8)
+    ats[@RHO]                   multi-stage ATS, K = max(round(RHO * all tokens), 8) at every stage
+                                (ats@compound=true: RHO scales the tokens entering each stage)
     ats_single[@RHO]            single-stage ATS (use ats_single@K=48 for a fixed K)
     topk[@RHO], ats_selfattn[@RHO], ats_nocls[@RHO]   the ATS variants, same knob
     random[@R], attention[@R]   drop at the input, keep ratio R (default 0.7)
@@ -132,8 +133,8 @@ class EvalConfig:
     throughput_repeats: int = 5                 # timed repetitions (median)
     allocator: str = "steady"                   # "steady": `steady_allocator()` before timing; "system"
     segmentation: bool = False                  # heatmap segmentation metrics (data with masks)
-    mean: Optional[tuple[float, ...]] = None    # input normalisation (default: the model file's data config,
-    std: Optional[tuple[float, ...]] = None     # else the data set's own)
+    mean: Optional[tuple[float, ...]] = None    # input normalisation (default: the model's preprocessing,
+    std: Optional[tuple[float, ...]] = None     # `model.pretrained_cfg`, else the data set's own)
     device: str = "cpu"
     seed: int = 0                               # seeds the random baseline and torch
     workers: int = 0                            # data-loading processes
@@ -142,25 +143,30 @@ class EvalConfig:
 
 
 def load_for_eval(checkpoint: str, arch: Optional[str] = None) -> nn.Module:
-    """Load an iared model file, or a foreign checkpoint into `arch`; eval mode, CPU.
+    """Load an iared model file, or a foreign checkpoint into `arch` (for a timm-layout
+    `.safetensors` file, default: the `architecture` its metadata names); eval mode, CPU.
 
     Raises:
         UserError: missing file, a foreign file without `arch`, an unknown arch.
     """
-    from ..backbones.checkpoint import load_pretrained
+    from ..backbones.checkpoint import load_pretrained, read_metadata
     from ..backbones.registry import create_model, list_models
     from ..models import load_model
 
     path = Path(checkpoint)
     if not path.is_file():
         raise UserError(f"checkpoint {checkpoint} does not exist")
-    if path.suffix == ".safetensors" and arch is None:
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    if "iared" in meta and arch is None:
         return load_model(path)
+    # A timm-layout safetensors file names its architecture in its metadata.
+    arch = arch or meta.get("architecture")
     if arch is None:
         raise UserError(f"{path.name} is not an iared model file: pass --arch NAME (e.g. vit_mnist_patch7_28)")
     if arch not in list_models():
         raise UserError(f"unknown --arch {arch!r}; available: {', '.join(list_models())}")
-    model = create_model(arch)
+    num_classes = meta.get("num_classes")
+    model = create_model(arch, **({"num_classes": int(num_classes)} if str(num_classes or "").isdigit() else {}))
     load_pretrained(model, path)
     model.model_meta = {"arch": arch, "data": None, "policy": None}
     return model.eval()
@@ -205,28 +211,38 @@ def build_method(model: nn.Module, spec: MethodSpec, seed: int = 0, threshold: O
 def _dataset(cfg: EvalConfig, model: nn.Module, **kw: Any):
     from ..data import build_dataset
 
-    meta_data = (getattr(model, "model_meta", None) or {}).get("data") or {}
-    mean = cfg.mean if cfg.mean is not None else meta_data.get("mean")
-    std = cfg.std if cfg.std is not None else meta_data.get("std")
-    if mean is not None:
-        kw["mean"] = tuple(mean)
-    if std is not None:
-        kw["std"] = tuple(std)
+    # The model's own preprocessing (`model.pretrained_cfg`); --mean/--std override it.
+    if cfg.mean is not None:
+        kw["mean"] = tuple(cfg.mean)
+    if cfg.std is not None:
+        kw["std"] = tuple(cfg.std)
     try:
-        ds = build_dataset(cfg.data, cfg.split, seed=cfg.seed, **kw)
+        ds = build_dataset(cfg.data, cfg.split, seed=cfg.seed, preprocess=getattr(model, "pretrained_cfg", None), **kw)
     except TypeError as e:  # a kind without these options (normalisation, video views)
         wanted = "video options (views, frames): is it a video data set?" if "views" in kw else "--mean/--std"
         raise UserError(f"data {cfg.data!r} does not accept {wanted} ({e})") from None
-    info = ds.info
-    c = model.config
-    if tuple(info.img_size) != tuple(model.patch_embed.img_size) or info.in_chans != c.in_chans:
-        raise UserError(f"data {cfg.data!r} gives {info.in_chans}x{info.img_size[0]}x{info.img_size[1]} images, "
-                        f"the model expects {c.in_chans}x{model.patch_embed.img_size[0]}x{model.patch_embed.img_size[1]}")
-    if info.num_classes != c.num_classes:
-        raise UserError(f"data has {info.num_classes} classes, the model's head {c.num_classes}")
+    check_data_fits(ds.info, model, cfg.data)
     if cfg.limit_images is not None:
         ds = _Subset(ds, range(min(cfg.limit_images, len(ds))))
     return ds
+
+
+def check_data_fits(info, model: nn.Module, data: str) -> None:
+    """Raise a one-line UserError unless the data's images and labels fit the model.
+
+    Labels given as indices (a `labels.tsv`, a `classes.tsv`) may use part of the head;
+    otherwise the data's classes must be the head's, one for one.
+    """
+    c = model.config
+    if tuple(info.img_size) != tuple(model.patch_embed.img_size) or info.in_chans != c.in_chans:
+        raise UserError(f"data {data!r} gives {info.in_chans}x{info.img_size[0]}x{info.img_size[1]} images, "
+                        f"the model expects {c.in_chans}x{model.patch_embed.img_size[0]}x{model.patch_embed.img_size[1]}")
+    if getattr(info, "indexed", False):
+        if info.num_classes > c.num_classes:
+            raise UserError(f"data {data!r} has class index {info.num_classes - 1}, outside the model's head "
+                            f"of {c.num_classes} classes")
+    elif info.num_classes != c.num_classes:
+        raise UserError(f"data has {info.num_classes} classes, the model's head {c.num_classes}")
 
 
 class _Subset(torch.utils.data.Subset):
