@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         "command": shlex.join([sys.executable.split("/")[-1], "benchmarks/offshelf.py"] + list(sys.argv[1:] if argv is None else argv)),
         "notes": "No fine-tuning. top1/top5 in percent on a fixed random subset (seed 0) of n_images of each test set; gflops_per_img = "
                  "multiply-adds/1e9 counted one image at a time on the first flops_images images. ats = multi-stage "
-                 "(default stages: blocks 2-5 of 6), K_n = max(round(rho*input tokens), min_k) with the paper's floor 8 scaled to the token count (min_k = round(8*(N+1)/197): 1 for MNIST, 3 for CIFAR); ats_single = block 2 "
+                 "(default stages: blocks 2-5 of 6), K = max(round(rho*(N+1)), min_k) at every stage, N+1 the unreduced tokens, with the paper's floor 8 scaled to the token count (min_k = round(8*(N+1)/197): 1 for MNIST, 3 for CIFAR); ats_single = block 2 "
                  "with a fixed K; topk = the same scores and budget, top-K; random/attention = drop at the input "
                  "(attention: CLS attention of block 1), knob = keep ratio. equal_gflops: the other curves "
                  "linearly interpolated at each ATS point (None outside their GFLOPs range).",

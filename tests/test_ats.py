@@ -117,19 +117,40 @@ def test_selecting_every_token_reproduces_the_backbone(execution):
     assert torch.equal(out, ref)
 
 
-def test_padded_batch_equals_one_image_at_a_time_and_mask_mode():
+@pytest.mark.parametrize("compound", [False, True])
+def test_padded_batch_equals_one_image_at_a_time_and_mask_mode(compound):
     m = peaked(tiny())
-    iared.patch(m, policy="ats", rho=0.6)
+    iared.patch(m, policy="ats", rho=0.6, compound=compound)
     x = torch.randn(6, 3, 32, 32)
     batch, info = m(x, return_info=True, execution="compact")
     counts = torch.stack([s.extras["k_prime"] for s in info.stages], 1)
     assert len(set(counts[:, 0].tolist())) > 1, "test needs images with different K' (padding)"
-    single = torch.cat([m(x[i:i + 1]) for i in range(6)])
+    alone = [m(x[i:i + 1], return_info=True) for i in range(6)]
     masked, info_m = m(x, return_info=True, execution="mask")
-    assert torch.allclose(batch, single, atol=1e-5)
+    assert torch.allclose(batch, torch.cat([out for out, _ in alone]), atol=1e-5)
     assert torch.allclose(batch, masked, atol=1e-5)
     for a, b in zip(info.stages, info_m.stages):
         assert torch.equal(a.keep, b.keep)
+    for i, (_, one) in enumerate(alone):  # the same kept set alone as inside the padded batch
+        for a, b in zip(info.stages, one.stages):
+            assert torch.equal(a.keep[i], b.keep[0]), (i, a.block)
+
+
+def test_rho_scales_the_unreduced_tokens_unless_compounding():
+    m = peaked(tiny())                                  # 64 patches + CLS = 65 tokens
+    iared.patch(m, policy="ats", rho=0.6)
+    x = torch.randn(3, 3, 32, 32)
+    _, info = m(x, return_info=True)
+    # round(0.6 * 65) = 39 at every stage, however many tokens earlier stages left
+    assert [s.extras["budget"].tolist() for s in info.stages] == [[39] * 3] * len(info.stages)
+    entering = [int(s.entering.sum()) for s in info.stages]
+    assert entering[-1] < entering[0]
+    m.policy.settings.compound = True
+    _, info = m(x, return_info=True)
+    budgets = torch.stack([s.extras["budget"] for s in info.stages], 1)   # (B, stages)
+    tokens_in = torch.stack([s.entering.reshape(3, -1).sum(1) + 1 for s in info.stages], 1)
+    assert torch.equal(budgets, budget_k(tokens_in, rho=0.6))           # K_n from the tokens entering stage n
+    assert bool((budgets[:, -1] < budgets[:, 0]).all())
 
 
 def test_records_nest_and_count():
@@ -254,3 +275,25 @@ def test_one_k_for_all_images_samples_as_per_image_budgets():
         inverse_transform_sample(scores, 0)
     for n, rho, K in ((197, 0.775, None), (10, 0.5, None), (151, 0.7, None), (50, None, 12)):
         assert budget_k(n, rho, K) == int(budget_k(torch.tensor([n]), rho, K)[0])
+
+
+def test_real_vit_tiny_default_budget_and_batch_invariance(shared_dir):
+    # rho = 1 is K = 197 at every one of the nine stages; kept sets do not depend on the batch.
+    from iared.data import build_dataset
+
+    m = iared.load_pretrained(iared.create_model("vit_tiny_patch16_224"),
+                              shared_dir / "models" / "vit_tiny_patch16_224_augreg_in1k.safetensors").eval()
+    ds = build_dataset(f"imagefolder:{shared_dir / 'data' / 'imagenet_val_subset'}",
+                       "test", preprocess=m.pretrained_cfg)
+    x = torch.stack([ds[i]["image"] for i in range(4)])
+    iared.patch(m, policy="ats")
+    with torch.inference_mode():
+        out, info = m(x, return_info=True)
+        assert [s.block for s in info.stages] == list(range(3, 12))
+        assert all(s.extras["budget"].tolist() == [197] * 4 for s in info.stages)
+        kept = info.stages[-1].keep.reshape(4, -1).sum(1)
+        assert bool((kept < 196).all()) and bool((kept > 8).all())
+        for i in range(4):
+            one, info1 = m(x[i:i + 1], return_info=True)
+            assert torch.allclose(one, out[i:i + 1], atol=1e-4)
+            assert all(torch.equal(a.keep[i], b.keep[0]) for a, b in zip(info.stages, info1.stages))

@@ -139,7 +139,7 @@ def test_eval_method_budgets_out_of_range_are_one_line(tiny_data, iared_file, tm
     for method, says in (("iared@2", "threshold must be in [0, 1], got 2"),
                          ("iared@-0.5", "threshold must be in [0, 1], got -0.5"),
                          ("random@1.5", "keep_ratio must be in (0, 1], got 1.5"),
-                         ("ats@0", "rho must be in (0, 1], got 0")):
+                         ("ats@0", "rho must be a number in (0, 16], got 0")):
         argv = ["eval", "--data", "tiny", "--checkpoint", str(iared_file), "--methods", f"original,{method}",
                 "--json", str(tmp_path / "e.json"), "--no-throughput", "--limit-batches", "1"]
         assert main(argv) == 2, method
