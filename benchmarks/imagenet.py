@@ -6,14 +6,17 @@ shared). Images are ../shared/data/imagenet_val_subset (650 ImageNet validation 
 1000 classes), preprocessed by the model's own `pretrained_cfg` (timm's eval transform:
 bicubic, crop_pct 0.9, mean = std = 0.5), so "original" is timm's published subset
 accuracy. For every method and budget: top-1 / top-5 with their standard error, GFLOPs
-per image (counted one image at a time), keep ratio, and measured img/s at batch 64 and
-batch 1 (every method timed round-robin on the same images, oneDNN linears).
+per image (counted one image at a time), keep ratio per stage, the histogram of kept
+tokens K' per stage (ATS, top-K), and measured img/s at batch 64 and batch 1 (every
+method timed round-robin on the same images, oneDNN linears). Accuracy at matched cost
+(1.3x, 1.5x, 2x fewer GFLOPs) is read off each family's curve by linear interpolation.
 
-    .venv/bin/python benchmarks/imagenet.py [--limit N] [--shared ../shared]
+    .venv/bin/python benchmarks/imagenet.py [--limit N] [--shared ../shared]     # about 10 min
 
-Writes benchmarks/results/imagenet_vit_tiny.json and imagenet_vit_tiny_tradeoff.png.
-IA-RED² itself needs interpreters trained on this model (Algorithm 1); it is not among
-these rows.
+Writes benchmarks/results/imagenet_vit_tiny.json, imagenet_vit_tiny_tradeoff.png (top-1
+against GFLOPs and against measured speedup) and imagenet_vit_tiny_kept.png (the patches
+each method keeps on 8 photos). IA-RED² itself needs interpreters trained on this model
+(Algorithm 1); it is not among these rows.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import iared  # noqa: E402
-from iared.data import imagefolder  # noqa: E402
+from iared.data import build_dataset  # noqa: E402
 from iared.evaluation.accuracy import evaluate  # noqa: E402
+from iared.evaluation.figures import denormalize, kept_grid, save_figure  # noqa: E402
 from iared.evaluation.flops import count_flops  # noqa: E402
 from iared.evaluation.run import MethodSpec, build_method, write_json_atomic  # noqa: E402
 from iared.evaluation.throughput import interleaved_throughput, resolve_kernels, steady_allocator  # noqa: E402
@@ -41,22 +45,29 @@ ARCH = "vit_tiny_patch16_224"
 CHECKPOINT = "models/vit_tiny_patch16_224_augreg_in1k.safetensors"
 DATA = "data/imagenet_val_subset"
 
-# Budgets: each family's knob over the range where the others' GFLOPs fall (0.6-1.1 of 1.25).
-# ATS and top-K apply rho at each of their 9 stages (K = rho * tokens entering), so their
-# keep ratio compounds (0.9 ** 9 = 0.39): their rhos sit close to 1.
+# Budgets spanning about 1.2x-2.5x fewer GFLOPs. ATS and top-K: K = round(rho * 197) at
+# each of blocks 3-11 (rho = 1: K = 197, the paper's setting; rho > 1 samples more points
+# than there are tokens, a milder reduction); ATS keeps the distinct tokens its K samples
+# hit, so it keeps fewer than K. Single-stage ATS: block 3 with the paper's K values.
 METHODS = (
     [MethodSpec("original", "original")]
-    + [MethodSpec(f"ats@{r}", "ats", {"rho": r}) for r in (1.0, 0.95, 0.9, 0.8)]
-    + [MethodSpec(f"topk@{r}", "topk", {"rho": r}) for r in (0.97, 0.93, 0.9, 0.8)]
-    + [MethodSpec(f"random@{k}", "random", {"keep_ratio": k}) for k in (0.9, 0.7, 0.5)]
-    + [MethodSpec(f"attention@{k}", "attention", {"keep_ratio": k}) for k in (0.9, 0.7, 0.5)]
+    + [MethodSpec(f"ats@{r}", "ats", {"rho": r}) for r in (2.0, 1.5, 1.0, 0.87, 0.72, 0.5)]
+    # The other reading of Appendix E.1: K_n = rho * tokens entering stage n (compounds).
+    + [MethodSpec("ats@compound=true", "ats", {"compound": True})]
+    + [MethodSpec(f"ats_single@K={k}", "ats_single", {"K": k}) for k in (108, 78, 48)]
+    + [MethodSpec(f"topk@{r}", "topk", {"rho": r}) for r in (0.8, 0.6, 0.45, 0.3, 0.2)]
+    + [MethodSpec(f"random@{k}", "random", {"keep_ratio": k}) for k in (0.8, 0.65, 0.5, 0.4)]
+    + [MethodSpec(f"attention@{k}", "attention", {"keep_ratio": k}) for k in (0.8, 0.65, 0.5, 0.4)]
     + [MethodSpec(f"tome@{r}", "tome", {"r": r}) for r in (4, 8, 12, 16)]
     + [MethodSpec(f"evit@{k}", "evit", {"keep_rate": k}) for k in (0.9, 0.7, 0.5)]
 )
+MATCHED_COST = (1.3, 1.5, 2.0)          # x fewer GFLOPs at which each curve is read
+KEPT_FIGURE = ("ats@1.0", "ats_single@K=78", "topk@0.6", "random@0.65", "attention@0.65", "evit@0.7")
+HIST_BIN = 8                            # K' histogram bin width (tokens)
 
 
 def family(label: str) -> str:
-    return label.split("@")[0]
+    return "ats_compound" if "compound" in label else label.split("@")[0]
 
 
 def load_model(shared: Path) -> torch.nn.Module:
@@ -71,14 +82,13 @@ def load_model(shared: Path) -> torch.nn.Module:
     return from_timm(timm_model)  # what `iared.patch(timm_model, ...)` does first; rows attach their policy
 
 
-def load_images(shared: Path, cfg: dict, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every photo decoded once through the model's eval transform: (n, 3, H, W), (n,)."""
-    size = cfg["input_size"][-1]
-    ds = imagefolder(str(shared / DATA), "test", img_size=size, crop_pct=cfg["crop_pct"],
-                     mean=cfg["mean"], std=cfg["std"])
+def load_images(shared: Path, cfg: dict, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every photo decoded once through the model's eval transform: (n, 3, H, W), (n,), class names."""
+    ds = build_dataset(f"imagefolder:{shared / DATA}", "test", preprocess=cfg)
     n = len(ds) if limit is None else min(limit, len(ds))
     items = [ds[i] for i in range(n)]
-    return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
+    return (torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items]),
+            list(ds.info.class_names))
 
 
 def standard_error(pct: float, n: int) -> float:
@@ -92,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
     model = load_model(shared)
     cfg = model.pretrained_cfg
     t0 = time.time()
-    images, labels = load_images(shared, cfg, args.limit)
+    images, labels, class_names = load_images(shared, cfg, args.limit)
     n = int(labels.shape[0])
     print(f"loaded {n} photos in {time.time() - t0:.1f}s ({cfg['interpolation']}, crop_pct {cfg['crop_pct']})",
           flush=True)
@@ -101,16 +111,22 @@ def run(args: argparse.Namespace) -> dict:
     results, models = {}, {}
     for spec in METHODS:
         m = build_method(model, spec, seed=0).eval()
-        stats = evaluate(m, loader, progress=True, desc=spec.label)
+        counts = family(spec.label) in ("ats", "ats_compound", "ats_single", "topk")
+        stats = evaluate(m, loader, collect_counts=counts, progress=True, desc=spec.label)
         gflops = float(count_flops(m, images[:args.flops_images]).mean()) / 1e9
         policy = getattr(m, "policy", None)
         results[spec.label] = {
             "top1": stats["top1"], "top1_se": standard_error(stats["top1"], n),
-            "top5": stats["top5"], "gflops_per_img": gflops,
+            "top5": stats["top5"], "top5_se": standard_error(stats["top5"], n), "gflops_per_img": gflops,
             "keep_ratio": stats["keep_ratio"], "token_ratio": stats["token_ratio"],
             "keep_ratio_per_stage": stats["keep_ratio_per_stage"], "stage_blocks": stats["stage_blocks"],
             "policy": policy.config() if hasattr(policy, "config") else None,
         }
+        if counts:  # K' (patch tokens kept) per stage: histogram in bins of HIST_BIN tokens
+            bins = model.grid_size // HIST_BIN + 1
+            results[spec.label]["kept_tokens_hist"] = {
+                str(b): torch.bincount(c // HIST_BIN, minlength=bins).tolist()
+                for b, c in zip(stats["stage_blocks"], stats["stage_counts"])}
         models[spec.label] = (m, {})
         print(f"{spec.label:>14s}  top-1 {stats['top1']:6.2f}  {gflops:.4f} GFLOPs  keep {stats['keep_ratio']:.3f}",
               flush=True)
@@ -127,9 +143,47 @@ def run(args: argparse.Namespace) -> dict:
         r["flops_ratio"] = base["gflops_per_img"] / r["gflops_per_img"]
         r["speedup"] = r["img_per_s"] / base["img_per_s"]
         r["speedup_b1"] = r["img_per_s_b1"] / base["img_per_s_b1"]
+    kept = kept_masks(models, images[:args.figure_images])
+    models.clear()
     return {"arch": ARCH, "checkpoint": CHECKPOINT, "data": DATA, "n_images": n,
             "preprocessing": {k: cfg[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")},
-            "methods": results}
+            "methods": results, "matched_cost": matched_cost(results), "hist_bin": HIST_BIN,
+            "_kept": kept, "_grid": tuple(model.patch_embed.grid_size),
+            "_figure_images": [denormalize(x, cfg["mean"], cfg["std"]) for x in images[:args.figure_images]],
+            "_figure_labels": [class_names[int(y)] for y in labels[:args.figure_images]]}
+
+
+def kept_masks(models: dict, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The patches alive after the last stage, (n, G) per method of `KEPT_FIGURE`."""
+    out = {}
+    with torch.inference_mode():
+        for label in KEPT_FIGURE:
+            _, info = models[label][0](images, return_info=True)
+            out[label] = info.stages[-1].keep.reshape(images.shape[0], -1).cpu()
+    return out
+
+
+def interpolate(points: list[tuple[float, float]], x: float):
+    """y of a (x, y) curve at x, linearly; None outside the curve's range."""
+    pts = sorted(points)
+    if len(pts) < 2 or not pts[0][0] - 1e-9 <= x <= pts[-1][0] + 1e-9:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def matched_cost(results: dict) -> dict:
+    """{family: {"1.3x": top-1 at 1.3x fewer GFLOPs, ..., "speedup_1.3x": ... measured at batch 64}}."""
+    out = {}
+    for fam in dict.fromkeys(family(k) for k in results if k != "original"):
+        rows = [r for k, r in results.items() if family(k) == fam]
+        out[fam] = {}
+        for c in MATCHED_COST:
+            out[fam][f"{c}x"] = interpolate([(r["flops_ratio"], r["top1"]) for r in rows], c)
+            out[fam][f"speedup_{c}x"] = interpolate([(r["speedup"], r["top1"]) for r in rows], c)
+    return out
 
 
 def plot(out: dict, path: Path) -> None:
@@ -139,11 +193,12 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     res = out["methods"]
-    styles = {"ats": ("C0", "o-"), "topk": ("C1", "s-"), "random": ("C2", "^-"), "attention": ("C3", "d-"),
-              "tome": ("C4", "P-"), "evit": ("C5", "X-")}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    styles = {"ats": ("C0", "o-"), "ats_compound": ("C7", "x"), "ats_single": ("C6", "v--"), "topk": ("C1", "s-"), "random": ("C2", "^-"),
+              "attention": ("C3", "d-"), "tome": ("C4", "P-"), "evit": ("C5", "X-")}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
     for ax, key, xlabel in ((axes[0], "gflops_per_img", "GFLOPs per image (multiply-adds, counted)"),
-                            (axes[1], "speedup", f"measured speedup, batch {out['batch_size']} (img/s over the original's)")):
+                            (axes[1], "speedup", f"measured speedup, batch {out['batch_size']}"),
+                            (axes[2], "speedup_b1", "measured speedup, batch 1")):
         o = res["original"]
         for fam, (color, fmt) in styles.items():
             pts = sorted((r[key], r["top1"], r["top1_se"]) for lab, r in res.items() if family(lab) == fam)
@@ -155,7 +210,7 @@ def plot(out: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].invert_xaxis()  # cheaper to the right, as speedup grows to the right
     axes[0].set_ylabel(f"top-1 % on {out['n_images']} ImageNet val photos (± 1 s.e.)")
-    axes[1].legend(fontsize=8, loc="lower left")
+    axes[2].legend(fontsize=8, loc="lower left")
     fig.suptitle(f"{out['arch']} (timm, augreg in1k) via iared.patch, training-free token reduction; {out['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -170,6 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--flops-images", type=int, default=16, help="GFLOPs averaged over the first N photos")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds at --batch-size")
     ap.add_argument("--repeats-b1", type=int, default=40, help="timed rounds at batch 1")
+    ap.add_argument("--figure-images", type=int, default=8, help="photos in the kept-patches figure")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -201,15 +257,22 @@ def main(argv=None) -> int:
                   f"standard error. gflops_per_img = multiply-adds / 1e9 counted one image at a time on the first "
                   f"{args.flops_images} photos. img_per_s_b64 / img_per_s_b1: median of {args.repeats} / "
                   f"{args.repeats_b1} rounds, every method timed once per round on the same images (the first "
-                  f"64 photos / the first one). ats/topk@rho: multi-stage (blocks 3-11 for 12 blocks), "
-                  f"K = rho * input tokens; random/attention@k: drop at the input, keep ratio k; tome@r: r tokens "
-                  f"merged per block; evit@k: keep rate k at blocks 3, 6, 9, the rest fused into one token."),
+                  f"64 photos / the first one). ats/topk@rho: multi-stage (blocks 3-11), K = max(round(rho * 197), 8) "
+                  f"at every stage; ats_single@K: block 3 only; random/attention@k: drop at the input, keep ratio k; "
+                  f"tome@r: r tokens merged per block; evit@k: keep rate k at blocks 3, 6, 9, the rest fused into one "
+                  f"token. kept_tokens_hist: per stage block, images per bin of {HIST_BIN} kept patch tokens. "
+                  f"matched_cost: top-1 of each family's curve at 1.3/1.5/2x fewer GFLOPs (or measured batch-64 "
+                  f"speedup), linearly interpolated; null outside the curve's range."),
     })
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig = out_dir / "imagenet_vit_tiny_tradeoff.png"
     plot(out, fig)
     out["figure"] = fig.name
+    kept_png = out_dir / "imagenet_vit_tiny_kept.png"
+    save_figure(kept_grid(out.pop("_figure_images"), out.pop("_kept"), out.pop("_grid"), out.pop("_figure_labels"),
+                          title=f"{ARCH}: patches alive after the last stage (corner: kept fraction)"), kept_png)
+    out["figure_kept"] = kept_png.name
     write_json_atomic(out, out_dir / "imagenet_vit_tiny.json")
     print(f"wrote {out_dir / 'imagenet_vit_tiny.json'} and {fig} in {out['wall_s'] / 60:.1f} min")
     return 0

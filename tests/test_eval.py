@@ -139,13 +139,23 @@ def test_eval_method_budgets_out_of_range_are_one_line(tiny_data, iared_file, tm
     for method, says in (("iared@2", "threshold must be in [0, 1], got 2"),
                          ("iared@-0.5", "threshold must be in [0, 1], got -0.5"),
                          ("random@1.5", "keep_ratio must be in (0, 1], got 1.5"),
-                         ("ats@0", "rho must be a number in (0, 16], got 0")):
+                         ("ats@0", "rho must be a number in (0, 16], got 0"),
+                         ("ats@foo=3", "ats has no setting 'foo'")):
         argv = ["eval", "--data", "tiny", "--checkpoint", str(iared_file), "--methods", f"original,{method}",
                 "--json", str(tmp_path / "e.json"), "--no-throughput", "--limit-batches", "1"]
         assert main(argv) == 2, method
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1, err
     assert evaluated == [] and not (tmp_path / "e.json").exists()
+
+
+def test_build_method_takes_one_stage_as_a_number(iared_file):
+    from iared.evaluation.run import build_method, load_for_eval, parse_methods
+    from iared.reduction.policy import available_policies
+
+    model = load_for_eval(str(iared_file))
+    spec = parse_methods("ats@K=8+stages=1", available_policies())[0]
+    assert build_method(model, spec).policy.settings.stages == [1]
 
 
 def test_eval_backbone_runs_original_and_baselines(tiny_data, iared_file, tmp_path, capsys):

@@ -331,6 +331,35 @@ def method_grid(images: Sequence[ArrayLike], heatmaps: Mapping[str, Sequence[Arr
     return fig
 
 
+def kept_grid(images: Sequence[ArrayLike], keeps: Mapping[str, Sequence[ArrayLike]], grid_hw: tuple[int, int],
+              row_labels: Optional[Sequence[str]] = None, title: Optional[str] = None, cell: float = 1.8) -> Figure:
+    """Token-reduction methods side by side, one image per row: the patches each keeps
+    (the ATS paper's Fig. A.5). The corner number is the kept fraction.
+
+    Args:
+        images: N images for display (see `display_image`), all of one size.
+        keeps: method name -> N kept-patch masks (G,) (e.g. the last stage's `keep`).
+        grid_hw: (h, w).
+        row_labels: optional text per row under the image (e.g. the class).
+        title: figure title.
+        cell: inches per panel.
+    """
+    names = list(keeps)
+    for name in names:
+        if len(keeps[name]) != len(images):
+            raise ValueError(f"method {name!r} has {len(keeps[name])} masks for {len(images)} images")
+    fig, axes = _new_figure(len(images), len(names) + 1, cell, title)
+    for i, image in enumerate(images):
+        img = display_image(image)
+        _show(axes[i, 0], img, "image" if i == 0 else None)
+        if row_labels is not None:
+            corner_text(axes[i, 0], row_labels[i])
+        for c, name in enumerate(names):
+            _show(axes[i, c + 1], kept_patches(img, keeps[name][i], grid_hw), name if i == 0 else None)
+            corner_text(axes[i, c + 1], f"{keep_ratio(keeps[name][i]):.2f}")
+    return fig
+
+
 def video_strip(frames: ArrayLike, grid_scores_per_group: Sequence[ArrayLike],
                 keep_masks_per_group: Sequence[ArrayLike], num_frames: int, grid_hw: tuple[int, int],
                 title: Optional[str] = None, cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA,

@@ -63,6 +63,7 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # Columns of a per-method table, shown in this order when any row has them: (key, header, digits).
 METHOD_COLUMNS = (
     ("budget", "budget", 3), ("top1", "top-1 %", 2), ("top1_se", "± s.e.", 2), ("top5", "top-5 %", 2),
+    ("top5_se", "± s.e. ", 2),
     ("clip1_err", "clip-1 err %", 2), ("video1_err", "video-1 err %", 2),
     ("gflops_per_img", "GFLOPs/img", 4), ("gflops_per_clip", "GFLOPs/clip", 3),
     ("img_per_s", "img/s", 1), ("clips_per_s", "clips/s", 2), ("speedup", "speedup", 2),

@@ -205,6 +205,9 @@ def build_method(model: nn.Module, spec: MethodSpec, seed: int = 0, threshold: O
     try:
         return patch(m, policy=spec.name, **settings)
     except (TypeError, ValueError) as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unknown:  # say it in the user's terms, not the constructor's
+            raise UserError(f"method {spec.label!r}: {spec.name} has no setting {unknown.group(1)!r}") from None
         raise UserError(f"method {spec.label!r}: {str(e).splitlines()[0]}") from None
 
 

@@ -355,6 +355,8 @@ class ATSPolicy(TokenPolicy):
                  K: Optional[Union[int, Sequence[int]]] = None, min_k: int = 8, score: str = "cls",
                  select: str = "sample", enforce_cls: bool = True, compound: bool = False):
         super().__init__()
+        if isinstance(stages, int):  # "stages=3": one stage
+            stages = [stages]
         stages = sorted(int(s) for s in (default_stages(depth) if stages is None else stages))
         if not stages or stages[0] < 0 or stages[-1] >= depth:
             raise ValueError(f"ATS stages {stages} must be block indices in 0..{depth - 1}")
