@@ -309,3 +309,29 @@ def test_video_checkpoint_on_a_real_clip(tmp_path, shared_dir, capsys):
     img = _png(tmp_path / "still.png")
     rc, _, err = _run(capsys, "-p", img, "-o", str(out), "--checkpoint", str(ckpt))
     assert rc == 2 and len(err.strip().splitlines()) == 1 and img in err
+
+
+# -- a training-free policy on any backbone ------------------------------------------------
+
+
+@pytest.mark.parametrize("method, heat", [("ats", True), ("topk@0.5", True), ("random@0.5", False)])
+def test_method_interprets_a_plain_backbone(tmp_path, capsys, method, heat):
+    plain = str(_model_file(tmp_path / "plain.safetensors", policy=False))
+    out = tmp_path / method
+    rc, _, err = _run(capsys, "-p", _png(tmp_path / "a.png"), "-o", str(out), "--checkpoint", plain,
+                      "--method", method)
+    assert rc == 0, err
+    rec = json.loads((out / "a" / "scores.json").read_text())
+    assert (rec["scores"] is not None) == heat
+    assert rec["stage_blocks"] == ([1, 2] if method != "random@0.5" else [0])  # ATS: round(3*3/12).. of 3 blocks
+    assert 0 < rec["keep_ratio"] <= 1 and (out / "a" / "panel.png").is_file()
+
+
+def test_plain_backbone_without_method_or_with_a_bad_one_is_one_line(tmp_path, capsys):
+    plain = str(_model_file(tmp_path / "plain.safetensors", policy=False))
+    image = _png(tmp_path / "a.png")
+    for extra, says in (([], "pass --method ats"), (["--method", "iared"], "one training-free policy"),
+                        (["--method", "ats,topk"], "one training-free policy"),
+                        (["--method", "ats@foo=1"], "ats has no setting 'foo'")):
+        rc, _, err = _run(capsys, "-p", image, "-o", str(tmp_path / "o"), "--checkpoint", plain, *extra)
+        assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, err

@@ -173,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("interpret", help="per-group heatmaps, overlays and kept patches for images")
     p.add_argument("-p", "--path", dest="paths", action="append", required=True, help="an image (repeatable)")
     p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--checkpoint", required=True, help="IA-RED² model file")
+    p.add_argument("--checkpoint", required=True,
+                   help="IA-RED² model file, or any backbone with --method (timm .safetensors, .pth with --arch)")
+    p.add_argument("--method", default=None,
+                   help="interpret a training-free policy on the backbone instead, e.g. ats, topk@0.6, random@0.65")
+    p.add_argument("--arch", default=None, help="registry name: needed when --checkpoint is a plain state dict")
     p.add_argument("--cmap", default="jet", help="matplotlib colormap of the heatmaps (default jet)")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay (default 0.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -341,7 +345,7 @@ def _cmd_interpret(args) -> int:
     if args.cmap not in matplotlib.colormaps:
         raise UserError(f"unknown colormap {args.cmap!r} for --cmap")
     options = InterpretOptions(paths=tuple(args.paths), out=args.out, checkpoint=args.checkpoint,
-                               device=args.device, cmap=args.cmap, alpha=args.alpha,
+                               method=args.method, arch=args.arch, device=args.device, cmap=args.cmap, alpha=args.alpha,
                                progress=not args.no_progress)
     # A bad input is one line naming it; the others are still processed, exit code 2 at the end.
     result = interpret(options, log=lambda line: tqdm.write(f"iared interpret: error: {line}", file=sys.stderr))

@@ -12,7 +12,13 @@ every input it runs the model once (greedy interpreters, as at inference) and wr
   tokens dropped by an earlier group score 0), the grid shape, the kept masks and kept
   ratios per group, and the predicted class (name, index, probability) with the top 5.
 
-A ToMe model file (policy "tome") has no scores; it is interpreted by its merges instead:
+Any other backbone (an iared model file, a timm-layout `.safetensors` file, or a `.pth` with
+`arch`) is interpreted through a training-free policy given as `method` (`--method ats`,
+`topk@0.6`, `random@0.65`, `tome@12`, ... as in `iared eval`): `panel.png` then has one
+column per stage, the policy's scores as a heatmap where it has them (ATS, top-K,
+attention), else the patches it keeps (random, EViT).
+
+A ToMe model (policy "tome") has no scores; it is interpreted by its merges instead:
 `panel.png` shows the input, each patch in the mean colour of the merged token covering it
 after the last block (token borders drawn), and the patches whose own token is still
 there; `scores.json` has `"scores": null`, a kept mask per block, and `"merged_into"`, the
@@ -45,7 +51,8 @@ from .backbones.checkpoint import CheckpointError
 from .data.base import normalize
 from .data.images import load_image, resize_center_crop, to_tensor
 from .errors import UserError
-from .evaluation.figures import atomic_write_bytes, figure_png, heatmap_panel, keep_ratio, merge_panel, video_strip
+from .evaluation.figures import (atomic_write_bytes, figure_png, heatmap_panel, keep_ratio, kept_grid, merge_panel,
+                                 video_strip)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 # Models whose input side is at least this are taken as photo models (ImageNet-like):
@@ -60,7 +67,9 @@ class InterpretOptions:
 
     paths: tuple[str, ...]          # images (or videos, for a video checkpoint)
     out: str                        # output folder (created)
-    checkpoint: str                 # IA-RED² model file written by `iared.save_model`
+    checkpoint: str                 # IA-RED² model file, or any backbone with `method`
+    method: Optional[str] = None    # a training-free policy to interpret (e.g. "ats", "topk@0.6")
+    arch: Optional[str] = None      # registry arch of a foreign checkpoint (see `iared eval --arch`)
     device: str = "cpu"             # torch device
     cmap: str = "jet"               # heatmap colormap
     alpha: float = 0.5              # heatmap weight in the overlay
@@ -134,35 +143,54 @@ def data_config(meta: dict[str, Any], model: nn.Module) -> InputConfig:
                        class_names=tuple(str(c) for c in data.get("class_names", ())), num_frames=num_frames)
 
 
-def load_interpreter(checkpoint: str, device: str = "cpu") -> tuple[nn.Module, InputConfig]:
+def load_interpreter(checkpoint: str, device: str = "cpu", method: Optional[str] = None,
+                     arch: Optional[str] = None) -> tuple[nn.Module, InputConfig]:
     """Load an IA-RED² model file and check it has interpreters that score tokens (or ToMe,
-    which is then set to trace its merges).
+    which is then set to trace its merges); with `method`, load any backbone and patch it
+    with that training-free policy instead.
 
     Raises:
         UserError: missing/truncated/unsafe file, no iared metadata, metadata that does
             not build a model or does not fit the weights, or a model without IA-RED²
-            interpreters (one-line messages naming the file).
+            interpreters and no `method` (one-line messages naming the file).
     """
     from .models import load_model
 
-    try:
-        model = load_model(checkpoint)
-    except UserError as e:
-        if str(checkpoint) in str(e):
-            raise
-        raise type(e)(f"{checkpoint}: {e}") from None  # say which file (e.g. weights that do not fit)
-    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
-        # Metadata that names an unknown architecture, bad config fields, and the like.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot build the model of {checkpoint}: {first}") from None
-    policy = model.model_meta.get("policy") or {}
-    if policy.get("name") == "tome":
+    if method is not None:
+        model = _with_method(checkpoint, method, arch)
+    else:
+        try:
+            model = load_model(checkpoint)
+        except UserError as e:
+            if str(checkpoint) in str(e):
+                raise
+            raise type(e)(f"{checkpoint}: {e}") from None  # say which file (e.g. weights that do not fit)
+        except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
+            # Metadata that names an unknown architecture, bad config fields, and the like.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot build the model of {checkpoint}: {first}") from None
+        policy = model.model_meta.get("policy") or {}
+        if policy.get("name") not in ("iared", "tome"):
+            raise UserError(f"{checkpoint} has no IA-RED² interpreters (policy: {policy.get('name')}); "
+                            "train one with `iared train`, or pass --method ats (topk, random, ...)")
+    if getattr(getattr(model, "policy", None), "name", None) == "tome":
         model.policy.trace_source = True  # the merges are what there is to show
-    elif policy.get("name") != "iared":
-        raise UserError(f"{checkpoint} has no IA-RED² interpreters (policy: {policy.get('name')}); "
-                        "train one with `iared train`")
     cfg = data_config(model.model_meta, model)
     return model.to(device).eval(), cfg
+
+
+def _with_method(checkpoint: str, method: str, arch: Optional[str]) -> nn.Module:
+    """`checkpoint`'s backbone patched with the one training-free policy `method` names."""
+    from .evaluation.run import build_method, load_for_eval, parse_methods
+    from .reduction.policy import available_policies
+
+    specs = parse_methods(method, available_policies())
+    if len(specs) != 1 or specs[0].name in ("original", "iared"):
+        raise UserError(f"--method takes one training-free policy (e.g. ats, topk@0.6, random@0.65), got {method!r}")
+    base = load_for_eval(checkpoint, arch)
+    model = build_method(base, specs[0])
+    model.model_meta = getattr(base, "model_meta", {})
+    return model
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -231,13 +259,16 @@ def run_interpreters(model: nn.Module, x: Tensor) -> dict[str, Any]:
     """
     device = next(model.parameters()).device
     logits, info = model(x.unsqueeze(0).to(device), return_info=True)
-    out = {"keep": [s.keep[0].cpu() for s in info.stages], "probs": logits[0].float().softmax(-1).cpu()}
+    out = {"keep": [s.keep[0].cpu() for s in info.stages], "probs": logits[0].float().softmax(-1).cpu(),
+           "blocks": [s.block for s in info.stages]}
     scores = [s.scores for s in info.stages]
     if scores and all(s is not None for s in scores):
         return {**out, "scores": [s[0].float().cpu() for s in scores]}
     if scores and "owner" in info.stages[-1].extras:
         return {**out, "scores": None, "owner": info.stages[-1].extras["owner"][0].cpu()}
-    raise UserError("the checkpoint's policy records no informative scores")
+    if scores:  # a policy that keeps without scoring (random) or not at every stage: kept patches only
+        return {**out, "scores": None}
+    raise UserError("the model's policy records no stage")
 
 
 def prediction(probs: Tensor, class_names: Sequence[str], k: int = 5) -> dict[str, Any]:
@@ -280,6 +311,7 @@ def scores_record(out: dict[str, Any], grid_shape: Sequence[int], pred: dict[str
         "grid_shape": list(grid_shape),
         "grid_order": order or "row-major (row * w + col)",
         "groups": len(out["keep"]),
+        "stage_blocks": out.get("blocks"),
         "scores": None if out["scores"] is None else
                   [np.round(shaped(s).numpy().astype(np.float64), 6).tolist() for s in out["scores"]],
         "keep": [shaped(k.to(torch.int64)).tolist() for k in out["keep"]],
@@ -350,9 +382,15 @@ def interpret_one(model: nn.Module, cfg: InputConfig, source: str, out_dir: Path
         fig = video_strip(shown, out["scores"], out["keep"], cfg.num_frames, (h, w), title=_title(source, pred),
                           cmap=options.cmap, alpha=options.alpha)
         fig_name = "frames.png"
+    elif out["scores"] is None:
+        fig = kept_grid([shown], {f"block {b}": [k] for b, k in zip(out["blocks"], out["keep"])}, (h, w),
+                        title=_title(source, pred))
+        fig_name = "panel.png"
     else:
+        foreign = options.method is not None  # a training-free policy's scores have no fixed scale
         fig = heatmap_panel(shown, out["scores"], out["keep"], (h, w), title=_title(source, pred),
-                            cmap=options.cmap, alpha=options.alpha)
+                            cmap=options.cmap, alpha=options.alpha, normalize=foreign,
+                            labels=[f"block {b}" for b in out["blocks"]] if foreign else None)
         fig_name = "panel.png"
     png = figure_png(fig, options.dpi)  # rendered before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -376,7 +414,7 @@ def interpret(options: InterpretOptions, log: Optional[Callable[[str], None]] = 
     """
     from tqdm import tqdm
 
-    model, cfg = load_interpreter(options.checkpoint, options.device)
+    model, cfg = load_interpreter(options.checkpoint, options.device, options.method, options.arch)
     out_root = Path(options.out)
     try:
         out_root.mkdir(parents=True, exist_ok=True)

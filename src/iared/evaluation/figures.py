@@ -228,7 +228,7 @@ def _show(ax, img: np.ndarray, label: Optional[str] = None) -> None:
 def heatmap_panel(image: ArrayLike, grid_scores_per_group: Sequence[ArrayLike],
                   keep_masks_per_group: Sequence[ArrayLike], grid_hw: tuple[int, int],
                   title: Optional[str] = None, cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA,
-                  cell: float = 2.2) -> Figure:
+                  cell: float = 2.2, labels: Optional[Sequence[str]] = None, normalize: bool = False) -> Figure:
     """One row: the image, one heatmap overlay per group, and the patches finally kept.
 
     Each overlay carries in its upper-left corner the ratio of the full grid kept after
@@ -243,6 +243,9 @@ def heatmap_panel(image: ArrayLike, grid_scores_per_group: Sequence[ArrayLike],
         title: figure title (e.g. the prediction).
         cmap, alpha: heatmap colormap and blend weight.
         cell: inches per panel.
+        labels: one column title per group (default "group 1", "group 2", ...).
+        normalize: min-max normalise each map (scores without a fixed scale, e.g. ATS's,
+            which sum to 1 over the tokens); IA-RED²'s are drawn on [0, 1].
 
     Returns:
         The figure (save it with `save_figure`).
@@ -256,7 +259,8 @@ def heatmap_panel(image: ArrayLike, grid_scores_per_group: Sequence[ArrayLike],
     _show(axes[0, 0], img, "input")
     for j, (scores, keep) in enumerate(zip(grid_scores_per_group, keep_masks_per_group)):
         ax = axes[0, j + 1]
-        _show(ax, overlay(img, grid_heatmap(scores, grid_hw, (H, W)), cmap, alpha), f"group {j + 1}")
+        label = labels[j] if labels is not None else f"group {j + 1}"
+        _show(ax, overlay(img, grid_heatmap(scores, grid_hw, (H, W), normalize=normalize), cmap, alpha), label)
         corner_text(ax, f"{keep_ratio(keep):.2f}")
     ax = axes[0, D + 1]
     if D:
