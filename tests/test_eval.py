@@ -72,7 +72,11 @@ def test_parse_methods():
     assert specs[2].settings == {"K": 48, "stages": [1, 2]}
     assert specs[3].settings == {"keep_ratio": 0.5} and specs[4].settings == {"threshold": 0.6}
     assert specs[5].settings == {"block": 0}
-    for bad in ("nope", "original@0.5", "ats,ats", "", "ats@x"):
+    # a comma inside a setting's list is not a method separator
+    specs = parse_methods("ats@K=48+stages=2,3,topk@K=8,4+stages=1,2,random", available_policies())
+    assert [s.label for s in specs] == ["ats@K=48+stages=2,3", "topk@K=8,4+stages=1,2", "random"]
+    assert specs[0].settings == {"K": 48, "stages": [2, 3]} and specs[1].settings == {"K": [8, 4], "stages": [1, 2]}
+    for bad in ("nope", "original@0.5", "ats,ats", "", "ats@x", "ats,3", "ats@0.5,3"):
         with pytest.raises(UserError):
             parse_methods(bad, available_policies())
 

@@ -175,3 +175,31 @@ def test_starting_over_removes_the_earlier_runs_checkpoints(tmp_path, backbone, 
     assert "is complete: nothing left to train" in capfd.readouterr().err
     again = read_checkpoint(out / "model.safetensors")
     assert second.keys() == again.keys() and all(torch.equal(second[k], again[k]) for k in second)
+
+
+@pytest.mark.parametrize("case", ["bad_data", "unknown_arch", "truncated_init"])
+def test_train_backbone_early_error_leaves_no_out_folder(tmp_path, capsys, case):
+    out = tmp_path / "out"
+    args = ["train-backbone", "--data", DATA, "--arch", "vit_custom", "--out", str(out), "--embed-dim", "16",
+            "--depth", "2", "--heads", "2", "--epochs", "1", "--limit-batches", "1", "--no-progress"]
+    if case == "bad_data":
+        args[args.index("--data") + 1] = f"imagefolder:{tmp_path / 'nope'}"
+    elif case == "unknown_arch":
+        args[args.index("--arch") + 1] = "vit_nope"
+    else:
+        (tmp_path / "init.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+        args += ["--init", str(tmp_path / "init.safetensors")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iared train-backbone: error:"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train-backbone", "eval"])
+def test_negative_workers_is_a_usage_error(command, capsys):
+    argv = {"train-backbone": ["train-backbone", "--data", DATA, "--arch", "vit_custom", "--out", "x"],
+            "eval": ["eval", "--data", DATA, "--checkpoint", "c", "--json", "j"]}[command]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--workers", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--workers: expected a non-negative integer" in err[0], err

@@ -86,3 +86,28 @@ def test_cli_train_under_torchrun(tmp_path):
                  "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert iared.load_model(tmp_path / "ia" / "model.safetensors").policy.groups == 1
+
+
+def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path):
+    """Whether one rank (an --out that is a file: only rank 0 creates folders) or every rank
+    (--groups that does not divide the depth) finds the mistake: one line, exit 2 on every
+    rank, no rank left in a collective call, no traceback through our code."""
+    torch.manual_seed(0)
+    model = iared.create_model("vit_custom", img_size=48, patch_size=8, in_chans=1, num_classes=10,
+                               embed_dim=16, depth=2, num_heads=2)
+    iared.save_model(model, tmp_path / "bb.safetensors", arch="vit_custom")
+    (tmp_path / "a_file").write_text("not a folder")
+    base = ["-m", "iared.cli", "train", "--data", "cluttered-digits", "--checkpoint", str(tmp_path / "bb.safetensors"),
+            "--epochs", "1", "--limit-batches", "1", "--batch-size", "4", "--val-size", "8", "--device", "cpu",
+            "--no-progress"]
+    for extra, says in ((["--groups", "1", "--out", str(tmp_path / "a_file")], "output folder"),
+                        (["--groups", "3", "--out", str(tmp_path / "o")], "does not divide the backbone's depth"),
+                        (["--groups", "1", "--out", str(tmp_path / "o"), "--workers", "-1"], "non-negative integer")):
+        r = _launch(base + extra, tmp_path)
+        assert r.returncode != 0
+        ours = [line for line in r.stderr.splitlines() if line.startswith("iared train")]
+        assert len(ours) == 1 and says in ours[0], r.stderr[-3000:]
+        assert "exitcode  : 2" in r.stderr and "exitcode  : 1" not in r.stderr, r.stderr[-3000:]
+        assert not any("/iared/" in line and line.strip().startswith("File ") for line in r.stderr.splitlines()), \
+            r.stderr[-3000:]
+    assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .errors import UserError
+from .errors import ErrorOnOtherRank, UserError, prints_here
 
 
 def _device(name: Optional[str]) -> str:
@@ -43,6 +43,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
     return v
 
 
@@ -77,7 +87,7 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=_POSITIVE, default=None)
     p.add_argument("--limit-batches", type=_positive_int, default=None,
                    help="stop each epoch after N batches (tiny runs and tests)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--workers", type=_nonneg_int, default=0, help="data-loading worker processes")
     p.add_argument("--val-size", type=_positive_int, default=None, help="validate on the first N items")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -88,7 +98,7 @@ class _Parser(argparse.ArgumentParser):
     instead of the whole usage text; sub-command parsers inherit it."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if prints_here() else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as for `iared bench speed`: glibc keeps freed memory for reuse (default), or as is")
     p.add_argument("--mean", default=None, help="input normalisation mean, comma-separated (default: model file's)")
     p.add_argument("--std", default=None, help="input normalisation std, comma-separated")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--workers", type=_nonneg_int, default=0, help="data-loading worker processes")
     _common(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -414,7 +424,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.device = _device(getattr(args, "device", None))
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        if prints_here() and not isinstance(e, ErrorOnOtherRank):
+            print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)

@@ -58,6 +58,8 @@ def _value(text: str) -> Any:
     rng = re.fullmatch(r"(\d+)-(\d+)", text)
     if rng:  # "3-11": the blocks 3..11
         return list(range(int(rng.group(1)), int(rng.group(2)) + 1))
+    if "," in text:  # "2,3": a list (of blocks, or of one K per stage)
+        return [_value(v) for v in text.split(",")]
     for cast in (int, float):
         try:
             return cast(text)
@@ -68,6 +70,18 @@ def _value(text: str) -> Any:
     if text.lower() == "none":
         return None
     raise UserError(f"cannot read method setting value {text!r}")
+
+
+def _method_labels(text: str) -> list[str]:
+    """Split `--methods` at its commas, except those inside a setting's list of numbers:
+    a part starting with a digit continues the setting before it ("ats@stages=2,3")."""
+    labels: list[str] = []
+    for part in (t.strip() for t in text.split(",")):
+        if part[:1].isdigit() and labels and "=" in labels[-1]:
+            labels[-1] += "," + part
+        elif part:
+            labels.append(part)
+    return labels
 
 
 def parse_methods(text: str, available: Sequence[str]) -> list[MethodSpec]:
@@ -84,9 +98,7 @@ def parse_methods(text: str, available: Sequence[str]) -> list[MethodSpec]:
         UserError: empty list, unknown method, duplicate entry, or a malformed knob.
     """
     specs: list[MethodSpec] = []
-    for label in (t.strip() for t in text.split(",")):
-        if not label:
-            continue
+    for label in _method_labels(text):
         name, _, knob = label.partition("@")
         name = name.strip()
         if name != "original" and name not in available:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from ..backbones.registry import create_model, list_models
 from ..errors import UserError
 from ..models import save_model
-from .distributed import DistInfo, barrier, broadcast_parameters, device_for, distributed
+from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_for, distributed
 from .loop import LoopOptions, Stage, run_stages
 from .setup import check_output_dir, data_info_dict, load_data, write_json
 
@@ -162,16 +162,21 @@ def train_backbone(options: BackboneOptions) -> dict[str, Any]:
 def _train_backbone(options: BackboneOptions, dist_info: DistInfo) -> dict[str, Any]:
     t0 = time.time()
     out = Path(options.out)
-    if dist_info.is_main:
-        check_output_dir(out)
-    train = load_data(options.data, "train", options.seed)
-    val = load_data(options.data, "val", options.seed)
+
+    def prepare():
+        train = load_data(options.data, "train", options.seed)
+        val = load_data(options.data, "val", options.seed)
+        torch.manual_seed(options.seed)
+        model, overrides = build_backbone(options.arch, train.info, options.embed_dim, options.depth,
+                                          options.num_heads, options.patch_size)
+        if options.init:
+            _load_init(model, options.init)
+        if dist_info.is_main:
+            check_output_dir(out)  # last: a bad argument leaves no empty folder behind
+        return train, val, model, overrides
+
+    train, val, model, overrides = agree(dist_info, prepare)
     info = train.info
-    torch.manual_seed(options.seed)
-    model, overrides = build_backbone(options.arch, info, options.embed_dim, options.depth, options.num_heads,
-                                      options.patch_size)
-    if options.init:
-        _load_init(model, options.init)
     device = device_for(options.device, dist_info)
     model.to(device)
     broadcast_parameters(model, dist_info)

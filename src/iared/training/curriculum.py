@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..models import load_model, read_model_meta, save_model
 from ..patch import patch
 from .backbone import build_backbone
-from .distributed import DistInfo, barrier, broadcast_parameters, device_for, distributed
+from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_for, distributed
 from .finetune import finetune_step
 from .loop import LoopOptions, Stage, evaluate, run_stages
 from .reinforce import group_modes, reinforce_step
@@ -198,14 +198,19 @@ def train_iared(options: TrainOptions) -> dict[str, Any]:
 def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
     t0 = time.time()
     out = Path(options.out)
-    train = load_data(options.data, "train", options.seed)
-    val = load_data(options.data, "val", options.seed)
-    model, arch, data_meta = load_backbone(options.checkpoint, options.arch, train.info)
-    depth = model.config.depth
-    if depth % options.groups:
-        raise UserError(f"--groups {options.groups} does not divide the backbone's depth {depth}")
-    if dist_info.is_main:
-        check_output_dir(out)
+
+    def prepare():
+        train = load_data(options.data, "train", options.seed)
+        val = load_data(options.data, "val", options.seed)
+        model, arch, data_meta = load_backbone(options.checkpoint, options.arch, train.info)
+        depth = model.config.depth
+        if depth % options.groups:
+            raise UserError(f"--groups {options.groups} does not divide the backbone's depth {depth}")
+        if dist_info.is_main:
+            check_output_dir(out)
+        return train, val, model, arch, data_meta
+
+    train, val, model, arch, data_meta = agree(dist_info, prepare)
     torch.manual_seed(options.seed)  # interpreter initialisation
     patch(model, policy="iared", groups=options.groups)
     device = device_for(options.device, dist_info)

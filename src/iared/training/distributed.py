@@ -14,11 +14,15 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from ..errors import ErrorOnOtherRank, UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -104,3 +108,27 @@ def distributed(device: str) -> Iterator[DistInfo]:
         yield info
     finally:
         cleanup(info)
+
+
+def agree(info: DistInfo, fn: Callable[[], T]) -> T:
+    """Run the checks and set-up `fn` on every rank, then agree on the verdict.
+
+    If `fn` raises a `UserError` on any rank, every rank raises one: rank 0 with the
+    first failing rank's message (the CLI prints it once), the others an
+    `ErrorOnOtherRank` the CLI does not print. So no rank is left waiting in a collective
+    call for a rank that gave up, and a user error under torchrun is one line, exit 2.
+    """
+    error = None
+    try:
+        result = fn()
+    except UserError as e:
+        error = e
+    if info.enabled:
+        messages: list = [None] * info.world_size
+        dist.all_gather_object(messages, None if error is None else str(error))
+        first = next((m for m in messages if m is not None), None)
+        if first is not None:
+            raise UserError(first) if info.is_main else ErrorOnOtherRank(first)
+    if error is not None:
+        raise error
+    return result

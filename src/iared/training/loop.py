@@ -300,6 +300,7 @@ def run_stages(model: nn.Module, stages: list[Stage], val_data: Optional[Dataset
     """
     device = torch.device(options.device if options.device != "cuda" else f"cuda:{dist_info.local_rank}")
     run_config = run_config or {}
+    say = log if dist_info.is_main else (lambda line: None)  # one line per run, not one per rank
     state = load_latest(options.out) if resume else None
     if state is not None:
         _check_config(state.get("run_config", {}), run_config)
@@ -308,15 +309,15 @@ def run_stages(model: nn.Module, stages: list[Stage], val_data: Optional[Dataset
         pos = dict(state["position"])
         history = state["history"]
         if pos["stage"] >= len(stages):
-            log(f"the run in {options.out} is complete: nothing left to train (outputs written again)")
+            say(f"the run in {options.out} is complete: nothing left to train (outputs written again)")
         else:
-            log(f"resuming at stage {pos['stage'] + 1}/{len(stages)}, epoch {pos['epoch']}, step {pos['step']}")
+            say(f"resuming at stage {pos['stage'] + 1}/{len(stages)}, epoch {pos['epoch']}, step {pos['step']}")
     else:
         stale = list_checkpoints(options.out) if not resume and dist_info.is_main else []
         if stale:
             # Starting over: the earlier run's checkpoints go, or a later --resume would pick up
             # the newest step, theirs, and continue that run instead of this one.
-            log(f"{options.out} held {len(stale)} checkpoint(s) of an earlier run: removed, starting over "
+            say(f"{options.out} held {len(stale)} checkpoint(s) of an earlier run: removed, starting over "
                 f"(--resume continues a run)")
             for path in stale:
                 path.unlink(missing_ok=True)
