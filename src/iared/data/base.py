@@ -8,6 +8,8 @@ where the data has masks) and which carries a `DataInfo` at `.info`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import abc
 import logging
 from dataclasses import dataclass
@@ -46,6 +48,27 @@ class DataInfo:
     has_masks: bool                 # items carry a "mask" (foreground pixels) for segmentation
     indexed: bool = False           # labels are given indices into a model's classes (labels.tsv,
                                     # classes.tsv): a head with more classes than the data is fine
+
+
+def read_table(path, what: str = "") -> list[list[str]]:
+    """The rows of a tab-separated UTF-8 text file (`labels.tsv`, `classes.tsv`, ...).
+
+    Raises:
+        DataError: unreadable, not UTF-8 text, or not a table (e.g. NUL bytes), naming the file.
+    """
+    import csv
+    import io
+
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what}{path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{what}cannot read {path}: {e.strerror or e}") from None
+    try:
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter="\t"))
+    except csv.Error as e:
+        raise DataError(f"{what}{path} is not a tab-separated table: {e}") from None
 
 
 def check_split(split: str) -> str:

@@ -9,7 +9,6 @@ seeks), and pickling drops the handle so spawned workers reopen it too.
 
 from __future__ import annotations
 
-import csv
 import os
 import zipfile
 import zlib
@@ -19,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .base import DataError, DataInfo, SkipBadMixin, carve_split, check_split, normalize
+from .base import DataError, DataInfo, SkipBadMixin, carve_split, check_split, normalize, read_table
 from .images import FILTERS, ImageError, load_image, resize_center_crop, to_tensor
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -200,7 +199,7 @@ def cifar10(path: str, split: str = "train", split_seed: int = 0, img_size: Opti
 def _read_synsets(path: Path) -> tuple[list[str], list[str]]:
     """wnids and short names from a `synset_words.txt` ("n01440764 tench, Tinca tinca")."""
     wnids, names = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in ("\t".join(r) for r in read_table(path, "imagefolder: ")):
         if line.strip():
             wnid, _, text = line.strip().partition(" ")
             wnids.append(wnid)
@@ -217,13 +216,12 @@ def _read_labels_tsv(root: Path) -> tuple[list[tuple[str, int]], tuple[str, ...]
     taken as the header. The third value says whether the classes were given as indices.
     """
     rows = []
-    with open(root / "labels.tsv", newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
-            if not any(c.strip() for c in row):
-                continue  # blank line
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise DataError(f"imagefolder: {root / 'labels.tsv'} line {n}: expected file<TAB>class, got {row!r}")
-            rows.append((row[0].strip(), row[1].strip()))
+    for n, row in enumerate(read_table(root / "labels.tsv", "imagefolder: "), start=1):
+        if not any(c.strip() for c in row):
+            continue  # blank line
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise DataError(f"imagefolder: {root / 'labels.tsv'} line {n}: expected file<TAB>class, got {row!r}")
+        rows.append((row[0].strip(), row[1].strip()))
     if rows and not rows[0][1].lstrip("-").isdigit() and rows[0][1].lower().startswith("class"):
         rows = rows[1:]
     if not rows:
@@ -260,8 +258,7 @@ def _read_classes_tsv(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
     model's classes (`class_index`) and optionally a `name`, as Imagenette ships:
     `n01440764<TAB>0<TAB>tench, Tinca tinca`.
     """
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f, delimiter="\t") if r and any(c.strip() for c in r)]
+    rows = [r for r in read_table(path, "imagefolder: ") if r and any(c.strip() for c in r)]
     if not rows or len(rows[0]) < 2:
         raise DataError(f"imagefolder: {path} needs a header and rows of folder<TAB>class_index")
     index: dict[str, int] = {}

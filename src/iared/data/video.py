@@ -27,7 +27,6 @@ moving-fashion
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import os
@@ -42,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from .base import DataError, DataInfo, check_split
+from .base import DataError, DataInfo, check_split, read_table
 from .idx import default_fashion_dir, load_idx_split
 
 
@@ -347,8 +346,7 @@ def read_video_labels(root: Path, split: str) -> list[tuple[str, str]]:
     for cand in (root / split / "labels.tsv", root / "labels.tsv"):
         if cand.is_file():
             base = cand.parent
-            with open(cand, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.reader(fh, delimiter="\t") if r and r[0].strip() and not r[0].startswith("#")]
+            rows = [r for r in read_table(cand) if r and r[0].strip() and not r[0].startswith("#")]
             bad = [r for r in rows if len(r) < 2]
             if bad:
                 raise DataError(f"{cand}: expected 'filename<TAB>label' per line, got {bad[0]!r}")
