@@ -168,3 +168,13 @@ def test_real_vit_tiny_file_carries_timms_transform(shared_dir):
     want = np.asarray(img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + 224, top + 224)), np.float32)
     want = torch.from_numpy((want / 255 - 0.5) / 0.5).permute(2, 0, 1)
     assert torch.allclose(ds[0]["image"], want, atol=1e-6)
+
+
+def test_model_file_with_bad_metadata_is_a_checkpoint_error(tmp_path):
+    m = _small_tiny()
+    for meta, says in (({"iared": "{not json"}, "not JSON"), ({"iared": '{"arch": 3}'}, "lacks the arch"),
+                       ({"iared": '{"arch": "vit_custom", "config": {"avtn_scale": 1}}'}, "cannot build the model"),
+                       ({"iared": '{"arch": "vit_nope", "config": {}}'}, "cannot build the model")):
+        save_safetensors(m.state_dict(), tmp_path / "m.safetensors", metadata=meta)
+        with pytest.raises(iared.CheckpointError, match=says):
+            iared.load_model(tmp_path / "m.safetensors")

@@ -64,22 +64,34 @@ def read_model_meta(path: PathLike) -> dict[str, Any]:
     meta = read_metadata(path).get("iared")
     if meta is None:
         raise CheckpointError(f"{path} has no iared metadata: load it with iared.load_pretrained into a backbone")
-    return json.loads(meta)
+    try:
+        meta = json.loads(meta)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its iared metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), str) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: its iared metadata lacks the arch and config that rebuild the model")
+    return meta
 
 
 def load_model(path: PathLike, map_location: str = "cpu") -> nn.Module:
     """Rebuild a model written by `save_model`: backbone, policy and weights, in eval mode."""
     meta = read_model_meta(path)
-    model = create_model(meta["arch"], **meta["config"])
-    if meta.get("policy"):
-        cfg = dict(meta["policy"])
-        patch(model, policy=cfg.pop("name"), **cfg)
+    try:
+        model = create_model(meta["arch"], **meta["config"])
+        if meta.get("policy"):
+            cfg = dict(meta["policy"])
+            patch(model, policy=cfg.pop("name"), **cfg)
+        data = dict(meta.get("data") or {})
+        means = {k: tuple(float(v) for v in data[k]) for k in ("mean", "std") if data.get(k) is not None}
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        # Metadata that names an unknown arch or policy, bad config fields, and the like.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot build the model of {path}: {first}") from None
     sd = read_checkpoint(path)
     load_into(model, sd, strict=True)
     # Preprocessing: the arch's defaults, then the data it was trained on (files written
     # before the preprocessing was recorded), then what the file records.
-    data = meta.get("data") or {}
-    model.pretrained_cfg.update({k: tuple(data[k]) for k in ("mean", "std") if data.get(k) is not None})
+    model.pretrained_cfg.update(means)
     model.pretrained_cfg.update(read_preprocess(path))
     model.model_meta = meta  # plain attribute: where the model came from (data config, ...)
     return model.to(map_location).eval()
