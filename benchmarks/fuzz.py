@@ -67,11 +67,17 @@ def main(argv=None) -> int:
         print(f"fuzzing {name} for {args.seconds} s", flush=True)
         results[name] = run_target(name, args.seconds, out)
         print(f"  {results[name]['inputs']} inputs, {results[name]['failures_found']} failures found", flush=True)
-    import atheris  # noqa: F401  (its version goes into the record)
     from importlib.metadata import version
 
-    doc = {"command": shlex.join(["python", "benchmarks/fuzz.py"] + list(sys.argv[1:] if argv is None else argv)),
-           "atheris": version("atheris"), "python": sys.version.split()[0], "targets": results,
+    command = shlex.join(["python", "benchmarks/fuzz.py"] + list(sys.argv[1:] if argv is None else argv))
+    for r in results.values():
+        r["command"] = command
+    # Targets not run this time keep their last record (each says which command made it).
+    old = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+    previous = {name: {"command": old.get("command"), **r} for name, r in old.get("targets", {}).items()}
+    targets = {name: results.get(name, previous.get(name)) for name in TARGETS if name in results or name in previous}
+    doc = {"command": command,
+           "atheris": version("atheris"), "python": sys.version.split()[0], "targets": targets,
            "notes": "inputs: libFuzzer executions in the run; each target accepts only a result or an "
                     "iared.errors.UserError (one line, exit 2 in the CLI). failures_found = failing inputs of this "
                     "run + crash-* regression inputs in tests/fuzz/corpus (found earlier, fixed: failures_fixed)."}

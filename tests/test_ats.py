@@ -10,19 +10,7 @@ from iared.backbones.vit import Block
 from iared.reduction.ats import (ATSBlock, budget_k, default_stages, inverse_transform_sample, sampling_quantiles,
                                  significance_scores, topk_keep)
 
-
-def tiny(depth=6, **kw):
-    torch.manual_seed(0)
-    cfg = dict(img_size=32, patch_size=4, embed_dim=32, depth=depth, num_heads=2, num_classes=10)
-    return iared.create_model("vit_custom", **{**cfg, **kw}).eval()
-
-
-def peaked(model, sharpness=8.0):
-    """Make attention non-uniform (random init attends almost uniformly, so ATS keeps K'=K)."""
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(sharpness)
-    return model
+from helpers import peaked, tiny
 
 
 # -- the math ---------------------------------------------------------------------------

@@ -76,7 +76,9 @@ def test_parse_methods():
     specs = parse_methods("ats@K=48+stages=2,3,topk@K=8,4+stages=1,2,random", available_policies())
     assert [s.label for s in specs] == ["ats@K=48+stages=2,3", "topk@K=8,4+stages=1,2", "random"]
     assert specs[0].settings == {"K": 48, "stages": [2, 3]} and specs[1].settings == {"K": [8, 4], "stages": [1, 2]}
-    for bad in ("nope", "original@0.5", "ats,ats", "", "ats@x", "ats,3", "ats@0.5,3"):
+    # a range is a short list of blocks (found by fuzzing: "0-7777777777" allocated without end)
+    for bad in ("nope", "original@0.5", "ats,ats", "", "ats@x", "ats,3", "ats@0.5,3", "ats@0-99999999999",
+                "ats@stages=5-2"):
         with pytest.raises(UserError):
             parse_methods(bad, available_policies())
 

@@ -17,19 +17,7 @@ from iared.reduction.evit import (EViTBlock, cls_attentiveness, default_stages, 
                                   keep_count)
 from iared.reduction.functional import apply_keep, to_grid
 
-
-def tiny(depth=6, **kw):
-    torch.manual_seed(0)
-    cfg = dict(img_size=32, patch_size=4, embed_dim=32, depth=depth, num_heads=2, num_classes=10)
-    return iared.create_model("vit_custom", **{**cfg, **kw}).eval()
-
-
-def peaked(model, sharpness=8.0):
-    """Make attention non-uniform (random init attends almost uniformly)."""
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(sharpness)
-    return model
+from helpers import peaked, tiny
 
 
 # -- the math ---------------------------------------------------------------------------

@@ -19,11 +19,7 @@ from iared.reduction.functional import Tokens, apply_keep, initial_tokens
 from iared.reduction.tome import (MergePlan, ToMeBlock, bipartite_soft_matching, merge_owner, merge_weighted,
                                   proportional_bias, source_matrix)
 
-
-def tiny(depth=6, **kw):
-    torch.manual_seed(0)
-    cfg = dict(img_size=32, patch_size=4, embed_dim=32, depth=depth, num_heads=2, num_classes=10)
-    return iared.create_model("vit_custom", **{**cfg, **kw}).eval()
+from helpers import tiny
 
 
 # -- the math ---------------------------------------------------------------------------

@@ -16,7 +16,6 @@ without atheris.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path

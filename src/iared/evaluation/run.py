@@ -44,6 +44,9 @@ KNOBS = {"iared": "threshold", "ats": "rho", "ats_single": "rho", "topk": "rho",
          "tome": "r", "evit": "keep_rate"}
 
 
+MAX_RANGE = 1024  # a setting's "a-b" range lists blocks: far fewer than this
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One entry of `--methods`: its label (the text given), policy name and settings."""
@@ -57,7 +60,10 @@ def _value(text: str) -> Any:
     text = text.strip()
     rng = re.fullmatch(r"(\d+)-(\d+)", text)
     if rng:  # "3-11": the blocks 3..11
-        return list(range(int(rng.group(1)), int(rng.group(2)) + 1))
+        lo, hi = int(rng.group(1)), int(rng.group(2))
+        if not 0 <= hi - lo <= MAX_RANGE:
+            raise UserError(f"range {text!r} must run upwards over at most {MAX_RANGE} values")
+        return list(range(lo, hi + 1))
     if "," in text:  # "2,3": a list (of blocks, or of one K per stage)
         return [_value(v) for v in text.split(",")]
     for cast in (int, float):

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from ..backbones.vit import Block, StageRecord
 from .functional import Tokens, apply_keep, attention_mask
-from .policy import TokenPolicy, register_policy
+from .policy import BlockSwapPolicy, register_policy
 
 # -- the math, as pure functions --------------------------------------------------------
 
@@ -330,7 +330,7 @@ class ATSBlock(Block):
 # -- the policy -------------------------------------------------------------------------
 
 
-class ATSPolicy(TokenPolicy):
+class ATSPolicy(BlockSwapPolicy):
     """Attaches ATS to stage blocks of a ViT; the work happens in the swapped-in blocks.
 
     Change the budget after patching with ``model.policy.settings.rho = 0.7`` (the blocks
@@ -350,6 +350,8 @@ class ATSPolicy(TokenPolicy):
     """
 
     name = "ats"
+    block_class = ATSBlock
+    key = "ats"
 
     def __init__(self, depth: int, stages: Optional[Sequence[int]] = None, rho: Optional[float] = None,
                  K: Optional[Union[int, Sequence[int]]] = None, min_k: int = 8, score: str = "cls",
@@ -381,31 +383,8 @@ class ATSPolicy(TokenPolicy):
         return {"name": self.name, **asdict(self.settings)}
 
     def attach(self, model: nn.Module) -> None:
-        """Swap the stage blocks' class to `ATSBlock` (same object, same weights)."""
-        for i in self.settings.stages:
-            blk = model.blocks[i]
-            if not isinstance(blk, Block):
-                raise TypeError(f"block {i} is a {type(blk).__name__}, not an iared Block")
-            if type(blk) is not ATSBlock:
-                blk._ats_original_class = type(blk)
-                blk.__class__ = ATSBlock
-            blk.ats = self.settings
-            blk.ats_index = i
-            blk.ats_grid = model.grid_size
-
-    def detach_from(self, model: nn.Module) -> None:
-        """Restore the original block classes."""
-        for blk in model.blocks:
-            if isinstance(blk, ATSBlock):
-                blk.__class__ = blk.__dict__.pop("_ats_original_class", Block)
-                for name in ("ats", "ats_index", "ats_grid"):
-                    blk.__dict__.pop(name, None)
-
-    def acts_before(self, index: int) -> bool:
-        return False  # nothing happens in front of blocks: the stage blocks select inside
-
-    def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
-        return tokens, None
+        """Swap the class of the stage blocks to `ATSBlock` (see `BlockSwapPolicy`)."""
+        self.swap_blocks(model, self.settings.stages)
 
 
 def _builder(name: str, **fixed):

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..backbones.vit import Block, StageRecord
 from .functional import Tokens, apply_keep, attention_mask
-from .policy import TokenPolicy, register_policy
+from .policy import BlockSwapPolicy, register_policy
 
 DEFAULT_KEEP_RATE = 0.7  # the paper's main DeiT setting
 
@@ -218,7 +218,7 @@ class EViTBlock(Block):
 # -- the policy -------------------------------------------------------------------------
 
 
-class EViTPolicy(TokenPolicy):
+class EViTPolicy(BlockSwapPolicy):
     """Attaches EViT to stage blocks of a ViT; the work happens in the swapped-in blocks.
 
     Change the budget after patching with ``model.policy.keep_rate = 0.5`` (the blocks
@@ -232,6 +232,8 @@ class EViTPolicy(TokenPolicy):
     """
 
     name = "evit"
+    block_class = EViTBlock
+    key = "evit"
 
     def __init__(self, depth: int, stages: Optional[Sequence[int]] = None, keep_rate: float = DEFAULT_KEEP_RATE,
                  fuse_token: bool = True):
@@ -254,31 +256,8 @@ class EViTPolicy(TokenPolicy):
         return {"name": self.name, **asdict(self.settings)}
 
     def attach(self, model: nn.Module) -> None:
-        """Swap the stage blocks' class to `EViTBlock` (same object, same weights)."""
-        for i in self.settings.stages:
-            blk = model.blocks[i]
-            if not isinstance(blk, Block):
-                raise TypeError(f"block {i} is a {type(blk).__name__}, not an iared Block")
-            if type(blk) is not EViTBlock:
-                blk._evit_original_class = type(blk)
-                blk.__class__ = EViTBlock
-            blk.evit = self.settings
-            blk.evit_index = i
-            blk.evit_grid = model.grid_size
-
-    def detach_from(self, model: nn.Module) -> None:
-        """Restore the original block classes."""
-        for blk in model.blocks:
-            if isinstance(blk, EViTBlock):
-                blk.__class__ = blk.__dict__.pop("_evit_original_class", Block)
-                for name in ("evit", "evit_index", "evit_grid"):
-                    blk.__dict__.pop(name, None)
-
-    def acts_before(self, index: int) -> bool:
-        return False  # nothing happens in front of blocks: the stage blocks act inside
-
-    def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
-        return tokens, None
+        """Swap the class of the stage blocks to `EViTBlock` (see `BlockSwapPolicy`)."""
+        self.swap_blocks(model, self.settings.stages)
 
 
 def _checked_rate(value: float) -> float:

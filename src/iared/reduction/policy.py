@@ -9,7 +9,7 @@ an `nn.Module` whose forward is
 called in front of every block of the backbone where `acts_before(index)` is True (by
 default, every block). It returns the tokens unchanged (and no record) for blocks where
 it does nothing. Policies that act inside a block (ATS selects after computing
-attention) swap that block's class instead; see `iared.reduction.ats`.
+attention) swap that block's class instead (`BlockSwapPolicy`; ATS, ToMe, EViT).
 
 Policies register a builder under a short name so `iared.patch(model, policy="ats")`
 and `iared eval --methods ats` find them.
@@ -17,7 +17,7 @@ and `iared eval --methods ats` find them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -41,6 +41,50 @@ class TokenPolicy(nn.Module):
         everywhere, is always correct; policies that act at a few blocks say which.
         """
         return True
+
+
+class BlockSwapPolicy(TokenPolicy):
+    """A policy that works inside some blocks: `attach` swaps their class to `block_class`
+    (a subclass of the backbone's `Block`: same object, same weights, as ToMe patches
+    timm's blocks) and gives each the policy's shared `settings` as `<key>`, its index as
+    `<key>_index` and the model's grid size as `<key>_grid`; `detach_from` undoes it.
+    Nothing happens in front of blocks.
+
+    Subclasses set `block_class`, `key` and `settings`, and call `swap_blocks` in `attach`.
+    """
+
+    block_class: type
+    key: str
+    settings: Any
+
+    def swap_blocks(self, model: nn.Module, indices: Sequence[int]) -> None:
+        from ..backbones.vit import Block
+
+        for i in indices:  # all checked before any block is touched
+            if not isinstance(model.blocks[i], Block):
+                raise TypeError(f"block {i} is a {type(model.blocks[i]).__name__}, not an iared Block")
+        for i in indices:
+            blk = model.blocks[i]
+            if type(blk) is not self.block_class:
+                blk.__dict__[f"_{self.key}_original_class"] = type(blk)
+                blk.__class__ = self.block_class
+            setattr(blk, self.key, self.settings)
+            setattr(blk, f"{self.key}_index", i)
+            setattr(blk, f"{self.key}_grid", model.grid_size)
+
+    def detach_from(self, model: nn.Module) -> None:
+        """Restore the original block classes."""
+        for blk in model.blocks:
+            if isinstance(blk, self.block_class):
+                blk.__class__ = blk.__dict__.pop(f"_{self.key}_original_class", self.block_class.__mro__[1])
+                for name in (self.key, f"{self.key}_index", f"{self.key}_grid"):
+                    blk.__dict__.pop(name, None)
+
+    def acts_before(self, index: int) -> bool:
+        return False  # the swapped blocks act inside
+
+    def forward(self, index: int, tokens: Any, model: nn.Module, mode: Any = None):
+        return tokens, None
 
 
 PolicyBuilder = Callable[..., nn.Module]

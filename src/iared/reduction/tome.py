@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..backbones.vit import Block, StageRecord
 from .functional import Tokens, apply_keep, attention_mask
-from .policy import TokenPolicy, register_policy
+from .policy import BlockSwapPolicy, register_policy
 
 # -- the math, as pure functions --------------------------------------------------------
 
@@ -275,7 +275,7 @@ class ToMeBlock(Block):
 # -- the policy -------------------------------------------------------------------------
 
 
-class ToMePolicy(TokenPolicy):
+class ToMePolicy(BlockSwapPolicy):
     """Attaches ToMe to every block of a ViT; the work happens in the swapped-in blocks.
 
     As with ``tome.patch.timm(model); model.r = 16``, change the budget after patching
@@ -295,6 +295,8 @@ class ToMePolicy(TokenPolicy):
     """
 
     name = "tome"
+    block_class = ToMeBlock
+    key = "tome"
 
     def __init__(self, r: int = 8, prop_attn: bool = True, trace_source: bool = False):
         super().__init__()
@@ -320,31 +322,8 @@ class ToMePolicy(TokenPolicy):
         return {"name": self.name, **asdict(self.settings)}
 
     def attach(self, model: nn.Module) -> None:
-        """Swap every block's class to `ToMeBlock` (same object, same weights)."""
-        for i, blk in enumerate(model.blocks):
-            if not isinstance(blk, Block):
-                raise TypeError(f"block {i} is a {type(blk).__name__}, not an iared Block")
-        for i, blk in enumerate(model.blocks):
-            if type(blk) is not ToMeBlock:
-                blk._tome_original_class = type(blk)
-                blk.__class__ = ToMeBlock
-            blk.tome = self.settings
-            blk.tome_index = i
-            blk.tome_grid = model.grid_size
-
-    def detach_from(self, model: nn.Module) -> None:
-        """Restore the original block classes."""
-        for blk in model.blocks:
-            if isinstance(blk, ToMeBlock):
-                blk.__class__ = blk.__dict__.pop("_tome_original_class", Block)
-                for name in ("tome", "tome_index", "tome_grid"):
-                    blk.__dict__.pop(name, None)
-
-    def acts_before(self, index: int) -> bool:
-        return False  # nothing happens in front of blocks: every block merges inside
-
-    def forward(self, index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
-        return tokens, None
+        """Swap the class of every block to `ToMeBlock` (see `BlockSwapPolicy`)."""
+        self.swap_blocks(model, range(len(model.blocks)))
 
 
 @register_policy("tome")
