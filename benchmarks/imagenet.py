@@ -39,7 +39,8 @@ from iared.evaluation.accuracy import evaluate  # noqa: E402
 from iared.evaluation.figures import denormalize, kept_grid, save_figure  # noqa: E402
 from iared.evaluation.flops import count_flops  # noqa: E402
 from iared.evaluation.run import MethodSpec, build_method, write_json_atomic  # noqa: E402
-from iared.evaluation.throughput import interleaved_throughput, resolve_kernels, steady_allocator  # noqa: E402
+from iared.evaluation.throughput import (device_name, interleaved_throughput, resolve_kernels,  # noqa: E402
+                                         steady_allocator)
 
 ARCH = "vit_tiny_patch16_224"
 CHECKPOINT = "models/vit_tiny_patch16_224_augreg_in1k.safetensors"
@@ -243,13 +244,11 @@ def main(argv=None) -> int:
     allocator = steady_allocator()  # before anything is allocated, as `iared bench speed`
     t0 = time.time()
     out = run(args)
-    import platform
-
     import timm
 
     out.update({
         "command": shlex.join(["python", "benchmarks/imagenet.py"] + list(sys.argv[1:] if argv is None else argv)),
-        "batch_size": args.batch_size, "device": "cpu", "device_name": f"CPU ({platform.processor() or platform.machine()}), "
+        "batch_size": args.batch_size, "device": "cpu", "device_name": f"{device_name('cpu')}, "
         f"{torch.get_num_threads()} threads", "threads": torch.get_num_threads(),
         "kernels": resolve_kernels("auto", "cpu"), "allocator": allocator,
         "torch": torch.__version__, "timm": timm.__version__, "wall_s": time.time() - t0,

@@ -23,6 +23,7 @@ Markers filled (NAME: source files):
     imagenet           imagenet_vit_tiny.json  (benchmarks/imagenet.py)
     moving_fashion     moving_fashion.json
     pruning            pruning.json
+    fuzz               fuzz.json               (benchmarks/fuzz.py)
 """
 
 from __future__ import annotations
@@ -215,7 +216,23 @@ def _record_table(records: list[dict[str, Any]]) -> str:
     return table(keys, [[fmt(r.get(k), 3) for k in keys] for r in records])
 
 
+def render_fuzz(results: Path) -> str:
+    """Inputs run and failures found per fuzz target (benchmarks/fuzz.py)."""
+    name = "fuzz.json"
+    d = _load(results / name)
+    if d is None:
+        return NOT_RUN
+    rows = [[t, fmt(r.get("inputs")), fmt(r.get("seconds"), 0), fmt(r.get("failures_found")),
+             fmt(r.get("failures_fixed"))] for t, r in d.get("targets", {}).items()]
+    commands = sorted({r.get("command") for r in d.get("targets", {}).values() if r.get("command")})
+    made = "Made by " + ", ".join(f"`{c}`" for c in commands) + f" (`benchmarks/results/{name}`)." if commands \
+        else command_line(d, name)
+    return "\n\n".join([made, d.get("notes", ""),
+                        table(["target", "inputs", "seconds", "failures found", "fixed"], rows)])
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "fuzz": render_fuzz,
     "speed": render_speed,
     "threshold_sweep": render_trade_off("threshold_sweep.json"),
     "cluttered_fashion": render_cluttered_fashion,

@@ -218,6 +218,20 @@ def calibrate_iared(model: nn.Module, images: Tensor, keep_ratio: float) -> list
     return thresholds
 
 
+def device_name(device: str) -> str:
+    """The processor the numbers come from: the GPU's name, or the CPU model from /proc/cpuinfo."""
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        model = None
+    return f"CPU {model or platform.processor() or platform.machine()}"
+
+
 def _knob(policy: nn.Module) -> Optional[tuple[Any, str]]:
     """The object and attribute of a policy's scalar budget knob, if it has one."""
     settings = getattr(policy, "settings", None)
@@ -502,4 +516,5 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
             "keep_ratio_target": cfg.keep_ratio,
             "warmup": cfg.warmup, "repeats": done, "repeats_auto": cfg.repeats is None,
             **({"min_time_s": cfg.min_time_s} if cfg.repeats is None else {}), "torch": torch.__version__,
+            "device_name": device_name(cfg.device),
             "load_avg_1min": [load_before, load_after], "methods": out_methods}
