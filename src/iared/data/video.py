@@ -323,7 +323,12 @@ def decode_clip(path: str | os.PathLike, num_frames: int, short_side: int) -> np
             # Decoding all frames is simplest and exact (container frame counts can be
             # wrong); frames are shrunk at once so memory stays small.
             for frame in container.decode(stream):
-                frames.append(_resize_short(frame.to_image(), short_side))
+                img = _resize_short(frame.to_image(), short_side)
+                if frames and img.shape != frames[0].shape:
+                    # A stream whose frame size changes midway (found by fuzzing): every frame
+                    # takes the first one's size, so the clip stays one array.
+                    img = np.asarray(Image.fromarray(img).resize(frames[0].shape[1::-1], Image.BILINEAR))
+                frames.append(img)
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
