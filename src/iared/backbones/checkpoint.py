@@ -155,7 +155,7 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], num_prefix:
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     n = grid.shape[1]
     old = int(round(n ** 0.5))
-    if old * old != n:
+    if n < 1 or old * old != n:  # an empty grid too (found by fuzzing the .pth loader)
         raise CheckpointError(f"position embedding of {n} patches is not a square grid")
     if (old, old) == tuple(new_grid):
         return pos_embed
