@@ -233,6 +233,7 @@ def _read_labels_tsv(root: Path) -> tuple[list[tuple[str, int]], tuple[str, ...]
                         "use non-negative indices or names throughout")
     if all(c.isdigit() for _, c in rows):
         labels = [int(c) for _, c in rows]
+        _check_index(max(labels), root / "labels.tsv")
         if synsets.is_file():
             names = tuple(_read_synsets(synsets)[1])
         else:
@@ -251,6 +252,16 @@ def _class_dir_entries(root: Path, classes: Sequence[str], index: Optional[dict[
     return [(f, index[c]) for f, c in _entries_from_class_dirs(root) if c in index]
 
 
+MAX_CLASS_INDEX = 10 ** 6  # far above any classifier head; a larger index is a typo, not a class
+
+
+def _check_index(i: int, path: Path) -> None:
+    # Class names are listed up to the largest index: an index like 4777777799 (found by
+    # fuzzing) would allocate billions of them.
+    if i > MAX_CLASS_INDEX:
+        raise DataError(f"imagefolder: class index {i} in {path} is larger than {MAX_CLASS_INDEX}")
+
+
 def _read_classes_tsv(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
     """Folder name -> class index, and class names by index, from a `classes.tsv`.
 
@@ -267,6 +278,7 @@ def _read_classes_tsv(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
         if len(row) < 2 or not row[1].strip().isdigit():
             raise DataError(f"imagefolder: {path} line {n}: expected folder<TAB>class_index, got {row!r}")
         i = int(row[1])
+        _check_index(i, path)
         index[row[0].strip()] = i
         names[i] = (row[2].split(",")[0].strip() if len(row) > 2 and row[2].strip() else row[0].strip())
     size = max(names) + 1
