@@ -1,4 +1,4 @@
-"""CIFAR-10 reference task (SPEC §4): the accuracy-vs-cost trade-off where redundancy is low.
+"""CIFAR-10 reference task: the accuracy-vs-cost trade-off where redundancy is low.
 
 CIFAR-10 images are 32×32 natural photos whose object fills most of the frame, so
 unlike the cluttered data there is little background to drop: the question is how much

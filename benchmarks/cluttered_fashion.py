@@ -1,4 +1,4 @@
-"""The cluttered-fashion reference task (SPEC §4): IA-RED² Tables 1, 2 and 5 on 2 CPU cores.
+"""The cluttered-fashion reference task: IA-RED² Tables 1, 2 and 5 on 2 CPU cores.
 
 1. backbone: the training recipe of `benchmarks/train_cluttered_fashion_backbone.sh`
    (6 blocks, width 64, patch 4: 144 tokens), or `--backbone PATH`;
@@ -140,7 +140,7 @@ def segmentation_tables(model_path: Path, backbone_path: Path, data: str, n_imag
 
 
 def spec_targets(methods: dict[str, Any], seg: dict[str, Any]) -> dict[str, bool]:
-    """SPEC §5's accuracy and interpretability targets, checked on the measured numbers."""
+    """The accuracy and interpretability targets (the papers' claims), checked on the measured numbers."""
     o, i = methods["original"], methods["iared"]
     out = {
         "iared >= 1.4x measured speedup": (i.get("speedup") or 0) >= 1.4,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# imagenet-speed (SPEC §4): `iared bench speed` on DeiT-S/B at 224 and DeiT-B at 384, random
+# The speed benchmark: `iared bench speed` on DeiT-S/B at 224 and DeiT-B at 384, random
 # weights, batch 1 and 64, CPU, linear layers through oneDNN (`--kernels auto`), glibc told
 # to keep freed memory (`--allocator steady`: no method pays page faults for fresh buffers).
 # Each JSON records its exact command and the 1-minute load average before/after.

@@ -2,7 +2,7 @@
 # The cluttered-fashion backbone recipe: a 6-block, width-64 ViT (patch 4 on the 48x48
 # canvas = 144 tokens, so D=3 groups of 2 blocks), trained from scratch on 2 CPU cores.
 #
-# Why this recipe (SPEC's measured hint: width 96 on fully cluttered canvases reached only
+# Why this recipe (measured before: width 96 on fully cluttered canvases reached only
 # 43 % after 15 min): width 64 is ~2x cheaper per image than 96; an "epoch" is capped at
 # 200 steps of 64 images (a fresh random 12.8k-image subset each time, new positions and
 # clutter every epoch), which makes the clutter ramp fine-grained: the first two

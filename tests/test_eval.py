@@ -1,4 +1,4 @@
-"""`iared eval`: method parsing, accuracy, and the SPEC §3 JSON layout on tiny synthetic data."""
+"""`iared eval`: method parsing, accuracy, and the JSON layout of docs/results-format.md on tiny synthetic data."""
 
 import dataclasses
 import json

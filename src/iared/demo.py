@@ -73,7 +73,7 @@ class DemoSchedule:
 # blocks, 64 tokens of 6x6) runs at ~220 training images per CPU-second, validation and
 # checkpoints included; `train_iared` (REINFORCE + fine-tuning) at ~320. A ViT trained
 # from scratch on the 1437 training digits stays at chance for at least the first ~6k
-# images (measured: 4 epochs, four widths/learning rates), as the SPEC's hint on
+# images (measured: 4 epochs, four widths/learning rates), as the measurement on
 # cluttered-fashion (43 % after 74k images) leads one to expect, so the backbone gets
 # 60 epochs (86k images: fresh positions and clutter every epoch, clean canvases for
 # the first 10, then 2 and 4 fragments): ~6.5 CPU-min. The curriculum: per group 10
@@ -300,7 +300,7 @@ def budget_sweep(base: Any, budgets: dict[str, Sequence[float]]
 
 def matched_eval(base: Any, sweep: dict[str, list[dict[str, Any]]], target: float,
                  methods: Sequence[str] = MATCHED_METHODS, segmentation: bool = True) -> dict[str, Any]:
-    """`methods` with every baseline's budget set to cost `target` GFLOPs, timed, as SPEC §3 results.
+    """`methods` with every baseline's budget set to cost `target` GFLOPs, timed, as `iared eval` results.
 
     Args:
         base: an `EvalConfig` (data, IA-RED² model file, split, command, ...).

@@ -1,6 +1,6 @@
 """Human-readable results: markdown tables, the accuracy-vs-GFLOPs plot, the demo's report.md.
 
-The tables are rendered from the same dicts that go into `results.json` (SPEC §3 layout),
+The tables are rendered from the same dicts that go into `results.json` (the layout of docs/results-format.md),
 so a report can never disagree with its JSON. `benchmarks/make_readme.py` uses the same
 table helpers for the README.
 
@@ -181,7 +181,7 @@ def render_report(results: Mapping[str, Any], *, title: str = "iared demo", intr
     """The markdown text of a report for one results document.
 
     Args:
-        results: a results dict in the SPEC §3 layout ("methods", optional "segmentation").
+        results: a results dict in the layout of docs/results-format.md ("methods", optional "segmentation").
         title: the H1 title.
         intro: a paragraph under the title.
         sweep: method -> budget sweep points (tabulated in full).

@@ -1,6 +1,6 @@
-"""`iared eval`: every method on one checkpoint and one data set, written as SPEC §3 JSON.
+"""`iared eval`: every method on one checkpoint and one data set, written as the JSON of docs/results-format.md.
 
-Methods are named as in SPEC §2, each with an optional budget knob after `@`, so a sweep
+Methods are named as in the README, each with an optional budget knob after `@`, so a sweep
 draws a trade-off curve:
 
     original                    the backbone (`backbone`, else the checkpoint's blocks), no policy
@@ -280,7 +280,7 @@ def _first_images(ds, n: int) -> torch.Tensor:
 
 def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], device: str,
                              limit_batches: Optional[int]) -> dict[str, dict[str, float]]:
-    """Heatmap segmentation metrics (SPEC §3 "segmentation") of each explainer.
+    """Heatmap segmentation metrics ("segmentation" of docs/results-format.md) of each explainer.
 
     Args:
         model: the checkpoint's model (its IA-RED² policy is used for "iared"; the other
@@ -309,7 +309,7 @@ def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], d
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate every method of `cfg.methods` and write the JSON (SPEC §3) if asked.
+    """Evaluate every method of `cfg.methods` and write the JSON (docs/results-format.md) if asked.
 
     Returns:
         The results dict that was written.
@@ -392,7 +392,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Sequence[MethodSpec],
                    allocator: str = "system") -> dict[str, Any]:
-    """`run_eval` on video data: the paper's Table 3 row per method (SPEC §3 video keys).
+    """`run_eval` on video data: the paper's Table 3 row per method (the video keys of docs/results-format.md).
 
     `allocator` is what `run_eval` set up before timing, recorded in the result.
 
@@ -457,7 +457,7 @@ def _method_model(cfg: EvalConfig, model: nn.Module, base: nn.Module, spec: Meth
 
 
 def _relative_to_original(rows: dict[str, dict[str, Any]], flops_key: str, rate_key: str) -> None:
-    """Add `flops_ratio` and `speedup` (SPEC §3) to every row, against the "original" row."""
+    """Add `flops_ratio` and `speedup` (docs/results-format.md) to every row, against the "original" row."""
     ref = rows.get("original")
     if ref is None:
         return

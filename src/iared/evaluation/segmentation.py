@@ -15,7 +15,7 @@ ImageNet-Segmentation), which IA-RED² reports in its Table 1:
 4. mAP: the average precision of the continuous heatmap as a per-pixel foreground score,
    computed per image and averaged over images (`average_precision`).
 
-All metrics are percentages, 0-100, as in the papers (SPEC §3).
+All metrics are percentages, 0-100, as in the papers.
 `SegmentationMeter` strings these together over batches.
 """
 

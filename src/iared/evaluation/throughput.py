@@ -314,7 +314,7 @@ def synthetic_images(n: int, img_size: int, seed: int, in_chans: int = 3) -> Ten
     return (1 - mix) * smooth + 2 * mix * noise
 
 
-# SPEC §2's image methods; `methods=("all",)` adds every other registered policy (the ATS
+# The image methods users compare; `methods=("all",)` adds every other registered policy (the ATS
 # ablations), at the cost of a longer run.
 DEFAULT_METHODS = ("iared", "ats", "topk", "random", "attention", "tome", "evit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # `iared bench speed --dtype`
@@ -389,14 +389,14 @@ def _more_rounds(done: int, times: dict[str, list[float]], cfg: SpeedConfig) -> 
 
 
 def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
-    """Throughput, GFLOPs and keep ratio of every method on one backbone (SPEC §3).
+    """Throughput, GFLOPs and keep ratio of every method on one backbone (docs/results-format.md).
 
     Args:
         cfg: the settings.
         log: where progress lines go.
 
     Returns:
-        The SPEC §3 dictionary: arch, img_size, batch_size, device, threads, command,
+        The dictionary of docs/results-format.md: arch, img_size, batch_size, device, threads, command,
         methods: {name: img_per_s, gflops_per_img, keep_ratio, speedup, flops_ratio, ...}.
     """
     from tqdm import tqdm
@@ -419,7 +419,7 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
     mlp_ratio = model.config.mlp_ratio
     images = synthetic_images(cfg.batch_size, img_size, cfg.seed, model.config.in_chans).to(cfg.device, dtype)
     calib = synthetic_images(cfg.calib_images, img_size, cfg.seed + 1, model.config.in_chans).to(cfg.device, dtype)
-    if cfg.methods is None:  # the SPEC's image methods that are registered
+    if cfg.methods is None:  # the image methods that are registered
         names = ["original"] + [m for m in DEFAULT_METHODS if m in available_policies()]
     elif tuple(cfg.methods) == ("all",):
         names = ["original"] + available_policies()
@@ -496,7 +496,7 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
     for name, r in results.items():
         ips = cfg.batch_size / statistics.median(times[name])
         policy_cost = (r.pop("_residual") - base_residual) / 1e9
-        # `speedup` is SPEC §3's ratio of median throughputs. `speedup_paired` is the median
+        # `speedup` is the ratio of median throughputs. `speedup_paired` is the median
         # over rounds of (original's time / this method's time) within the same round: a
         # shared machine drifts between slow and fast spells over seconds, both forwards
         # of one round see the same spell, so it is the steadier estimate of the two.
