@@ -319,10 +319,21 @@ def method_grid(images: Sequence[ArrayLike], heatmaps: Mapping[str, Sequence[Arr
     Returns:
         The figure.
     """
-    names = list(heatmaps)
+    def draw(ax, img, name, grid_map, label):
+        heat = grid_heatmap(grid_map, grid_hw, img.shape[:2], normalize=name not in fixed_range)
+        _show(ax, overlay(img, heat, cmap, alpha), label)
+
+    return _method_rows(images, heatmaps, draw, "maps", row_labels, title, cell)
+
+
+def _method_rows(images: Sequence[ArrayLike], per_method: Mapping[str, Sequence[ArrayLike]], draw, what: str,
+                 row_labels: Optional[Sequence[str]], title: Optional[str], cell: float) -> Figure:
+    """One row per image: the image (with its row label), then `draw(ax, img, name, item,
+    column title or None)` for each method's item of that image."""
+    names = list(per_method)
     for name in names:
-        if len(heatmaps[name]) != len(images):
-            raise ValueError(f"method {name!r} has {len(heatmaps[name])} maps for {len(images)} images")
+        if len(per_method[name]) != len(images):
+            raise ValueError(f"method {name!r} has {len(per_method[name])} {what} for {len(images)} images")
     fig, axes = _new_figure(len(images), len(names) + 1, cell, title)
     for i, image in enumerate(images):
         img = display_image(image)
@@ -330,8 +341,7 @@ def method_grid(images: Sequence[ArrayLike], heatmaps: Mapping[str, Sequence[Arr
         if row_labels is not None:
             corner_text(axes[i, 0], row_labels[i])
         for c, name in enumerate(names):
-            heat = grid_heatmap(heatmaps[name][i], grid_hw, img.shape[:2], normalize=name not in fixed_range)
-            _show(axes[i, c + 1], overlay(img, heat, cmap, alpha), name if i == 0 else None)
+            draw(axes[i, c + 1], img, name, per_method[name][i], name if i == 0 else None)
     return fig
 
 
@@ -348,20 +358,11 @@ def kept_grid(images: Sequence[ArrayLike], keeps: Mapping[str, Sequence[ArrayLik
         title: figure title.
         cell: inches per panel.
     """
-    names = list(keeps)
-    for name in names:
-        if len(keeps[name]) != len(images):
-            raise ValueError(f"method {name!r} has {len(keeps[name])} masks for {len(images)} images")
-    fig, axes = _new_figure(len(images), len(names) + 1, cell, title)
-    for i, image in enumerate(images):
-        img = display_image(image)
-        _show(axes[i, 0], img, "image" if i == 0 else None)
-        if row_labels is not None:
-            corner_text(axes[i, 0], row_labels[i])
-        for c, name in enumerate(names):
-            _show(axes[i, c + 1], kept_patches(img, keeps[name][i], grid_hw), name if i == 0 else None)
-            corner_text(axes[i, c + 1], f"{keep_ratio(keeps[name][i]):.2f}")
-    return fig
+    def draw(ax, img, name, keep, label):
+        _show(ax, kept_patches(img, keep, grid_hw), label)
+        corner_text(ax, f"{keep_ratio(keep):.2f}")
+
+    return _method_rows(images, keeps, draw, "masks", row_labels, title, cell)
 
 
 def video_strip(frames: ArrayLike, grid_scores_per_group: Sequence[ArrayLike],
