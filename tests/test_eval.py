@@ -156,10 +156,11 @@ def test_eval_method_budgets_out_of_range_are_one_line(tiny_data, iared_file, tm
 
 
 def test_build_method_takes_one_stage_as_a_number(iared_file):
-    from iared.evaluation.run import build_method, load_for_eval, parse_methods
+    from iared.evaluation.run import build_method, parse_methods
+    from iared.models import load_model_file
     from iared.reduction.policy import available_policies
 
-    model = load_for_eval(str(iared_file))
+    model = load_model_file(str(iared_file))
     spec = parse_methods("ats@K=8+stages=1", available_policies())[0]
     assert build_method(model, spec).policy.settings.stages == [1]
 

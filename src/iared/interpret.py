@@ -69,6 +69,7 @@ class InterpretOptions:
     out: str                        # output folder (created)
     checkpoint: str                 # IA-RED² model file, or any backbone with `method`
     method: Optional[str] = None    # a training-free policy to interpret (e.g. "ats", "topk@0.6")
+    policy: Optional[str] = None    # an IA-RED² policy file (interpreters) for the checkpoint's backbone
     arch: Optional[str] = None      # registry arch of a foreign checkpoint (see `iared eval --arch`)
     device: str = "cpu"             # torch device
     cmap: str = "jet"               # heatmap colormap
@@ -144,10 +145,11 @@ def data_config(meta: dict[str, Any], model: nn.Module) -> InputConfig:
 
 
 def load_interpreter(checkpoint: str, device: str = "cpu", method: Optional[str] = None,
-                     arch: Optional[str] = None) -> tuple[nn.Module, InputConfig]:
+                     arch: Optional[str] = None, policy: Optional[str] = None) -> tuple[nn.Module, InputConfig]:
     """Load an IA-RED² model file and check it has interpreters that score tokens (or ToMe,
     which is then set to trace its merges); with `method`, load any backbone and patch it
-    with that training-free policy instead.
+    with that training-free policy instead; with `policy`, any backbone with the
+    interpreters of that policy file.
 
     Raises:
         UserError: missing/truncated/unsafe file, no iared metadata, metadata that does
@@ -156,8 +158,14 @@ def load_interpreter(checkpoint: str, device: str = "cpu", method: Optional[str]
     """
     from .models import load_model
 
+    if method is not None and policy is not None:
+        raise UserError("--method and --policy exclude each other: one policy is interpreted at a time")
     if method is not None:
         model = _with_method(checkpoint, method, arch)
+    elif policy is not None:
+        from .models import load_model_file, with_policy
+
+        model = with_policy(load_model_file(checkpoint, arch), policy, checkpoint)
     else:
         try:
             model = load_model(checkpoint)
@@ -181,13 +189,14 @@ def load_interpreter(checkpoint: str, device: str = "cpu", method: Optional[str]
 
 def _with_method(checkpoint: str, method: str, arch: Optional[str]) -> nn.Module:
     """`checkpoint`'s backbone patched with the one training-free policy `method` names."""
-    from .evaluation.run import build_method, load_for_eval, parse_methods
+    from .evaluation.run import build_method, parse_methods
+    from .models import load_model_file
     from .reduction.policy import available_policies
 
     specs = parse_methods(method, available_policies())
     if len(specs) != 1 or specs[0].name in ("original", "iared"):
         raise UserError(f"--method takes one training-free policy (e.g. ats, topk@0.6, random@0.65), got {method!r}")
-    base = load_for_eval(checkpoint, arch)
+    base = load_model_file(checkpoint, arch)
     model = build_method(base, specs[0])
     model.model_meta = getattr(base, "model_meta", {})
     return model
@@ -414,7 +423,7 @@ def interpret(options: InterpretOptions, log: Optional[Callable[[str], None]] = 
     """
     from tqdm import tqdm
 
-    model, cfg = load_interpreter(options.checkpoint, options.device, options.method, options.arch)
+    model, cfg = load_interpreter(options.checkpoint, options.device, options.method, options.arch, options.policy)
     out_root = Path(options.out)
     try:
         out_root.mkdir(parents=True, exist_ok=True)

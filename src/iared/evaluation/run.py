@@ -35,6 +35,7 @@ from torch import nn
 from ..backbones.kernels import resolve_kernels
 from ..errors import UserError
 from ..fileio import atomic_write_json
+from ..models import check_data_fits, load_model_file, with_policy
 from .accuracy import evaluate
 from .throughput import interleaved_throughput, steady_allocator
 
@@ -139,6 +140,7 @@ class EvalConfig:
                                                 # checkpoint's blocks; after fine-tuning, pass the backbone
                                                 # the IA-RED² model was trained from, as the paper compares)
     methods: str = "original,iared"             # see the module docstring
+    policy: Optional[str] = None                # IA-RED² policy file (interpreters) for the checkpoint's backbone
     json_path: Optional[str] = None             # where the results go (None: not written)
     arch: Optional[str] = None                  # registry name for a foreign checkpoint
     threshold: Optional[float] = None           # iared keep threshold override (default: the saved one)
@@ -158,36 +160,6 @@ class EvalConfig:
     workers: int = 0                            # data-loading processes
     command: str = ""                           # the exact command line, recorded in the JSON
     progress: bool = True                       # progress bars
-
-
-def load_for_eval(checkpoint: str, arch: Optional[str] = None) -> nn.Module:
-    """Load an iared model file, or a foreign checkpoint into `arch` (for a timm-layout
-    `.safetensors` file, default: the `architecture` its metadata names); eval mode, CPU.
-
-    Raises:
-        UserError: missing file, a foreign file without `arch`, an unknown arch.
-    """
-    from ..backbones.checkpoint import load_pretrained, read_metadata
-    from ..backbones.registry import create_model, list_models
-    from ..models import load_model
-
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"checkpoint {checkpoint} does not exist")
-    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
-    if "iared" in meta and arch is None:
-        return load_model(path)
-    # A timm-layout safetensors file names its architecture in its metadata.
-    arch = arch or meta.get("architecture")
-    if arch is None:
-        raise UserError(f"{path.name} is not an iared model file: pass --arch NAME (e.g. vit_mnist_patch7_28)")
-    if arch not in list_models():
-        raise UserError(f"unknown --arch {arch!r}; available: {', '.join(list_models())}")
-    num_classes = meta.get("num_classes")
-    model = create_model(arch, **({"num_classes": int(num_classes)} if str(num_classes or "").isdigit() else {}))
-    load_pretrained(model, path)
-    model.model_meta = {"arch": arch, "data": None, "policy": None}
-    return model.eval()
 
 
 def build_method(model: nn.Module, spec: MethodSpec, seed: int = 0, threshold: Optional[float] = None) -> nn.Module:
@@ -243,27 +215,12 @@ def _dataset(cfg: EvalConfig, model: nn.Module, **kw: Any):
         wanted = "video options (views, frames): is it a video data set?" if "views" in kw else "--mean/--std"
         raise UserError(f"data {cfg.data!r} does not accept {wanted} ({e})") from None
     check_data_fits(ds.info, model, cfg.data)
+    if ds.info.num_classes == 0 and not cfg.segmentation:
+        raise UserError(f"data {cfg.data!r} has no labels: accuracy needs labelled images "
+                        f"(--segmentation works without)")
     if cfg.limit_images is not None:
         ds = _Subset(ds, range(min(cfg.limit_images, len(ds))))
     return ds
-
-
-def check_data_fits(info, model: nn.Module, data: str) -> None:
-    """Raise a one-line UserError unless the data's images and labels fit the model.
-
-    Labels given as indices (a `labels.tsv`, a `classes.tsv`) may use part of the head;
-    otherwise the data's classes must be the head's, one for one.
-    """
-    c = model.config
-    if tuple(info.img_size) != tuple(model.patch_embed.img_size) or info.in_chans != c.in_chans:
-        raise UserError(f"data {data!r} gives {info.in_chans}x{info.img_size[0]}x{info.img_size[1]} images, "
-                        f"the model expects {c.in_chans}x{model.patch_embed.img_size[0]}x{model.patch_embed.img_size[1]}")
-    if getattr(info, "indexed", False):
-        if info.num_classes > c.num_classes:
-            raise UserError(f"data {data!r} has class index {info.num_classes - 1}, outside the model's head "
-                            f"of {c.num_classes} classes")
-    elif info.num_classes != c.num_classes:
-        raise UserError(f"data has {info.num_classes} classes, the model's head {c.num_classes}")
 
 
 class _Subset(torch.utils.data.Subset):
@@ -286,7 +243,8 @@ def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], d
         model: the checkpoint's model (its IA-RED² policy is used for "iared"; the other
             explainers read the backbone's attention and never call the policy).
         loader: yields dicts with "image" and "mask".
-        methods: explainer names of `iared.evaluation.heatmaps.explain`.
+        methods: explainer names of `iared.evaluation.heatmaps.explain`, optionally with
+            one integer option, e.g. "attention@block=6" or "iared@group=0" (0-based).
         device: where to run.
         limit_batches: stop after this many batches.
 
@@ -303,7 +261,9 @@ def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], d
             break
         images, masks = batch["image"].to(device), batch["mask"]
         for name, meter in meters.items():
-            heat = explain(model, images, name)
+            method, _, option = name.partition("@")
+            key, _, value = option.partition("=")
+            heat = explain(model, images, method, **({key: int(value)} if option else {}))
             meter.update(heat.detach().float().reshape(-1, h, w).cpu(), masks)
     return {name: meter.compute() for name, meter in meters.items()}
 
@@ -324,7 +284,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     # Before anything is allocated, as `iared bench speed` (why: `steady_allocator`).
     allocator = steady_allocator() if cfg.allocator == "steady" else "system"
-    model = load_for_eval(cfg.checkpoint, cfg.arch).to(cfg.device)
+    model = load_model_file(cfg.checkpoint, cfg.arch)
+    if cfg.policy is not None:
+        model = with_policy(model, cfg.policy, cfg.checkpoint)
+    model = model.to(cfg.device)
     base = load_backbone_for_eval(cfg, model)
     if hasattr(model, "num_frames"):  # a video model: the paper's Table 3 protocol
         if cfg.segmentation:
@@ -333,7 +296,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ds = _dataset(cfg, model)
     if cfg.segmentation and not ds.info.has_masks:  # before the evaluation, not after it
         raise UserError(f"data {cfg.data!r} has no pixel masks: --segmentation needs a kind with masks "
-                        f"(cluttered-digits, cluttered-fashion)")
+                        f"(cluttered-digits, cluttered-fashion, segfolder:DIR)")
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
     flops_images = _first_images(ds, cfg.flops_images).to(cfg.device)
     speed_images = _first_images(ds, cfg.batch_size).to(cfg.device) if cfg.throughput else None
@@ -352,6 +315,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "n_images": stats["n"],
             "policy": policy.config() if hasattr(policy, "config") else None,
         }
+        if ds.info.num_classes == 0:  # unlabeled images (segmentation only): no accuracy
+            entry["top1"] = entry["top5"] = None
         if spec.name == "iared":
             entry["keep_ratio_per_group"] = stats["keep_ratio_per_stage"]
         results[spec.label] = entry
@@ -474,9 +439,11 @@ def _segmentation(cfg: EvalConfig, model: nn.Module, base: nn.Module, ds) -> dic
         m = copy.deepcopy(model).to(cfg.device).eval()
         if cfg.threshold is not None:
             m.policy.threshold = cfg.threshold
-        out.update(segmentation_metrics_for(m, loader, ["iared"], cfg.device, cfg.limit_batches))
+        # "iared": the paper's heatmap (second group); each group's scores as well.
+        groups = [f"iared@group={j}" for j in range(m.policy.groups)]
+        out.update(segmentation_metrics_for(m, loader, ["iared", *groups], cfg.device, cfg.limit_batches))
     b = base.to(cfg.device).eval()
-    out.update(segmentation_metrics_for(b, loader, ["attention", "rollout", "gradcam"], cfg.device,
+    out.update(segmentation_metrics_for(b, loader, ["attention", "rollout", "gradcam", "chefer"], cfg.device,
                                         cfg.limit_batches))
     return out
 
@@ -490,7 +457,7 @@ def load_backbone_for_eval(cfg: EvalConfig, model: nn.Module) -> nn.Module:
     """
     if not cfg.backbone:
         return model
-    base = load_for_eval(cfg.backbone, cfg.arch)
+    base = load_model_file(cfg.backbone, cfg.arch)
     if getattr(base, "policy", None) is not None:
         raise UserError(f"--backbone {cfg.backbone} has a token policy: pass the plain backbone model file")
     a, b = model.config, base.config
