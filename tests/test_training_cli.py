@@ -203,3 +203,76 @@ def test_negative_workers_is_a_usage_error(command, capsys):
         main(argv + ["--workers", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--workers: expected a non-negative integer" in err[0], err
+
+
+def test_agreement_target_relabels_with_the_unreduced_backbone(tmp_path, backbone):
+    from iared.training.setup import relabel, with_teacher_labels
+    from iared.training.curriculum import load_backbone
+
+    model, _, _, _, val = load_backbone(str(backbone), None, DATA)
+    labelled = relabel(val, model, limit=6, batch_size=4)
+    assert len(labelled) == 6
+    images = torch.stack([val[i]["image"] for i in range(6)])
+    assert [labelled[i]["label"] for i in range(6)] == model(images).argmax(-1).tolist()
+    seen = {}
+    step = with_teacher_labels(model)(lambda m, b, g: seen.update(b) or {})
+    step(None, {"image": images, "label": torch.full((6,), -1)}, None)
+    assert seen["label"].tolist() == model(images).argmax(-1).tolist()
+
+
+def test_train_agreement_tiny(tmp_path, backbone):
+    out = tmp_path / "ag"
+    assert main(_train_args(backbone, out, "--target", "agreement", "--no-finetune")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["options"]["target"] == "agreement"
+    # validation measures agreement with the unreduced backbone: before training it is perfect
+    assert metrics["backbone_val"]["top1"] == 100.0
+
+
+def _photo_folder(root: Path, n: int = 12, size: int = 40) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(size, size + 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"img{i:02d}.png")
+    return root
+
+
+def test_train_on_unlabeled_photos_needs_the_agreement_target(tmp_path, capsys):
+    """A folder of images without classes: label-free training works, label training says why not."""
+    torch.manual_seed(0)
+    model = iared.create_model("vit_custom", img_size=32, patch_size=8, num_classes=5, embed_dim=16, depth=2,
+                               num_heads=2)
+    model.pretrained_cfg.update(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+    iared.save_model(model, tmp_path / "bb.safetensors", arch="vit_custom")
+    photos = _photo_folder(tmp_path / "photos")
+    args = ["train", "--data", f"imagefolder:{photos}", "--checkpoint", str(tmp_path / "bb.safetensors"),
+            "--groups", "2", "--epochs", "1", "--no-finetune", "--batch-size", "4", "--lr", "1e-3",
+            "--device", "cpu", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "has no labels: train with --target agreement" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--target", "agreement"]) == 0
+    assert iared.load_model(tmp_path / "b" / "model.safetensors").policy.groups == 2
+
+
+def test_train_from_a_timm_layout_file(tmp_path):
+    """A timm-layout .safetensors names its architecture: no --arch, its preprocessing applies,
+    and labels that index part of the head (classes.tsv) are fine."""
+    from iared.backbones.checkpoint import save_safetensors
+    from iared.training.curriculum import load_backbone
+
+    torch.manual_seed(0)
+    model = iared.create_model("vit_tiny_patch16_224", num_classes=20)
+    save_safetensors(model.state_dict(), tmp_path / "timm.safetensors",
+                     metadata={"architecture": "vit_tiny_patch16_224", "num_classes": "20", "mean": "0.5,0.5,0.5",
+                               "std": "0.5,0.5,0.5", "input_size": "224", "crop_pct": "0.9"})
+    root = tmp_path / "folder"
+    for wnid in ("n1", "n2"):
+        _photo_folder(root / wnid, n=6)
+    (root / "classes.tsv").write_text("wnid\tclass_index\nn1\t3\nn2\t17\n")
+    got, arch, _, train, val = load_backbone(str(tmp_path / "timm.safetensors"), None, f"imagefolder:{root}")
+    assert arch == "vit_tiny_patch16_224" and train.info.mean == (0.5, 0.5, 0.5)
+    assert {int(train[i]["label"]) for i in range(len(train))} <= {3, 17}
+    assert torch.equal(got.head.weight, model.head.weight)

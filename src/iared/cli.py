@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     _training(p)
     p.add_argument("--arch", default=None, help="registry name: needed when --checkpoint is a plain state dict")
     p.add_argument("--tau", type=float, default=1.0, help="penalty of a wrong prediction, Eq. 2 (default 1.0)")
+    p.add_argument("--target", choices=["label", "agreement"], default="label",
+                   help="what 'correct' means in Eq. 2: the label (the paper), or agreement with the unreduced "
+                        "backbone's prediction (no labels needed)")
     p.add_argument("--schedule", default="10:20", help="E_p:E_b, interpreter vs fine-tuning epochs (default 10:20)")
     p.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
                    help="fine-tune the blocks after each interpreter (default on)")
@@ -159,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model file that 'original' and the baselines run on (default: the checkpoint's blocks; "
                         "pass the backbone an IA-RED² model was fine-tuned from)")
     p.add_argument("--methods", default="original,iared", help="comma-separated method names")
+    p.add_argument("--policy", default=None,
+                   help="IA-RED² policy file (trained interpreters) for the --checkpoint backbone")
     p.add_argument("--json", required=True, help="where to write the results JSON")
     p.add_argument("--segmentation", action="store_true", help="add heatmap segmentation metrics")
     p.add_argument("--batch-size", type=_positive_int, default=64)
@@ -187,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IA-RED² model file, or any backbone with --method (timm .safetensors, .pth with --arch)")
     p.add_argument("--method", default=None,
                    help="interpret a training-free policy on the backbone instead, e.g. ats, topk@0.6, random@0.65")
+    p.add_argument("--policy", default=None,
+                   help="IA-RED² policy file (trained interpreters) for the --checkpoint backbone")
     p.add_argument("--arch", default=None, help="registry name: needed when --checkpoint is a plain state dict")
     p.add_argument("--cmap", default="jet", help="matplotlib colormap of the heatmaps (default jet)")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay (default 0.5)")
@@ -284,7 +291,7 @@ def _cmd_train(args) -> int:
     options = TrainOptions(
         data=args.data, checkpoint=args.checkpoint, out=args.out, groups=args.groups, arch=args.arch,
         epochs=args.epochs if args.epochs is not None else 30.0, schedule=schedule, finetune=args.finetune,
-        tau=args.tau, lr=args.lr if args.lr is not None else 4e-5, finetune_lr=args.finetune_lr,
+        tau=args.tau, target=args.target, lr=args.lr if args.lr is not None else 4e-5, finetune_lr=args.finetune_lr,
         optimizer=args.optimizer,
         batch_size=args.batch_size or 64, label_smoothing=args.label_smoothing,
         limit_batches=args.limit_batches, val_size=args.val_size, checkpoint_every=args.checkpoint_every,
@@ -322,7 +329,7 @@ def _cmd_eval(args) -> int:
     _check_output_file(args.json)
     torch.manual_seed(args.seed)
     cfg = EvalConfig(
-        data=args.data, checkpoint=args.checkpoint, backbone=args.backbone, methods=args.methods,
+        data=args.data, checkpoint=args.checkpoint, backbone=args.backbone, methods=args.methods, policy=args.policy,
         json_path=args.json, arch=args.arch, threshold=args.threshold, split=args.split,
         batch_size=args.batch_size, limit_batches=args.limit_batches,
         limit_images=args.limit_images, flops_images=args.flops_images, throughput=not args.no_throughput,
@@ -337,8 +344,10 @@ def _cmd_eval(args) -> int:
                   f"{r['gflops_per_clip']:.4f} GFLOPs  keep {r['keep_ratio']:.3f}  {speed}")
             continue
         speed = f"{r['img_per_s']:.1f} img/s" if r.get("img_per_s") else "-"
-        print(f"{name:>20s}  top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}  {r['gflops_per_img']:.4f} GFLOPs  "
-              f"keep {r['keep_ratio']:.3f}  {speed}")
+        acc = f"top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}" if r.get("top1") is not None else "(no labels)"
+        print(f"{name:>20s}  {acc}  {r['gflops_per_img']:.4f} GFLOPs  keep {r['keep_ratio']:.3f}  {speed}")
+    for name, m in (out.get("segmentation") or {}).items():
+        print(f"{name:>20s}  heatmap pixel acc {m['pixel_acc']:.2f}  mIoU {m['mIoU']:.2f}  mAP {m['mAP']:.2f}")
     print(f"wrote {args.json}")
     return 0
 
@@ -355,7 +364,7 @@ def _cmd_interpret(args) -> int:
     if args.cmap not in matplotlib.colormaps:
         raise UserError(f"unknown colormap {args.cmap!r} for --cmap")
     options = InterpretOptions(paths=tuple(args.paths), out=args.out, checkpoint=args.checkpoint,
-                               method=args.method, arch=args.arch, device=args.device, cmap=args.cmap, alpha=args.alpha,
+                               method=args.method, policy=args.policy, arch=args.arch, device=args.device, cmap=args.cmap, alpha=args.alpha,
                                progress=not args.no_progress)
     # A bad input is one line naming it; the others are still processed, exit code 2 at the end.
     result = interpret(options, log=lambda line: tqdm.write(f"iared interpret: error: {line}", file=sys.stderr))

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from .base import DataError, DataInfo, SPLITS, carve_split, check_split, scan
 from .cluttered import ClutteredDataset, cluttered_digits, cluttered_fashion, measure_stats
-from .folders import ImageFileDataset, cifar10, imagefolder
+from .folders import ImageFileDataset, cifar10, imagefolder, segfolder
 from .idx import IdxDataset, default_fashion_dir, read_idx
 from .images import ImageError, load_image
 
@@ -139,12 +139,17 @@ def _build_imagefolder(path, split, seed, **kw):
     return imagefolder(_needs_path("imagefolder", path, "DIR"), split, **kw)
 
 
+def _build_segfolder(path, split, seed, **kw):
+    return segfolder(_needs_path("segfolder", path, "DIR"), split, **kw)
+
+
 register_dataset("cluttered-digits", _build_cluttered_digits, NORMALISATION)
 register_dataset("cluttered-fashion", _build_cluttered_fashion, NORMALISATION)
 register_dataset("mnist", _build_mnist, NORMALISATION)
 register_dataset("fashion-mnist", _build_fashion_mnist, NORMALISATION)
 register_dataset("cifar10", _build_cifar10, NORMALISATION)
 register_dataset("imagefolder", _build_imagefolder, PHOTO_OPTIONS)
+register_dataset("segfolder", _build_segfolder, PHOTO_OPTIONS)
 
 from .video import build_moving_fashion, build_videofolder  # noqa: E402  (video kinds)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from .base import DataError, DataInfo, SkipBadMixin, carve_split, check_split, normalize, read_table
@@ -247,6 +248,12 @@ def _read_labels_tsv(root: Path) -> tuple[list[tuple[str, int]], tuple[str, ...]
     return [(str(root / f), y) for (f, _), y in zip(rows, labels)], names, True
 
 
+def _unlabeled(root: Path) -> bool:
+    """A folder of images with no class subfolders."""
+    subdirs = any((root / d).is_dir() and not d.startswith(".") for d in os.listdir(root))
+    return not subdirs and any(_is_image_name(f) for f in os.listdir(root))
+
+
 def _class_dir_entries(root: Path, classes: Sequence[str], index: Optional[dict[str, int]] = None) -> list[tuple[str, int]]:
     index = index if index is not None else {c: i for i, c in enumerate(classes)}
     return [(f, index[c]) for f, c in _entries_from_class_dirs(root) if c in index]
@@ -296,7 +303,9 @@ def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: i
       * `DIR/labels.tsv` (flat folder; see `_read_labels_tsv`),
       * `DIR/{train,val,test}/<class>/*` (split folders; class indices from `train/` when
         present; without `val/`, "train" and "val" are carved from `train/`),
-      * `DIR/<class>/*` (one set).
+      * `DIR/<class>/*` (one set),
+      * `DIR/*` (images without classes: label -1, no classes; for label-free training
+        and segmentation).
     Class folders are numbered in sorted order, unless `DIR/classes.tsv` maps each folder to
     its index into the model's classes (`_read_classes_tsv`; Imagenette's ten ImageNet
     classes keep their ImageNet-1k indices). Indices from `labels.tsv` or `classes.tsv`
@@ -340,6 +349,11 @@ def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: i
         if not source.is_dir():
             raise DataError(f"imagefolder: no {split}/ folder in {path}")
         entries = _class_dir_entries(source, names, index)
+    elif _unlabeled(root):
+        # Images straight in the folder: no classes; label -1 (for `iared train --target agreement`,
+        # which labels them by the backbone, and for segmentation).
+        names, indexed, carve = (), True, split != "test"
+        entries = [(str(root / f), -1) for f in sorted(os.listdir(root)) if _is_image_name(f)]
     else:
         names = tuple(sorted(d for d in os.listdir(root) if (root / d).is_dir() and not d.startswith(".")))
         entries = _class_dir_entries(root, names, index)
@@ -360,3 +374,76 @@ def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: i
                     indexed=indexed)
     return ImageFileDataset([f for f, _ in entries], [y for _, y in entries], info, crop_pct=crop_pct,
                             skip_bad=skip_bad, interpolation=interpolation, crop_mode=crop_mode)
+
+
+# ---------------------------------------------------------------------- images with masks
+
+
+class SegFileDataset(ImageFileDataset):
+    """Image files with binary foreground masks, both through the same resize and crop."""
+
+    def __init__(self, files: Sequence[str], masks: Sequence[str], labels: Sequence[int], info: DataInfo, **kw: Any):
+        super().__init__(files, labels, info, **kw)
+        self.masks = list(masks)
+
+    def _load(self, index: int) -> dict[str, Any]:
+        item = super()._load(index)
+        m = load_image(self.masks[index], mode="L", name=self.masks[index])
+        h, w = self.info.img_size
+        if m.size != (w, h):
+            # Nearest neighbour keeps the mask binary; the geometry is the image's.
+            m = resize_center_crop(m, (h, w), self.crop_pct, "nearest", self.crop_mode)
+        return {**item, "mask": torch.from_numpy(np.asarray(m) > 0)}
+
+
+def segfolder(path: str, split: str = "test", split_seed: int = 0, img_size: int = 224, crop_pct: float = 0.875,
+              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, skip_bad: bool = False,
+              val_fraction: float = VAL_FRACTION, interpolation: str = "bicubic",
+              crop_mode: str = "center") -> SegFileDataset:
+    """Photos with binary foreground masks, listed in `DIR/masks.tsv`.
+
+    `masks.tsv` is tab-separated with a header naming at least the columns `image` and
+    `mask` (paths relative to DIR; other columns are ignored, a `label` column gives class
+    indices of the model's head). A mask is an image in which any non-zero pixel is
+    foreground; it goes through the image's resize and crop (nearest neighbour), so it
+    covers exactly the pixels the model sees. The whole list is "test"; "train"/"val" are
+    a deterministic partition of it. Without a `label` column the labels are -1
+    (segmentation needs none: GradCAM and Chefer's relevance explain the predicted class).
+
+    Args: as `imagefolder`.
+    """
+    check_split(split)
+    root = Path(path)
+    table = root / "masks.tsv"
+    if not table.is_file():
+        raise DataError(f"segfolder: no masks.tsv in {path}")
+    rows = read_table(table, "segfolder: ")
+    if not rows or "image" not in rows[0] or "mask" not in rows[0]:
+        raise DataError(f"segfolder: {table} needs a header with the columns image and mask")
+    header, body = rows[0], rows[1:]
+    col = {name: header.index(name) for name in ("image", "mask", "label") if name in header}
+    files, masks, labels = [], [], []
+    for n, row in enumerate(body, start=2):
+        if len(row) <= max(col["image"], col["mask"]):
+            raise DataError(f"segfolder: {table} line {n} has no image and mask")
+        files.append(str(root / row[col["image"]]))
+        masks.append(str(root / row[col["mask"]]))
+        if "label" in col:
+            try:
+                labels.append(int(row[col["label"]]))
+            except (ValueError, IndexError):
+                raise DataError(f"segfolder: {table} line {n}: label is not a class index") from None
+            _check_index(labels[-1], table)
+        else:
+            labels.append(-1)
+    if not files:
+        raise DataError(f"segfolder: {table} lists no images")
+    if split != "test":
+        keep = carve_split(len(files), split, split_seed, round(val_fraction * len(files)))
+        files, masks, labels = ([v[i] for i in keep] for v in (files, masks, labels))
+    n_classes = max(labels) + 1 if "label" in col else 0
+    info = DataInfo(kind="segfolder", num_classes=n_classes, class_names=tuple(str(i) for i in range(n_classes)),
+                    in_chans=3, img_size=(img_size, img_size), mean=tuple(mean), std=tuple(std), has_masks=True,
+                    indexed=True)
+    return SegFileDataset(files, masks, labels, info, crop_pct=crop_pct, skip_bad=skip_bad,
+                          interpolation=interpolation, crop_mode=crop_mode)

@@ -14,12 +14,19 @@ blocks of groups j..D (they read only the last group's output, which the fine-tu
 changes; freezing them would make the last blocks chase a fixed readout). They never
 change in the REINFORCE stages, and with `finetune=False` the backbone is untouched.
 
+Beyond the paper, `target="agreement"` reads Eq. 2's "correct" as "the reduced model
+predicts what the unreduced backbone predicts", so interpreters can be fitted on
+unlabeled images: the labels of each batch are replaced by a frozen copy of the backbone's
+argmax (fine-tuning then distills the blocks towards the original model), and validation
+measures that agreement too.
+
 E_p : E_b = 10 : 20 per group in the paper; `epochs` is the budget per group, split by
 `schedule`. Without fine-tuning only the E_p part runs (the paper's Table 2/3 setting).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -30,17 +37,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..backbones.checkpoint import CheckpointError, load_pretrained, read_checkpoint
+from ..backbones.checkpoint import CheckpointError, load_pretrained, read_checkpoint, read_metadata
 from ..backbones.registry import list_models
 from ..errors import UserError
-from ..models import load_model, read_model_meta, save_model
+from ..models import check_data_fits, load_model_file, read_model_meta, save_model
 from ..patch import patch
 from .backbone import build_backbone
 from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_for, distributed
 from .finetune import finetune_step
 from .loop import LoopOptions, Stage, evaluate, run_stages
 from .reinforce import group_modes, reinforce_step
-from .setup import check_output_dir, data_info_dict, load_data, write_json
+from .setup import check_output_dir, data_info_dict, load_data, relabel, with_teacher_labels, write_json
+
+
+TARGETS = ("label", "agreement")
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,8 @@ class TrainOptions:
     schedule: tuple[float, float] = (10.0, 20.0)  # E_p : E_b, the paper's 10 : 20
     finetune: bool = True                  # run the fine-tuning stages (paper's Tables 2/3: without)
     tau: float = 1.0                       # Eq. 2 penalty of a wrong prediction (higher: keep more)
+    target: str = "label"                  # Eq. 2's "correct": matches the label, or ("agreement") the
+                                           # unreduced backbone's prediction: no labels needed
     lr: float = 4e-5                       # peak learning rate of the interpreters (paper: 4e-5)
     finetune_lr: Optional[float] = None    # peak learning rate of the blocks (None: `lr`)
     optimizer: str = "adam"                # "adam" (the paper's images) or "sgd" (its video runs, momentum 0.9)
@@ -79,16 +91,21 @@ class TrainOptions:
         return self.epochs * self.schedule[1] / sum(self.schedule)
 
 
-def load_backbone(path: str, arch: Optional[str], info: Any) -> tuple[nn.Module, str, Optional[dict[str, Any]]]:
-    """The backbone to train interpreters on, checked against `--arch` and the data.
+def load_backbone(path: str, arch: Optional[str], data: str, split_seed: int = 0
+                  ) -> tuple[nn.Module, str, Optional[dict[str, Any]], Dataset, Dataset]:
+    """The backbone to train interpreters on and its train/val data, checked against each other.
 
     Args:
-        path: an iared model file (self-contained) or a timm-layout state dict.
-        arch: registry name; required for a state dict, must agree with a model file.
-        info: the training data's `DataInfo`.
+        path: an iared model file, a timm-layout `.safetensors` file naming its
+            `architecture`, or a state dict (then `arch` is needed).
+        arch: registry name; required for a bare state dict, must agree with a model file.
+        data: the data spec; a model file's preprocessing (`model.pretrained_cfg`) is
+            applied to it, so a pretrained ImageNet model sees its own eval transform.
+        split_seed: seed of a carved train/val partition.
 
     Returns:
-        (model on CPU, its registry name, the data config stored in the model file or None).
+        (model on CPU, its registry name, the data config stored in the model file or
+        None, train data, val data).
 
     Raises:
         UserError: missing/damaged file, arch mismatch, or a model that does not fit the data.
@@ -96,42 +113,34 @@ def load_backbone(path: str, arch: Optional[str], info: Any) -> tuple[nn.Module,
     p = Path(path)
     if not p.is_file():
         raise UserError(f"backbone checkpoint not found: {p}")
-    if p.suffix == ".safetensors" and _has_meta(p):
-        meta = read_model_meta(p)
-        if arch is not None and arch != meta["arch"]:
-            raise UserError(f"--arch {arch} does not match the backbone file, which holds a {meta['arch']}")
-        if meta.get("policy"):
-            raise UserError(f"{p} already has a {meta['policy'].get('name')} policy: pass a plain backbone")
-        model, arch, data_meta = load_model(p), meta["arch"], meta.get("data")
-    else:
-        read_checkpoint(p)  # a damaged or unsafe file is reported as such, before asking for --arch
-        if arch is None:
-            raise UserError(f"{p} is a plain state dict: pass --arch to say which model it holds")
-        if arch not in list_models():
-            raise UserError(f"unknown --arch {arch!r}; available: {', '.join(list_models())}")
-        model, _ = build_backbone(arch, info)
-        try:
-            load_pretrained(model, p)
-        except CheckpointError as e:
-            raise UserError(f"backbone {p} does not match --arch {arch}: {e}") from None
-        data_meta = None
-    c = model.config
-    img = tuple(c.img_size) if isinstance(c.img_size, (list, tuple)) else (c.img_size, c.img_size)
-    if (c.num_classes, c.in_chans, img) != (info.num_classes, info.in_chans, tuple(info.img_size)):
-        raise UserError(f"backbone ({c.num_classes} classes, {c.in_chans} channels, {img[0]}x{img[1]}) does not "
-                        f"fit the data ({info.num_classes} classes, {info.in_chans} channels, "
-                        f"{info.img_size[0]}x{info.img_size[1]})")
-    return model, arch, data_meta
-
-
-def _has_meta(p: Path) -> bool:
+    meta = read_metadata(p) if p.suffix == ".safetensors" else {}
+    if "iared" in meta or "architecture" in meta:
+        if "iared" in meta:
+            own = read_model_meta(p)
+            if arch is not None and arch != own["arch"]:
+                raise UserError(f"--arch {arch} does not match the backbone file, which holds a {own['arch']}")
+            if own.get("policy"):
+                raise UserError(f"{p} already has a {own['policy'].get('name')} policy: pass a plain backbone")
+        model = load_model_file(p, None if "iared" in meta else arch)
+        arch = model.model_meta["arch"]
+        data_meta = model.model_meta.get("data")
+        train, val = (load_data(data, s, split_seed, preprocess=model.pretrained_cfg) for s in ("train", "val"))
+        check_data_fits(train.info, model, data)
+        return model, arch, data_meta, train, val
+    # A bare state dict: the backbone is built to the data's shape (classes, channels, size).
+    read_checkpoint(p)  # a damaged or unsafe file is reported as such, before asking for --arch
+    if arch is None:
+        raise UserError(f"{p} is a plain state dict: pass --arch to say which model it holds")
+    if arch not in list_models():
+        raise UserError(f"unknown --arch {arch!r}; available: {', '.join(list_models())}")
+    train, val = (load_data(data, s, split_seed) for s in ("train", "val"))
+    model, _ = build_backbone(arch, train.info)
     try:
-        read_model_meta(p)
-        return True
+        load_pretrained(model, p)
     except CheckpointError as e:
-        if "no iared metadata" in str(e):
-            return False
-        raise
+        raise UserError(f"backbone {p} does not match --arch {arch}: {e}") from None
+    check_data_fits(train.info, model, data)
+    return model, arch, None, train, val
 
 
 def group_blocks(model: nn.Module, group: int, groups: int) -> list[nn.Module]:
@@ -140,10 +149,15 @@ def group_blocks(model: nn.Module, group: int, groups: int) -> list[nn.Module]:
     return list(model.blocks[group * per:])
 
 
-def build_stages(model: nn.Module, train: Dataset, options: TrainOptions) -> list[Stage]:
-    """Algorithm 1 as a list of stages: policy-1, finetune-1, policy-2, ..."""
+def build_stages(model: nn.Module, train: Dataset, options: TrainOptions,
+                 teacher: Optional[nn.Module] = None) -> list[Stage]:
+    """Algorithm 1 as a list of stages: policy-1, finetune-1, policy-2, ...
+
+    With a `teacher` (`target="agreement"`), every step's labels are its predictions.
+    """
     D = options.groups
     stages: list[Stage] = []
+    on_labels = with_teacher_labels(teacher) if teacher is not None else (lambda step: step)
 
     def data_for(offset: int):
         def fn(epoch: int) -> Dataset:
@@ -156,7 +170,8 @@ def build_stages(model: nn.Module, train: Dataset, options: TrainOptions) -> lis
         eval_mode = group_modes(j, D, "greedy")
         stages.append(Stage(
             name=f"policy-{j + 1}",
-            step=lambda m, b, g, _j=j: reinforce_step(m, b, group=_j, groups=D, tau=options.tau, generator=g),
+            step=on_labels(lambda m, b, g, _j=j: reinforce_step(m, b, group=_j, groups=D, tau=options.tau,
+                                                                generator=g)),
             trainable=lambda m, _j=j: list(m.policy.interpreters[_j].parameters()),
             train_data=data_for(len(stages) * 1000), epochs=options.policy_epochs, lr=options.lr,
             optimizer=options.optimizer, eval_mode=eval_mode, extra={"group": j + 1, "kind": "policy", "tau": options.tau},
@@ -164,8 +179,8 @@ def build_stages(model: nn.Module, train: Dataset, options: TrainOptions) -> lis
         if options.finetune and options.finetune_epochs > 0:
             stages.append(Stage(
                 name=f"finetune-{j + 1}",
-                step=lambda m, b, g, _j=j: finetune_step(m, b, group=_j, groups=D,
-                                                         label_smoothing=options.label_smoothing),
+                step=on_labels(lambda m, b, g, _j=j: finetune_step(m, b, group=_j, groups=D,
+                                                                   label_smoothing=options.label_smoothing)),
                 trainable=lambda m, _j=j: [p for blk in group_blocks(m, _j, D) for p in blk.parameters()]
                 + list(m.norm.parameters()) + list(m.head.parameters()),
                 train_data=data_for(len(stages) * 1000), epochs=options.finetune_epochs,
@@ -189,6 +204,8 @@ def train_iared(options: TrainOptions) -> dict[str, Any]:
         raise UserError("--groups must be at least 1")
     if len(options.schedule) != 2 or min(options.schedule) < 0 or sum(options.schedule) <= 0:
         raise UserError("--schedule must be two non-negative numbers E_p:E_b, not both zero")
+    if options.target not in TARGETS:
+        raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {options.target!r}")
     if options.epochs <= 0 or options.policy_epochs <= 0:
         raise UserError("--epochs and the policy part of --schedule must be positive")
     with distributed(options.device) as dist_info:
@@ -200,9 +217,10 @@ def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
     out = Path(options.out)
 
     def prepare():
-        train = load_data(options.data, "train", options.seed)
-        val = load_data(options.data, "val", options.seed)
-        model, arch, data_meta = load_backbone(options.checkpoint, options.arch, train.info)
+        model, arch, data_meta, train, val = load_backbone(options.checkpoint, options.arch, options.data,
+                                                           options.seed)
+        if train.info.num_classes == 0 and options.target == "label":
+            raise UserError(f"data {options.data!r} has no labels: train with --target agreement")
         depth = model.config.depth
         if depth % options.groups:
             raise UserError(f"--groups {options.groups} does not divide the backbone's depth {depth}")
@@ -211,9 +229,14 @@ def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
         return train, val, model, arch, data_meta
 
     train, val, model, arch, data_meta = agree(dist_info, prepare)
+    device = device_for(options.device, dist_info)
+    teacher = None
+    if options.target == "agreement":
+        teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+        val = relabel(val, teacher, limit=options.val_size, batch_size=2 * options.batch_size, device=device,
+                      progress=options.progress and dist_info.is_main)
     torch.manual_seed(options.seed)  # interpreter initialisation
     patch(model, policy="iared", groups=options.groups)
-    device = device_for(options.device, dist_info)
     model.to(device)
     broadcast_parameters(model, dist_info)
 
@@ -223,7 +246,7 @@ def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
                        progress=options.progress)
     before = evaluate(model, val, batch_size=loop.eval_batch_size, device=device, mode="all", limit=options.val_size,
                       dist_info=dist_info, workers=options.workers)
-    stages = build_stages(model, train, options)
+    stages = build_stages(model, train, options, teacher)
     run_config = {k: v for k, v in dataclasses.asdict(options).items()
                   if k not in ("out", "resume", "workers", "progress", "device", "val_size", "checkpoint_every")}
     run_config["schedule"] = list(options.schedule)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
-from torch.utils.data import Dataset
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from ..errors import UserError
 from ..fileio import atomic_write_json, check_writable
@@ -46,3 +49,43 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj, default=str, indent=2)
 
 
+
+
+class Relabelled(Dataset):
+    """`data` with its labels replaced (its `info` kept)."""
+
+    def __init__(self, data: Dataset, labels: torch.Tensor, info: Any = None):
+        self.data, self.labels = data, labels
+        self.info = info if info is not None else getattr(data, "info", None)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.data[i], "label": self.labels[i]}
+
+
+@torch.no_grad()
+def relabel(data: Dataset, teacher: nn.Module, *, limit: Optional[int] = None, batch_size: int = 128,
+            device: Any = "cpu", progress: bool = False) -> Relabelled:
+    """The first `limit` items of `data` (all: None) labelled by `teacher`'s predictions
+    (argmax), computed once."""
+    info = getattr(data, "info", None)
+    if limit is not None and limit < len(data):
+        data = Subset(data, range(limit))
+    teacher.eval()
+    preds = [teacher(b["image"].to(device)).argmax(-1).cpu()
+             for b in tqdm(DataLoader(data, batch_size=batch_size), desc="teacher labels",
+                           disable=not progress, leave=False)]
+    return Relabelled(data, torch.cat(preds), info)
+
+
+def with_teacher_labels(teacher: nn.Module) -> Callable:
+    """Wrap a training step so that each batch's labels are `teacher`'s predictions."""
+    def wrap(step: Callable) -> Callable:
+        def run(model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+            with torch.no_grad():
+                labels = teacher(batch["image"]).argmax(-1)
+            return step(model, {**batch, "label": labels}, generator)
+        return run
+    return wrap
