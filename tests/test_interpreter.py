@@ -203,3 +203,25 @@ def test_a_replaced_interpreter_is_the_one_used():
     with torch.inference_mode():
         _, info = model(x, return_info=True)
     assert int(info.stages[1].keep.sum()) == 0
+
+
+def test_calibrated_thresholds_keep_the_asked_share_per_group():
+    from helpers import tiny
+
+    from iared.reduction.interpreter import calibrate_thresholds
+
+    m = iared.patch(tiny(depth=6), policy="iared", groups=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    images = torch.randn(16, 3, 32, 32)
+    t = calibrate_thresholds(m, images, 0.75)
+    assert len(t) == 3 and m.policy.threshold == 0.5  # restored
+    m.policy.threshold = t
+    with torch.no_grad():
+        _, info = m.eval()(images, return_info=True)
+    for rec in info.stages:  # each group keeps 75 % of what enters it, to one token in 64 * 16
+        share = rec.keep.sum().item() / rec.entering.sum().item()
+        assert abs(share - 0.75) < 0.02, share
+    assert calibrate_thresholds(m, images, 1.0) == [-1.0] * 3

@@ -144,6 +144,23 @@ class AttentionDrop(_InputDrop):
         return topk_keep(scores, keep_count(valid.sum(dim=1), self.keep_ratio), valid), scores
 
 
+class KeepMask(_InputDrop):
+    """Keeps the patch tokens of a given (B, N) mask at the input; set `.keep` per batch
+    (the perturbation test of `iared.evaluation.perturbation`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keep: Optional[Tensor] = None
+
+    def config(self) -> dict[str, Any]:
+        return {"name": "keep-mask"}
+
+    def select(self, tokens, model: nn.Module):
+        if self.keep is None or self.keep.shape != tokens.patch_valid.shape:
+            raise ValueError("KeepMask: set .keep to a (B, N) bool mask for this batch first")
+        return self.keep.to(tokens.patch_valid.device), None
+
+
 @register_policy("random")
 def _build_random(model: nn.Module, keep_ratio: float = 0.7, seed: int = 0, **kw) -> RandomDrop:
     kw.pop("name", None)

@@ -191,6 +191,14 @@ class IARedPolicy(TokenPolicy):
         return {"name": "iared", "groups": self.groups, "num_heads": it.num_heads, "head_dim": it.head_dim,
                 "threshold": self.threshold}
 
+    def attach(self, model: nn.Module) -> None:
+        """Refuse a backbone these interpreters were not built for (`iared.patch` calls this)."""
+        c = model.config
+        dim = self.interpreters[0].norm.normalized_shape[0]
+        if c.embed_dim != dim or c.depth != self.groups * self.blocks_per_group:
+            raise ValueError(f"these interpreters fit a backbone of width {dim} and depth "
+                             f"{self.groups * self.blocks_per_group}, not {c.embed_dim} and {c.depth}")
+
     def group_threshold(self, j: int) -> float:
         t = self.threshold
         return float(t[j]) if isinstance(t, (list, tuple)) else float(t)
@@ -237,3 +245,36 @@ class IARedPolicy(TokenPolicy):
 @register_policy("iared")
 def _build_iared(model: nn.Module, groups: int = 3, **kw) -> IARedPolicy:
     return IARedPolicy.for_model(model, groups=groups, **kw)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, images: Tensor, keep: float) -> list[float]:
+    """Per-group keep thresholds under which each group keeps `keep` of the tokens entering it.
+
+    The trained threshold (0.5) sits wherever REINFORCE left the scores; reading the
+    interpreters' ranking at a chosen budget instead takes thresholds from calibration
+    images: group j's is the (1 - keep)-quantile of the scores of the tokens entering it,
+    with groups 1..j-1 at their calibrated thresholds. Use images the evaluation does not.
+
+    Args:
+        model: a backbone patched with an `IARedPolicy` (its thresholds are restored after).
+        images: (B, C, H, W) calibration images.
+        keep: share of the entering tokens each group keeps, in (0, 1].
+
+    Returns:
+        D thresholds, one per group (set them as `model.policy.threshold`).
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    policy = model.policy
+    saved, thresholds = policy.threshold, []
+    try:
+        for j in range(policy.groups):
+            policy.threshold = thresholds + [-1.0] * (policy.groups - j)  # later groups keep every token
+            _, info = model(images, return_info=True, mode="greedy")
+            rec = info.stages[j]
+            scores = rec.scores[rec.entering].float()
+            thresholds.append(float(torch.quantile(scores, 1.0 - keep)) if keep < 1.0 else -1.0)
+    finally:
+        policy.threshold = saved
+    return thresholds

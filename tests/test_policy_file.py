@@ -1,0 +1,91 @@
+"""Policy files: trained IA-RED² interpreters without the backbone, and `--policy` in the commands."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny
+
+import iared
+from iared.cli import main
+
+
+def _trained(seed=3):
+    m = iared.patch(tiny(depth=6), policy="iared", groups=3, threshold=[0.4, 0.5, 0.6])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in m.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m.eval()
+
+
+def test_policy_file_round_trip_gives_the_same_model(tmp_path):
+    m = _trained()
+    backbone_file = tmp_path / "bb.safetensors"
+    iared.save_model(iared.unpatch(_trained()), backbone_file, arch="vit_custom")
+    iared.save_policy(m, tmp_path / "p.safetensors", arch="vit_custom", backbone_file=backbone_file)
+    policy = iared.load_policy(tmp_path / "p.safetensors")
+    assert policy.file_meta["backbone"]["arch"] == "vit_custom"
+    assert len(policy.file_meta["backbone"]["sha256"]) == 64
+    other = iared.patch(tiny(depth=6), policy=policy)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, ia = m(x, return_info=True)
+        b, ib = other(x, return_info=True)
+    assert torch.equal(a, b)
+    assert other.policy.threshold == [0.4, 0.5, 0.6]
+    assert [s.keep.sum().item() for s in ia.stages] == [s.keep.sum().item() for s in ib.stages]
+    # only the interpreters are stored
+    from iared.backbones.checkpoint import read_checkpoint
+
+    assert all(k.startswith("interpreters.") for k in read_checkpoint(tmp_path / "p.safetensors"))
+
+
+def test_policy_refuses_a_backbone_it_does_not_fit(tmp_path):
+    iared.save_policy(_trained(), tmp_path / "p.safetensors", arch="vit_custom")
+    with pytest.raises(ValueError, match="width 32 and depth 6"):
+        iared.patch(tiny(depth=4), policy=iared.load_policy(tmp_path / "p.safetensors"))
+    with pytest.raises(ValueError, match="needs a model patched"):
+        iared.save_policy(tiny(), tmp_path / "q.safetensors", arch="vit_custom")
+    iared.save_model(tiny(), tmp_path / "model.safetensors", arch="vit_custom")
+    with pytest.raises(iared.CheckpointError, match="not an iared policy file"):
+        iared.load_policy(tmp_path / "model.safetensors")
+
+
+def _photos_with_labels(root, n=6):
+    from PIL import Image
+
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(n):
+        arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"{i}.png")
+        lines.append(f"{i}.png\t{i % 10}")
+    (root / "labels.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_eval_and_interpret_take_a_policy_file(tmp_path, capsys):
+    backbone = iared.unpatch(_trained())
+    backbone.pretrained_cfg.update(input_size=(3, 32, 32), crop_pct=1.0)
+    iared.save_model(backbone, tmp_path / "bb.safetensors", arch="vit_custom")
+    iared.save_policy(_trained(), tmp_path / "p.safetensors", arch="vit_custom",
+                      backbone_file=tmp_path / "bb.safetensors")
+    photos = _photos_with_labels(tmp_path / "photos")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--data", f"imagefolder:{photos}", "--checkpoint", str(tmp_path / "bb.safetensors"),
+                 "--policy", str(tmp_path / "p.safetensors"), "--methods", "original,iared,random",
+                 "--json", str(out), "--no-throughput", "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())["methods"]
+    assert res["iared"]["policy"]["name"] == "iared" and res["iared"]["keep_ratio"] < 1.0
+    assert res["original"]["keep_ratio"] == 1.0
+    assert main(["interpret", "-p", str(photos / "0.png"), "-o", str(tmp_path / "maps"),
+                 "--checkpoint", str(tmp_path / "bb.safetensors"), "--policy", str(tmp_path / "p.safetensors"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert list((tmp_path / "maps").rglob("*.png"))
+    # a file that is not a policy: one line, exit code 2
+    capsys.readouterr()
+    assert main(["eval", "--data", f"imagefolder:{photos}", "--checkpoint", str(tmp_path / "bb.safetensors"),
+                 "--policy", str(tmp_path / "bb.safetensors"), "--json", str(out), "--device", "cpu"]) == 2
+    assert "not an iared policy file" in capsys.readouterr().err
