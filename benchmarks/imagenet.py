@@ -15,8 +15,8 @@ method timed round-robin on the same images, oneDNN linears). Accuracy at matche
 
 Writes benchmarks/results/imagenet_vit_tiny.json, imagenet_vit_tiny_tradeoff.png (top-1
 against GFLOPs and against measured speedup) and imagenet_vit_tiny_kept.png (the patches
-each method keeps on 8 photos). IA-RED² itself needs interpreters trained on this model
-(Algorithm 1); it is not among these rows.
+each method keeps on 8 photos). IA-RED², whose interpreters are trained on this model
+(Algorithm 1), is measured beside these rows by benchmarks/imagenet_iared.py.
 """
 
 from __future__ import annotations
@@ -98,25 +98,30 @@ def standard_error(pct: float, n: int) -> float:
     return 100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
 
 
-def run(args: argparse.Namespace) -> dict:
-    shared = Path(args.shared).resolve()
-    model = load_model(shared)
-    cfg = model.pretrained_cfg
-    t0 = time.time()
-    images, labels, class_names = load_images(shared, cfg, args.limit)
+def measure(rows, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
+            grid_size: int) -> tuple[dict, dict]:
+    """Accuracy, GFLOPs, keep ratios and img/s at batch `args.batch_size` and 1 of each row.
+
+    Args:
+        rows: (label, model with its policy attached) pairs; "original" among them.
+        images, labels: the evaluation photos, preprocessed.
+        args: batch_size, flops_images, repeats, repeats_b1.
+        grid_size: patch tokens of the full grid (for the K' histograms).
+
+    Returns:
+        ({label: results row}, {label: (model, {})} for later figures).
+    """
     n = int(labels.shape[0])
-    print(f"loaded {n} photos in {time.time() - t0:.1f}s ({cfg['interpolation']}, crop_pct {cfg['crop_pct']})",
-          flush=True)
     loader = [{"image": images[i:i + args.batch_size], "label": labels[i:i + args.batch_size]}
               for i in range(0, n, args.batch_size)]
     results, models = {}, {}
-    for spec in METHODS:
-        m = build_method(model, spec, seed=0).eval()
-        counts = family(spec.label) in ("ats", "ats_compound", "ats_single", "topk")
-        stats = evaluate(m, loader, collect_counts=counts, progress=True, desc=spec.label)
+    for label, m in rows:
+        m.eval()
+        counts = family(label) in ("ats", "ats_compound", "ats_single", "topk")
+        stats = evaluate(m, loader, collect_counts=counts, progress=True, desc=label)
         gflops = float(count_flops(m, images[:args.flops_images]).mean()) / 1e9
         policy = getattr(m, "policy", None)
-        results[spec.label] = {
+        results[label] = {
             "top1": stats["top1"], "top1_se": standard_error(stats["top1"], n),
             "top5": stats["top5"], "top5_se": standard_error(stats["top5"], n), "gflops_per_img": gflops,
             "keep_ratio": stats["keep_ratio"], "token_ratio": stats["token_ratio"],
@@ -124,12 +129,12 @@ def run(args: argparse.Namespace) -> dict:
             "policy": policy.config() if hasattr(policy, "config") else None,
         }
         if counts:  # K' (patch tokens kept) per stage: histogram in bins of HIST_BIN tokens
-            bins = model.grid_size // HIST_BIN + 1
-            results[spec.label]["kept_tokens_hist"] = {
+            bins = grid_size // HIST_BIN + 1
+            results[label]["kept_tokens_hist"] = {
                 str(b): torch.bincount(c // HIST_BIN, minlength=bins).tolist()
                 for b, c in zip(stats["stage_blocks"], stats["stage_counts"])}
-        models[spec.label] = (m, {})
-        print(f"{spec.label:>14s}  top-1 {stats['top1']:6.2f}  {gflops:.4f} GFLOPs  keep {stats['keep_ratio']:.3f}",
+        models[label] = (m, {})
+        print(f"{label:>14s}  top-1 {stats['top1']:6.2f}  {gflops:.4f} GFLOPs  keep {stats['keep_ratio']:.3f}",
               flush=True)
 
     # Throughput: all methods round-robin on the same batch (see `interleaved_throughput`).
@@ -144,6 +149,20 @@ def run(args: argparse.Namespace) -> dict:
         r["flops_ratio"] = base["gflops_per_img"] / r["gflops_per_img"]
         r["speedup"] = r["img_per_s"] / base["img_per_s"]
         r["speedup_b1"] = r["img_per_s_b1"] / base["img_per_s_b1"]
+    return results, models
+
+
+def run(args: argparse.Namespace) -> dict:
+    shared = Path(args.shared).resolve()
+    model = load_model(shared)
+    cfg = model.pretrained_cfg
+    t0 = time.time()
+    images, labels, class_names = load_images(shared, cfg, args.limit)
+    n = int(labels.shape[0])
+    print(f"loaded {n} photos in {time.time() - t0:.1f}s ({cfg['interpolation']}, crop_pct {cfg['crop_pct']})",
+          flush=True)
+    rows = [(spec.label, build_method(model, spec, seed=0)) for spec in METHODS]
+    results, models = measure(rows, images, labels, args, model.grid_size)
     kept = kept_masks(models, images[:args.figure_images])
     models.clear()
     return {"arch": ARCH, "checkpoint": CHECKPOINT, "data": DATA, "n_images": n,
@@ -175,27 +194,31 @@ def interpolate(points: list[tuple[float, float]], x: float):
     return None
 
 
-def matched_cost(results: dict) -> dict:
+def matched_cost(results: dict, costs=MATCHED_COST) -> dict:
     """{family: {"1.3x": top-1 at 1.3x fewer GFLOPs, ..., "speedup_1.3x": ... measured at batch 64}}."""
     out = {}
     for fam in dict.fromkeys(family(k) for k in results if k != "original"):
         rows = [r for k, r in results.items() if family(k) == fam]
         out[fam] = {}
-        for c in MATCHED_COST:
+        for c in costs:
             out[fam][f"{c}x"] = interpolate([(r["flops_ratio"], r["top1"]) for r in rows], c)
             out[fam][f"speedup_{c}x"] = interpolate([(r["speedup"], r["top1"]) for r in rows], c)
     return out
 
 
-def plot(out: dict, path: Path) -> None:
+STYLES = {"ats": ("C0", "o-"), "ats_compound": ("C7", "x"), "ats_single": ("C6", "v--"), "topk": ("C1", "s-"),
+          "random": ("C2", "^-"), "attention": ("C3", "d-"), "tome": ("C4", "P-"), "evit": ("C5", "X-")}
+
+
+def plot(out: dict, path: Path, styles: dict | None = None, title: str | None = None) -> None:
+    """Top-1 against GFLOPs, measured speedup at batch 64 and at batch 1, one curve per family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     res = out["methods"]
-    styles = {"ats": ("C0", "o-"), "ats_compound": ("C7", "x"), "ats_single": ("C6", "v--"), "topk": ("C1", "s-"), "random": ("C2", "^-"),
-              "attention": ("C3", "d-"), "tome": ("C4", "P-"), "evit": ("C5", "X-")}
+    styles = styles or STYLES
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
     for ax, key, xlabel in ((axes[0], "gflops_per_img", "GFLOPs per image (multiply-adds, counted)"),
                             (axes[1], "speedup", f"measured speedup, batch {out['batch_size']}"),
@@ -212,7 +235,8 @@ def plot(out: dict, path: Path) -> None:
     axes[0].invert_xaxis()  # cheaper to the right, as speedup grows to the right
     axes[0].set_ylabel(f"top-1 % on {out['n_images']} ImageNet val photos (± 1 s.e.)")
     axes[2].legend(fontsize=8, loc="lower left")
-    fig.suptitle(f"{out['arch']} (timm, augreg in1k) via iared.patch, training-free token reduction; {out['device_name']}")
+    fig.suptitle(title or f"{out['arch']} (timm, augreg in1k) via iared.patch, training-free token reduction; "
+                 f"{out['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

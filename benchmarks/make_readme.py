@@ -21,6 +21,9 @@ Markers filled (NAME: source files):
     cifar10            cifar10.json            (benchmarks/cifar10.py)
     offshelf           offshelf.json
     imagenet           imagenet_vit_tiny.json  (benchmarks/imagenet.py)
+    imagenet_iared     imagenet_iared.json     (benchmarks/imagenet_iared.py)
+    davis              davis_segmentation.json (benchmarks/imagenet_iared.py)
+    perturbation       imagenet_perturbation.json (benchmarks/imagenet_iared.py)
     moving_fashion     moving_fashion.json
     pruning            pruning.json
     fuzz               fuzz.json               (benchmarks/fuzz.py)
@@ -145,13 +148,15 @@ def render_trade_off(file_name: str) -> Callable[[Path], str]:
     return render
 
 
-def render_imagenet(results: Path) -> str:
-    """The ImageNet ViT-Tiny rows, accuracy at matched cost, the two figures."""
-    name = "imagenet_vit_tiny.json"
+def render_imagenet(results: Path, name: str = "imagenet_vit_tiny.json") -> str:
+    """The ImageNet ViT-Tiny rows, accuracy at matched cost, the figures."""
     d = _load(results / name)
     if d is None:
         return NOT_RUN
-    parts = [command_line(d, name), d.get("notes", ""), method_table(d["methods"])]
+    parts = [command_line(d, name), d.get("notes", "")]
+    if d.get("training"):
+        parts.append(training_table(d))
+    parts.append(method_table(d["methods"]))
     matched = d.get("matched_cost") or {}
     if matched:
         costs = [k for k in next(iter(matched.values())) if not k.startswith("speedup_")]
@@ -161,11 +166,75 @@ def render_imagenet(results: Path) -> str:
                 for fam, v in matched.items()]
         parts.append("Accuracy at matched cost, read off each family's curve (– : outside its range):\n\n"
                      + table(header, rows))
-    for key in ("figure", "figure_kept"):
+    if d.get("claims"):
+        parts.append(claims_table(d["claims"]))
+    for key in ("figure", "figure_kept", "figure_heatmaps"):
         f = d.get(key)
         if isinstance(f, str) and (results / f).is_file():
             parts.append(f"![{Path(f).stem}](results/{f})")
     return "\n\n".join(p for p in parts if p)
+
+
+def training_table(d: dict[str, Any]) -> str:
+    """One row per training variant: settings, wall time, validation after each stage."""
+    rows = []
+    for name, t in d["training"].items():
+        o = t["options"]
+        stages = ", ".join(f"{s['stage']} {fmt(s['val_top1'])} / {fmt(s['keep_ratio_per_group'][-1], 3)}"
+                           for s in t["per_stage"])
+        rows.append([name, o.get("target", "label"), "yes" if o.get("finetune") else "no", fmt(o.get("tau")),
+                     fmt(o.get("lr"), 6), fmt(t["train_wall_s"] / 60, 1), fmt(t["backbone_val"]["top1"]), stages])
+    return ("Training (Algorithm 1 on Imagenette train; validation on the 10 % carved out, top-1 or agreement "
+            "% / share of tokens kept after the last group):\n\n"
+            + table(["variant", "correct =", "fine-tune", "tau", "lr", "train min", "backbone val", "after each stage"],
+                    rows))
+
+
+def claims_table(c: dict[str, Any]) -> str:
+    """The paper's claims on this model, as met or not: every family's top-1 at 1.4x."""
+    fams = c["families"]
+    ours = fams.get("iared_label", {})
+    keys = ("top1_at_1.4x_gflops", "top1_at_1.4x_speed_b64", "top1_at_1.4x_speed_b1")
+    rows = [[fam] + [fmt(v.get(k)) for k in keys]
+            + (["–"] if fam == "iared_label" else [_verdict(ours, v, keys)]) for fam, v in fams.items()]
+    loss = c.get("loss_at_1.4x_measured")
+    head = (f"Original {fmt(c['original_top1'])} %. IA-RED² (label variant, calibrated sweep) at 1.4x measured "
+            f"speedup (batch 64): " + (f"{fmt(loss)} points lost, the paper's ≤ 0.7 "
+                                       f"{'met' if c.get('loss_at_1.4x_measured_le_0.7') else 'not met'}."
+                                       if loss is not None else "outside its measured curve."))
+    return (head + " Every family's top-1 at 1.4x fewer GFLOPs / 1.4x measured speedup at batch 64 / at batch 1 "
+            "(– : outside its curve), and whether IA-RED² is ahead of it at each:\n\n"
+            + table(["family", "at 1.4x GFLOPs", "at 1.4x b64", "at 1.4x b1", "IA-RED² is"], rows))
+
+
+def _verdict(ours: dict[str, Any], theirs: dict[str, Any], keys: Sequence[str]) -> str:
+    pairs = [(ours.get(k), theirs.get(k)) for k in keys]
+    known = [(a, b) for a, b in pairs if isinstance(a, (int, float)) and isinstance(b, (int, float))]
+    if not known:
+        return "–"
+    ahead = sum(a > b for a, b in known)
+    return "ahead" if ahead == len(known) else "behind" if ahead == 0 else f"ahead at {ahead} of {len(known)}"
+
+
+def render_segmentation(name: str, key: str = "segmentation") -> Callable[[Path], str]:
+    def render(results: Path) -> str:
+        d = _load(results / name)
+        if d is None:
+            return NOT_RUN
+        return "\n\n".join([command_line(d, name), d.get("notes", ""), metric_table(d[key])])
+    return render
+
+
+def render_perturbation(results: Path, name: str = "imagenet_perturbation.json") -> str:
+    d = _load(results / name)
+    if d is None:
+        return NOT_RUN
+    fr = d["fractions"]
+    header = ["heatmap", "AUC positive ↓", "AUC negative ↑"] + [f"−{round(100 * f)} % (pos / neg)" for f in fr[1::2]]
+    rows = [[m, fmt(v["auc_positive"]), fmt(v["auc_negative"])]
+            + [f"{fmt(p)} / {fmt(n)}" for p, n in zip(v["positive"][1::2], v["negative"][1::2])]
+            for m, v in d["methods"].items()]
+    return "\n\n".join([command_line(d, name), d.get("notes", ""), table(header, rows)])
 
 
 def _generic_body(d: dict[str, Any]) -> list[str]:
@@ -240,6 +309,9 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "cifar10": render_trade_off("cifar10.json"),
     "offshelf": render_trade_off("offshelf.json"),
     "imagenet": render_imagenet,
+    "imagenet_iared": lambda results: render_imagenet(results, "imagenet_iared.json"),
+    "davis": render_segmentation("davis_segmentation.json"),
+    "perturbation": render_perturbation,
     "moving_fashion": render_trade_off("moving_fashion.json"),
     "pruning": render_trade_off("pruning.json"),
     "photos": render_trade_off("photos_cifar10.json"),

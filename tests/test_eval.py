@@ -131,7 +131,10 @@ def test_eval_threshold_knob_and_segmentation(tiny_data, iared_file, tmp_path):
     assert res["methods"]["iared@0.0"]["keep_ratio"] == 1.0      # every sigmoid score is > 0
     assert res["methods"]["iared@1.0"]["keep_ratio"] == 0.0      # none is > 1
     assert res["methods"]["iared@0.0"]["img_per_s"] is None
-    assert set(res["segmentation"]) == {"iared", "attention", "rollout", "gradcam"}
+    # the paper's heatmap (group 2), each group's, and every explainer of Table 1
+    assert set(res["segmentation"]) == {"iared", "iared@group=0", "iared@group=1", "iared@group=2", "attention",
+                                        "rollout", "gradcam", "chefer"}
+    assert res["segmentation"]["iared"] == res["segmentation"]["iared@group=1"]
     assert 0 <= res["segmentation"]["rollout"]["mIoU"] <= 100
 
 
