@@ -89,3 +89,22 @@ def test_eval_and_interpret_take_a_policy_file(tmp_path, capsys):
     assert main(["eval", "--data", f"imagefolder:{photos}", "--checkpoint", str(tmp_path / "bb.safetensors"),
                  "--policy", str(tmp_path / "bb.safetensors"), "--json", str(out), "--device", "cpu"]) == 2
     assert "not an iared policy file" in capsys.readouterr().err
+
+
+def test_committed_policy_fits_the_shared_imagenet_vit(shared_dir):
+    """The policy file in benchmarks/models loads on the weights it was trained on (sha256 recorded)."""
+    from pathlib import Path
+
+    from iared.models import load_model_file, sha256_of, with_policy
+
+    weights = shared_dir / "models" / "vit_tiny_patch16_224_augreg_in1k.safetensors"
+    policy_file = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / \
+        "iared_vit_tiny_patch16_224_augreg.safetensors"
+    if not weights.is_file():
+        pytest.skip("needs the shared ViT-Tiny")
+    policy = iared.load_policy(policy_file)
+    assert policy.file_meta["backbone"]["sha256"] == sha256_of(weights)
+    model = with_policy(load_model_file(weights), policy_file, weights)
+    with torch.no_grad():
+        _, info = model.eval()(torch.zeros(1, 3, 224, 224), return_info=True)
+    assert len(info.stages) == 3 and model.model_meta["policy"]["name"] == "iared"
