@@ -266,21 +266,21 @@ def davis_stage(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
 
 # -- perturbation: faithfulness without masks ---------------------------------------------
 
-PERTURBATION = ("iared_label@group1", "iared_label@group2", "iared_label@group3", "attention@block1",
-                "rollout", "gradcam", "chefer", "random")
+# heatmap label -> (model it explains, `explain_spec`); "random" ranks tokens at random, the floor.
+PERTURBATION = {"iared_label@group1": ("iared", "iared@group=0"), "iared_label@group2": ("iared", "iared@group=1"),
+                "iared_label@group3": ("iared", "iared@group=2"), "attention@block1": ("base", "attention@block=1"),
+                "rollout": ("base", "rollout"), "gradcam": ("base", "gradcam"), "chefer": ("base", "chefer"),
+                "random": ("base", None)}
 
 
-def relevance(name: str, base: torch.nn.Module, iared_model: torch.nn.Module, images: torch.Tensor,
+def relevance(name: str, models: dict[str, torch.nn.Module], images: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
-    from iared.evaluation.heatmaps import explain
+    from iared.evaluation.heatmaps import explain_spec
 
-    if name.startswith("iared_label@group"):
-        return explain(iared_model, images, "iared", group=int(name[-1]) - 1)
-    if name == "attention@block1":
-        return explain(base, images, "attention", block=1)
-    if name == "random":  # a ranking that knows nothing: the floor every heatmap must beat
-        return torch.rand(images.shape[0], base.grid_size, generator=generator)
-    return explain(base, images, name)
+    which, spec = PERTURBATION[name]
+    if spec is None:
+        return torch.rand(images.shape[0], models[which].grid_size, generator=generator)
+    return explain_spec(models[which], images, spec)
 
 
 def perturbation_stage(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
@@ -289,7 +289,7 @@ def perturbation_stage(args: argparse.Namespace, shared: Path) -> dict[str, Any]
     from iared.evaluation.perturbation import FRACTIONS, area_under_curve, perturbation_correct
 
     base = iared.models.load_model_file(shared / CHECKPOINT)
-    iared_model = variant_model(Path(args.runs), "label")
+    models = {"base": base, "iared": variant_model(Path(args.runs), "label")}
     limit = min(args.limit or args.perturbation_images, args.perturbation_images)
     images, labels, _ = training_free.load_images(shared.resolve(), base.pretrained_cfg, limit)
     n = int(labels.shape[0])
@@ -301,7 +301,7 @@ def perturbation_stage(args: argparse.Namespace, shared: Path) -> dict[str, Any]
         neg = torch.zeros(len(FRACTIONS))
         for i in range(0, n, args.batch_size):
             x, y = images[i:i + args.batch_size], labels[i:i + args.batch_size]
-            rel = relevance(name, base, iared_model, x, g).detach().reshape(x.shape[0], -1)
+            rel = relevance(name, models, x, g).detach().reshape(x.shape[0], -1)
             pos += perturbation_correct(base, x, y, rel, FRACTIONS, most_relevant_first=True).float()
             neg += perturbation_correct(base, x, y, rel, FRACTIONS, most_relevant_first=False).float()
         pos_curve, neg_curve = (100.0 * pos / n).tolist(), (100.0 * neg / n).tolist()
@@ -343,7 +343,7 @@ def heatmap_figures(args: argparse.Namespace, shared: Path, heat_png: Path, kept
     shown = [denormalize(v, cfg["mean"], cfg["std"]) for v in x]
     row_labels = [names[int(labels[i])].split(",")[0] for i in pick]
     grid = tuple(base.patch_embed.grid_size)
-    save_figure(method_grid(shown, {k: [m for m in v] for k, v in maps.items()}, grid, row_labels,
+    save_figure(method_grid(shown, maps, grid, row_labels,
                             fixed_range=(),  # the trained scores sit in a narrow band: show their ranking
                             title="IA-RED² scores per group beside the explainers (each map min-max normalised)"),
                 heat_png)

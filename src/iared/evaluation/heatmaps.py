@@ -342,3 +342,11 @@ def explain(model: nn.Module, images: Tensor, method: str, **kw) -> Union[Tensor
         raise ValueError(f"unknown heatmap method {method!r}; expected one of {', '.join(METHODS)}")
     with _eval_mode(model):
         return fns[method](model, images, **kw)
+
+
+def explain_spec(model: nn.Module, images: Tensor, spec: str) -> Tensor:
+    """`explain` with the method and at most one integer option written as one string,
+    e.g. "rollout", "attention@block=6" or "iared@group=0" (0-based)."""
+    method, _, option = spec.partition("@")
+    key, _, value = option.partition("=")
+    return explain(model, images, method, **({key: int(value)} if option else {}))

@@ -243,15 +243,15 @@ def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], d
         model: the checkpoint's model (its IA-RED² policy is used for "iared"; the other
             explainers read the backbone's attention and never call the policy).
         loader: yields dicts with "image" and "mask".
-        methods: explainer names of `iared.evaluation.heatmaps.explain`, optionally with
-            one integer option, e.g. "attention@block=6" or "iared@group=0" (0-based).
+        methods: explainers as `iared.evaluation.heatmaps.explain_spec` reads them, e.g.
+            "rollout", "attention@block=6" or "iared@group=0" (0-based).
         device: where to run.
         limit_batches: stop after this many batches.
 
     Returns:
         {method: {"pixel_acc", "mAcc", "mIoU", "mAP"}} in percent.
     """
-    from .heatmaps import explain
+    from .heatmaps import explain_spec
     from .segmentation import SegmentationMeter
 
     h, w = model.patch_embed.grid_size
@@ -261,9 +261,7 @@ def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], d
             break
         images, masks = batch["image"].to(device), batch["mask"]
         for name, meter in meters.items():
-            method, _, option = name.partition("@")
-            key, _, value = option.partition("=")
-            heat = explain(model, images, method, **({key: int(value)} if option else {}))
+            heat = explain_spec(model, images, name)
             meter.update(heat.detach().float().reshape(-1, h, w).cpu(), masks)
     return {name: meter.compute() for name, meter in meters.items()}
 
