@@ -45,7 +45,7 @@ from iared.backbones import vit
 from iared.backbones.kernels import cpu_kernels
 from iared.evaluation.flops import vit_macs
 from iared.evaluation.throughput import steady_allocator
-from iared.reduction.functional import Tokens, apply_keep
+from iared.backbones.tokens import Tokens, apply_keep
 from iared.reduction.policy import TokenPolicy
 
 

@@ -15,7 +15,7 @@ from iared.evaluation.flops import count_flops, vit_macs
 from iared.evaluation.throughput import calibrate_knob
 from iared.reduction.evit import (EViTBlock, cls_attentiveness, default_stages, evit_keep, fuse_inattentive,
                                   keep_count)
-from iared.reduction.functional import apply_keep, to_grid
+from iared.backbones.tokens import apply_keep, to_grid
 
 from helpers import peaked, tiny
 

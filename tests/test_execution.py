@@ -15,7 +15,8 @@ from torch import nn
 
 import iared
 from iared.backbones import vit
-from iared.reduction.functional import PackedLayout, Tokens, apply_keep, length_buckets, packed_index
+from iared.backbones.tokens import Tokens, apply_keep
+from iared.backbones.packing import PackedLayout, length_buckets, packed_index
 from iared.reduction.policy import TokenPolicy
 
 
@@ -66,7 +67,7 @@ def uneven_keeps(B: int, G: int, blocks: list[int], seed: int = 0) -> dict[int, 
 @pytest.mark.parametrize("policy", [FixedKeep, FixedKeepRuns])
 @pytest.mark.parametrize("blocks,distilled", [([0], False), ([0, 2, 4], False), ([1, 3], True), ([5], False)])
 def test_packed_equals_masked_reference(blocks, distilled, policy, buckets, monkeypatch):
-    import iared.reduction.functional as functional
+    import iared.backbones.packing as packing
 
     model = tiny_model(distilled=distilled)
     B = 6
@@ -81,7 +82,7 @@ def test_packed_equals_masked_reference(blocks, distilled, policy, buckets, monk
 
     monkeypatch.setattr(vit, "PackedLayout", Recorded)
     if buckets == "one image each":  # the tiny model's attention would go in one call
-        monkeypatch.setattr(functional, "MIN_BUCKET_MACS", 0.0)
+        monkeypatch.setattr(packing, "MIN_BUCKET_MACS", 0.0)
     with torch.no_grad():
         ref, info_ref = model(x, execution="mask", return_info=True)
         out, info = model(x, execution="compact", return_info=True)
@@ -131,7 +132,7 @@ def test_length_buckets_cover_every_image_once():
 def test_length_buckets_leave_each_call_enough_work():
     """One image per call where an image's attention is large, fewer, fuller calls where it
     is small, and never more than MAX_BUCKETS calls."""
-    from iared.reduction.functional import MAX_BUCKETS, MIN_BUCKET_MACS
+    from iared.backbones.packing import MAX_BUCKETS, MIN_BUCKET_MACS
 
     counts = torch.arange(64) % 40 + 30                                  # 30..69 tokens
     valid = torch.arange(70)[None] < counts[:, None]

@@ -2,7 +2,7 @@
 
 import torch
 
-from iared.reduction.functional import apply_keep, compact, initial_tokens, to_grid
+from iared.backbones.tokens import apply_keep, compact, initial_tokens, to_grid
 
 
 def _tokens(B=3, N=5, C=2, P=1, execution="compact"):

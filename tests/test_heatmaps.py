@@ -13,7 +13,7 @@ from iared.evaluation.heatmaps import (
     explain,
     forward_with_attention,
 )
-from iared.reduction.functional import Tokens, apply_keep, to_grid
+from iared.backbones.tokens import Tokens, apply_keep, to_grid
 
 BASELINES = ("attention", "rollout", "gradcam", "chefer")
 

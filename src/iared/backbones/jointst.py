@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reduction.functional import Execution, Tokens, initial_tokens
+from .tokens import Execution, Tokens, initial_tokens
 from .registry import register_model
 from .vit import ViTConfig, VisionTransformer
 

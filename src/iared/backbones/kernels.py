@@ -10,8 +10,9 @@ rows). `torch.compile`'s CPU freezing pass does the same substitution
 (`torch._inductor.fx_passes.mkldnn_fusion`); here it happens without compiling, so
 shapes stay dynamic, which per-image token counts need.
 
-IA-RED²'s interpreters (`MultiHeadInterpreter.informative`, the scores used at
-inference) become a LayerNorm and one oneDNN linear with the sigmoid of Eq. 1 fused,
+Modules of the layers above register fused forms with `register_fusion`: IA-RED²'s
+interpreters (`MultiHeadInterpreter.informative`, the scores used at inference) become a
+LayerNorm and one oneDNN linear with the sigmoid of Eq. 1 fused,
 with the policy token folded in once on entry: at batch 1 each small op between two
 blocks costs 20-60 us (the GEMMs before it have pushed the interpreter's own working
 set out of the caches), so the op count of a group's entry is what its cost is.
@@ -43,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -90,11 +91,11 @@ def resolve_kernels(kernels: str, device: torch.device | str = "cpu", dtype: tor
     return "onednn" if kernels == "onednn" or (kernels == "auto" and usable) else "aten"
 
 
-def _fast_path(x: Tensor, dtype: torch.dtype) -> bool:
+def fast_path(x: Tensor, dtype: torch.dtype) -> bool:
     return not torch.is_grad_enabled() and x.dtype == dtype and x.device.type == "cpu"
 
 
-def _packable(weight: Tensor) -> bool:
+def packable(weight: Tensor) -> bool:
     return weight.device.type == "cpu" and onednn_available(weight.dtype)
 
 
@@ -105,7 +106,7 @@ def _packed_linear(mod: nn.Linear):
     dtype = mod.weight.dtype
 
     def forward(x: Tensor) -> Tensor:
-        if not _fast_path(x, dtype):
+        if not fast_path(x, dtype):
             return plain(x)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -117,7 +118,7 @@ def _fused_mlp(mod: nn.Module, fc1_weight: Tensor, fc1_bias) -> object:
     dtype = mod.fc1.weight.dtype
 
     def forward(x: Tensor) -> Tensor:
-        if not _fast_path(x, dtype):
+        if not fast_path(x, dtype):
             return plain(x)
         return mod.fc2(torch.ops.mkldnn._linear_pointwise(x, fc1_weight, fc1_bias, "gelu", [], "none"))
 
@@ -133,7 +134,7 @@ def _patch_linear(mod: nn.Module):
     dtype = conv.weight.dtype
 
     def forward(x: Tensor) -> Tensor:
-        if not _fast_path(x, dtype) or x.dim() != 4 or tuple(x.shape[1:]) != (C, *mod.img_size):
+        if not fast_path(x, dtype) or x.dim() != 4 or tuple(x.shape[1:]) != (C, *mod.img_size):
             return plain(x)  # also the shape check and its error message
         B, gh, gw = x.shape[0], *mod.grid_size
         patches = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * ph * pw)
@@ -142,43 +143,23 @@ def _patch_linear(mod: nn.Module):
     return forward
 
 
-def _fused_interpreter(mod: nn.Module):
-    """`MultiHeadInterpreter.informative` in three ops: LayerNorm, the policy-folded
-    linear map with oneDNN's sigmoid post-op, and the mean over heads as a product with
-    1/H (`mv`: between two blocks ~20 us against ~50 for `mean`, a sum and a division).
-    The linear map and `mv` see the tokens as one (B * N, D) matrix: `@` on a 3-d tensor
-    folds and unfolds it around `mv` itself, three more small operations (DeiT-S batch 1:
-    +0.009-0.013 of the FLOPs limit in paired rounds)."""
-    with torch.no_grad():
-        weight, bias = mod.folded()  # (H, D), (H,): a snapshot, as the packed linears
-        weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        mean = torch.full((mod.num_heads,), 1.0 / mod.num_heads, device=bias.device)
-    norm, plain = mod.norm, type(mod).informative.__get__(mod)
-    shape, eps = tuple(norm.normalized_shape), norm.eps
-
-    def informative(x: Tensor) -> Tensor:
-        if not _fast_path(x, torch.float32):
-            return plain(x)
-        h = F.layer_norm(x, shape, norm.weight, norm.bias, eps)                       # contiguous
-        probs = torch.ops.mkldnn._linear_pointwise(h.view(-1, shape[0]), weight, bias, "sigmoid", [], "")
-        return torch.mv(probs, mean).view(x.shape[:-1])                              # (B, N)
-
-    return informative
+# Fused forms of modules defined above the backbones (the IA-RED² interpreter), registered
+# by the module that defines them, so this one imports nothing from those layers.
+_FUSIONS: dict[type, tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Callable]]] = {}
 
 
-def _is_interpreter(mod: nn.Module) -> bool:
-    # float32 only: in bfloat16 the fused sigmoid would round scores to 8 significant bits.
-    from ..reduction.interpreter import MultiHeadInterpreter
-
-    return (type(mod) is MultiHeadInterpreter and mod.q.weight.dtype == torch.float32
-            and _packable(mod.q.weight) and type(mod.norm) is nn.LayerNorm)
+def register_fusion(cls: type, attribute: str, eligible: Callable[[nn.Module], bool],
+                    build: Callable[[nn.Module], Callable]) -> None:
+    """Inside `cpu_kernels`, shadow `attribute` of each `cls` instance with `eligible(mod)`
+    by `build(mod)` (a fused inference form; restored on exit)."""
+    _FUSIONS[cls] = (attribute, eligible, build)
 
 
 def _is_patch_conv(mod: nn.Module) -> bool:
     from .vit import PatchEmbed
 
     conv = getattr(mod, "proj", None)
-    return (type(mod) is PatchEmbed and type(conv) is nn.Conv2d and _packable(conv.weight)
+    return (type(mod) is PatchEmbed and type(conv) is nn.Conv2d and packable(conv.weight)
             and tuple(conv.stride) == tuple(conv.kernel_size) and conv.padding == (0, 0)
             and conv.dilation == (1, 1) and conv.groups == 1)
 
@@ -214,7 +195,7 @@ def cpu_kernels(model: nn.Module, kernels: Kernels = "auto") -> Iterator[str]:
     try:
         packed = {}
         for mod in model.modules():
-            if type(mod) is nn.Linear and _packable(mod.weight) and "forward" not in vars(mod):
+            if type(mod) is nn.Linear and packable(mod.weight) and "forward" not in vars(mod):
                 mod.forward, *packed[mod] = _packed_linear(mod)
                 patched.append((mod, "forward"))
         for mod in model.modules():
@@ -224,9 +205,11 @@ def cpu_kernels(model: nn.Module, kernels: Kernels = "auto") -> Iterator[str]:
             elif _is_patch_conv(mod) and "forward" not in vars(mod):
                 mod.forward = _patch_linear(mod)
                 patched.append((mod, "forward"))
-            elif _is_interpreter(mod) and "informative" not in vars(mod):
-                mod.informative = _fused_interpreter(mod)
-                patched.append((mod, "informative"))
+            elif type(mod) in _FUSIONS:
+                attribute, eligible, build = _FUSIONS[type(mod)]
+                if eligible(mod) and attribute not in vars(mod):
+                    setattr(mod, attribute, build(mod))
+                    patched.append((mod, attribute))
         yield chosen
     finally:
         for mod, name in patched:

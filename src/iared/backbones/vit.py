@@ -14,14 +14,15 @@ did as a value (`ReductionInfo`) rather than as hidden state.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reduction.functional import Execution, PackedLayout, Tokens, attention_mask, initial_tokens, to_grid
+from .packing import PackedLayout
+from .tokens import Execution, ReductionInfo, StageRecord, Tokens, attention_mask, initial_tokens
 
 
 def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -55,7 +56,7 @@ class Attention(nn.Module):
     """Multi-head self-attention (timm layout: one `qkv` linear, one `proj`).
 
     Dropped or padded tokens are excluded as keys through `valid`; see
-    `iared.reduction.functional` for why masking keys alone is exact.
+    `iared.backbones.tokens` for why masking keys alone is exact.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, scale: Optional[float] = None):
@@ -135,7 +136,7 @@ class Block(nn.Module):
 
     Compact tokens with padding (images of a batch keeping different counts) run packed:
     every per-token layer sees only the batch's real tokens (see "packed execution" in
-    `iared.reduction.functional`). The result equals the padded computation for every
+    `iared.backbones.tokens`). The result equals the padded computation for every
     valid token; padded slots keep their input values, which nothing reads.
     """
 
@@ -203,82 +204,6 @@ class ViTConfig:
         if isinstance(d["img_size"], tuple):
             d["img_size"] = list(d["img_size"])
         return d
-
-
-@dataclass
-class StageRecord:
-    """What a token policy did at one stage, on the full patch grid (a value, not state).
-
-    Attributes:
-        block: index of the block the stage sits in front of (or inside, for ATS).
-        entering: (B, G) bool, patch tokens alive when the stage was reached.
-        keep: (B, G) bool, patch tokens alive after it.
-        scores: (B, G) float informative scores (0 for tokens dropped earlier), or None
-            for policies without scores.
-        extras: policy-specific tensors (e.g. per-head logits and samples for REINFORCE).
-    """
-
-    block: int
-    entering: Tensor
-    keep: Tensor
-    scores: Optional[Tensor] = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def keep_ratio(self) -> Tensor:
-        """(B,) fraction of the full patch grid still alive after this stage."""
-        return self.keep.float().mean(dim=1)
-
-    @classmethod
-    def on_tokens(cls, block: int, tokens: Tokens, grid_size: int, entering: Optional[Tensor], keep: Tensor,
-                  scores: Optional[Tensor] = None, extras: Optional[dict[str, Tensor]] = None) -> "StageRecord":
-        """A record from per-token values (B, N) of `tokens`, put on the grid when first read.
-
-        Mapping to the grid (`to_grid`) is a few small ops per field; an inference
-        forward that returns no info never reads them, and at batch 1 those ops are a
-        measurable share of a reduced ViT's time. `entering=None` means the tokens'
-        `patch_valid`, also made only when read.
-        """
-        return _TokenStageRecord(block, tokens, grid_size, entering, keep, scores, extras or {})
-
-
-class _TokenStageRecord(StageRecord):
-    """`StageRecord.on_tokens`: `entering`, `keep`, `scores` made on first access, then kept."""
-
-    def __init__(self, block, tokens, grid_size, entering, keep, scores, extras):
-        self.block, self.extras = block, extras
-        self._tokens, self._grid_size = tokens, grid_size
-        self._values = {"entering": entering, "keep": keep, "scores": scores}
-        self._grids: dict[str, Optional[Tensor]] = {}
-
-    def _grid(self, name: str) -> Optional[Tensor]:
-        if name not in self._grids:
-            v = self._values[name]
-            if v is None and name == "entering":
-                v = self._tokens.patch_valid
-            fill = False if v is not None and v.dtype == torch.bool else 0.0
-            self._grids[name] = None if v is None else to_grid(v, self._tokens, self._grid_size, fill=fill)
-        return self._grids[name]
-
-    entering = property(lambda self: self._grid("entering"))
-    keep = property(lambda self: self._grid("keep"))
-    scores = property(lambda self: self._grid("scores"))
-
-
-@dataclass
-class ReductionInfo:
-    """Returned by `forward(..., return_info=True)`: per-stage records and token counts."""
-
-    grid_size: int
-    stages: list[StageRecord]
-    block_tokens: Tensor  # (B, depth) valid tokens (prefix included) entering each block
-
-    @property
-    def keep_ratio(self) -> Tensor:
-        """(B,) fraction of patch tokens that reach the last block."""
-        if not self.stages:
-            return torch.ones(self.block_tokens.shape[0])
-        return self.stages[-1].keep_ratio
 
 
 class VisionTransformer(nn.Module):

@@ -34,6 +34,10 @@ class DataError(UserError):
     """
 
 
+class ImageError(DataError):
+    """An image that cannot be used (missing, empty, not an image, truncated, too large)."""
+
+
 @dataclass(frozen=True)
 class DataInfo:
     """What a model and an evaluator need to know about a data set."""
@@ -130,8 +134,6 @@ class SkipBadMixin(abc.ABC):
         """A name for item `index` that a person can find (a path, a zip member)."""
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from .images import ImageError  # images imports this module
-
         n = len(self)  # type: ignore[arg-type]
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} items")
@@ -161,8 +163,6 @@ def scan(dataset: Dataset, limit: Optional[int] = None) -> list[tuple[int, str, 
     Returns:
         (index, source name, error message) for each bad item; empty when all load.
     """
-    from .images import ImageError
-
     load = getattr(dataset, "_load", dataset.__getitem__)
     name = getattr(dataset, "source_name", lambda i: f"item {i}")
     n = len(dataset)  # type: ignore[arg-type]

@@ -27,15 +27,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .base import DataError
+from .base import ImageError
 
 ImageSource = Union[str, os.PathLike, bytes]
 
 MAX_PIXELS = 8192 * 8192  # refuse larger images: a 64-Mpixel RGB image is already 200 MB
-
-
-class ImageError(DataError):
-    """An image that cannot be used (missing, empty, not an image, truncated, too large)."""
 
 
 def load_image(source: ImageSource, mode: str = "RGB", alpha: str = "white",

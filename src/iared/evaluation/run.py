@@ -26,7 +26,6 @@ import copy
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.kernels import cpu_kernels, resolve_kernels
-from ..backbones.vit import ReductionInfo
+from ..backbones.tokens import ReductionInfo
 from ..errors import UserError
 
 

@@ -8,7 +8,7 @@ from . import video_baselines  # noqa: F401  (registers "tempdiff")
 from . import evit  # noqa: F401  (registers "evit")
 from . import tome  # noqa: F401  (registers "tome")
 from . import ats, baselines  # noqa: F401  (register "ats", "ats_single", "topk", "ats_selfattn", "ats_nocls", "random", "attention")
-from .functional import Tokens, apply_keep, to_grid
+from ..backbones.tokens import Tokens, apply_keep, to_grid
 from .interpreter import IARedPolicy, MultiHeadInterpreter, informative_scores, log_keep_drop
 from .policy import TokenPolicy, available_policies, build_policy, register_policy
 

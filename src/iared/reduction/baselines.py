@@ -20,9 +20,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..backbones.vit import StageRecord
+from ..backbones.tokens import StageRecord
 from .ats import topk_keep
-from .functional import Tokens, apply_keep, attention_mask
+from ..backbones.tokens import Tokens, apply_keep, attention_mask
 from .policy import TokenPolicy, register_policy
 
 

@@ -37,7 +37,7 @@ class TokenPolicy(nn.Module):
         """Whether `forward` may change or read the tokens in front of block `index`.
 
         The model calls the policy only where this is True, so blocks in between can keep
-        their tokens packed (`iared.reduction.functional.PackedLayout`). The default, True
+        their tokens packed (`iared.backbones.packing.PackedLayout`). The default, True
         everywhere, is always correct; policies that act at a few blocks say which.
         """
         return True

@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.vit import Block, StageRecord
-from .functional import Tokens, apply_keep, attention_mask
+from ..backbones.tokens import StageRecord
+from ..backbones.vit import Block
+from ..backbones.tokens import Tokens, apply_keep, attention_mask
 from .policy import BlockSwapPolicy, register_policy
 
 # -- the math, as pure functions --------------------------------------------------------

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..backbones.vit import StageRecord
-from .functional import Tokens, apply_keep, to_grid
+from ..backbones.tokens import StageRecord
+from ..backbones.tokens import Tokens, apply_keep, to_grid
 from .policy import TokenPolicy, register_policy
 
 
