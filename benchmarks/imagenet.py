@@ -33,7 +33,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import iared  # noqa: E402
 from iared.data import build_dataset  # noqa: E402
 from iared.evaluation.accuracy import evaluate  # noqa: E402
 from iared.evaluation.figures import denormalize, kept_grid, save_figure  # noqa: E402

@@ -34,6 +34,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .reduction.policy import budget_setting
+
 
 DATA = "cluttered-digits"
 MATCHED_METHODS = ("original", "iared", "ats", "topk", "random", "attention")
@@ -68,21 +70,8 @@ class DemoSchedule:
     figure_images: int                      # examples in the heatmap figures
 
 
-# Sized by measurement (single-thread CPU time, because on a loaded machine OpenMP's
-# spin-waiting inflates 2-thread CPU time): `train_backbone` on this ViT (width 64, 6
-# blocks, 64 tokens of 6x6) runs at ~220 training images per CPU-second, validation and
-# checkpoints included; `train_iared` (REINFORCE + fine-tuning) at ~320. A ViT trained
-# from scratch on the 1437 training digits stays at chance for at least the first ~6k
-# images (measured: 4 epochs, four widths/learning rates), as the measurement on
-# cluttered-fashion (43 % after 74k images) leads one to expect, so the backbone gets
-# 60 epochs (86k images: fresh positions and clutter every epoch, clean canvases for
-# the first 10, then 2 and 4 fragments): ~6.5 CPU-min. The curriculum: per group 10
-# REINFORCE and 10 fine-tuning epochs (86k images in all): ~4.5 CPU-min. tau = 4, the
-# third value tried, chosen on the validation split: with tau = 1 the interpreters kept
-# 12 % of the tokens and lost 10 test points against the backbone, with tau = 2 18 % and
-# 6 points; tau = 4 keeps 28 % at the backbone's accuracy (validation 71.7 vs 70.0). On
-# cluttered-fashion tau = 2 was enough (benchmarks/results/cluttered_fashion*.json). Sweep, matched
-# evaluation and figures ~1.5 min. On 2 cores that is about 9-12 min of wall time.
+# Sized to about 10 minutes on 2 cores (the measured budget: docs/performance.md, "The
+# demo's training budget"); tau = 4 chosen on the validation split among 1, 2 and 4.
 # Patch 6 gives an 8x8 grid (64 tokens): fine enough for heatmaps, cheap enough to train.
 FULL = DemoSchedule(
     embed_dim=64, depth=6, num_heads=4, patch_size=6, backbone_epochs=60.0, backbone_lr=1e-3,
@@ -148,13 +137,12 @@ def sweep_points(methods: dict[str, dict[str, Any]]) -> dict[str, list[dict[str,
         method name -> points {"budget": {knob: value} or None, "top1", "top5",
         "gflops_per_img", "keep_ratio"} (order of the input).
     """
-    from .evaluation.run import KNOBS
-
     out: dict[str, list[dict[str, Any]]] = {}
     for label, m in methods.items():
         name, _, knob = label.partition("@")
-        budget = {KNOBS[name]: float(knob)} if knob else (
-            {KNOBS[name]: (m.get("policy") or {}).get(KNOBS[name])} if name in KNOBS else None)
+        setting = None if name == "original" else budget_setting(name)
+        budget = {setting: float(knob)} if knob else (
+            {setting: (m.get("policy") or {}).get(setting)} if setting else None)
         out.setdefault(name, []).append({
             "budget": budget, "top1": m["top1"], "top5": m["top5"], "gflops_per_img": m["gflops_per_img"],
             "keep_ratio": m["keep_ratio"],
@@ -280,7 +268,7 @@ def budget_sweep(base: Any, budgets: dict[str, Sequence[float]]
 
     Args:
         base: an `EvalConfig` naming the data, the IA-RED² model file and the split.
-        budgets: method -> knob values (`evaluation.run.KNOBS`), e.g. {"ats": (0.4, 0.6)}.
+        budgets: method -> budget values (`TokenPolicy.budget`), e.g. {"ats": (0.4, 0.6)}.
 
     Returns:
         (method -> sweep points sorted by cost, including "original" and "iared" at the
@@ -313,14 +301,14 @@ def matched_eval(base: Any, sweep: dict[str, list[dict[str, Any]]], target: floa
         The `run_eval` results with methods keyed by plain name, each baseline carrying
         its "budget", and "matched_to".
     """
-    from .evaluation.run import KNOBS, run_eval
+    from .evaluation.run import run_eval
 
     budgets: dict[str, float] = {}
     for name in methods:
         if name in ("original", "iared"):
             continue
-        knob = KNOBS[name]
-        pts = [(p["gflops_per_img"], p["budget"][knob]) for p in sweep.get(name, []) if p["budget"]]
+        setting = budget_setting(name)
+        pts = [(p["gflops_per_img"], p["budget"][setting]) for p in sweep.get(name, []) if p["budget"]]
         budgets[name] = round(match_budget(pts, target), 3)
     labels = [n if n not in budgets else f"{n}@{budgets[n]:g}" for n in methods]
     res = run_eval(dataclasses.replace(base, methods=",".join(labels), throughput=True, segmentation=segmentation))
@@ -328,7 +316,7 @@ def matched_eval(base: Any, sweep: dict[str, list[dict[str, Any]]], target: floa
     for label, entry in res["methods"].items():
         name = label.partition("@")[0]
         if name in budgets:
-            entry["budget"] = {KNOBS[name]: budgets[name]}
+            entry["budget"] = {budget_setting(name): budgets[name]}
         elif name == "iared":
             entry["budget"] = {"threshold": (entry.get("policy") or {}).get("threshold")}
         named[name] = entry

@@ -7,6 +7,8 @@ called in front of every block. `iared.unpatch(model)` removes it again.
     model = iared.create_model("deit_small_patch16_224")
     iared.patch(model, policy="iared", groups=3)        # IA-RED² interpreters
     logits, info = model(images, return_info=True)      # info.stages: per-group records
+    iared.patch(model, "ats", budget=0.7)               # every policy: one budget
+    model.policy.budget = 0.5                           # ... settable after patching
 
 Models users already hold (timm's ViT / DeiT, Hugging Face's ViT) are converted into our
 backbone first (`iared.integrations`), so the call returns a new object for them:
@@ -17,7 +19,8 @@ backbone first (`iared.integrations`), so the call returns a new object for them
 
 from __future__ import annotations
 
-from typing import Union
+import warnings
+from typing import Any, Union
 
 from torch import nn
 
@@ -25,7 +28,11 @@ from .integrations import library_of, to_iared, to_source
 from .reduction.policy import available_policies, build_policy
 
 
-def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -> nn.Module:
+_WARNED: set[str] = set()  # policy names already warned about dropping nothing
+
+
+def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", budget: Any = None,
+          **kwargs) -> nn.Module:
     """Attach `policy` (a registered name or a policy module) to `model`.
 
     Args:
@@ -34,7 +41,9 @@ def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -
             or Hugging Face's `ViTModel` / `ViTForImageClassification`, converted first
             (see `iared.integrations`; features our backbone lacks raise an error).
         policy: a name from `iared.available_policies()` or a policy module.
-        **kwargs: the policy's settings (e.g. ``groups=3`` for "iared", ``rho=0.87`` for "ats").
+        budget: how much the policy drops (its threshold, rho, keep ratio or r; see
+            `iared.reduction.policy`); None: the policy's default. Also `model.policy.budget`.
+        **kwargs: the policy's other settings (e.g. ``groups=3`` for "iared").
 
     Returns:
         For our own models, the same object, now with `model.policy` set. For a timm or
@@ -44,7 +53,7 @@ def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -
         first (ATS's blocks become plain blocks again); if the new one cannot be built or
         attached, the model keeps the old one.
     """
-    if not isinstance(policy, str) and kwargs:
+    if not isinstance(policy, str) and (kwargs or budget is not None):
         raise TypeError("settings are only accepted with a policy name")
     model = to_iared(model)
     if not hasattr(model, "policy"):
@@ -54,7 +63,8 @@ def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -
         _detach(model)  # policies are built on, and attached to, the plain backbone
     try:
         if isinstance(policy, str):
-            policy = build_policy(policy, model, **kwargs)
+            name, policy = policy, build_policy(policy, model, budget=budget, **kwargs)
+            _warn_if_inert(name, policy, budget)
         # Policies that act inside blocks (ATS) patch the blocks themselves when attached.
         attach = getattr(policy, "attach", None)
         if callable(attach):
@@ -65,6 +75,14 @@ def patch(model: nn.Module, policy: Union[str, nn.Module] = "iared", **kwargs) -
         raise
     model.policy = policy
     return model
+
+
+def _warn_if_inert(name: str, policy: nn.Module, budget: Any) -> None:
+    """Once per policy name: say so when a default budget drops nothing."""
+    reason = policy.drops_nothing() if budget is None and hasattr(policy, "drops_nothing") else None
+    if reason and name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(f"policy {name!r} as patched drops no token: {reason}", stacklevel=3)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -1,28 +1,18 @@
 """CPU inference kernels: every linear layer through oneDNN, with its weight packed once.
 
-Why. PyTorch's fp32 `nn.Linear` on CPU calls the BLAS of the wheel (MKL), and MKL both
-re-packs the weight matrix at every call and, on non-Intel CPUs, runs its generic code
-path. oneDNN, bundled with PyTorch as "mkldnn", JIT-compiles for the CPU it finds and
-takes a weight reordered once ahead of time. On this project's 2-core AMD EPYC (AVX-512)
-a DeiT-S-shaped GEMM runs at ~150 GFLOP/s through MKL and ~400 GFLOP/s through oneDNN,
-with a flat efficiency over the token counts a reduction method produces (88 to 197
-rows). `torch.compile`'s CPU freezing pass does the same substitution
-(`torch._inductor.fx_passes.mkldnn_fusion`); here it happens without compiling, so
-shapes stay dynamic, which per-image token counts need.
+Why. PyTorch's fp32 `nn.Linear` on CPU calls the wheel's BLAS (MKL), which re-packs the
+weight at every call and, on non-Intel CPUs, takes its generic code path; oneDNN, bundled
+with PyTorch as "mkldnn", compiles for the CPU it finds and takes a weight reordered once
+(docs/performance.md, "Kernels"). `torch.compile`'s CPU freezing pass makes the same
+substitution; here it happens without compiling, so shapes stay dynamic, which per-image
+token counts need.
 
-Modules of the layers above register fused forms with `register_fusion`: IA-RED²'s
-interpreters (`MultiHeadInterpreter.informative`, the scores used at inference) become a
-LayerNorm and one oneDNN linear with the sigmoid of Eq. 1 fused,
-with the policy token folded in once on entry: at batch 1 each small op between two
-blocks costs 20-60 us (the GEMMs before it have pushed the interpreter's own working
-set out of the caches), so the op count of a group's entry is what its cost is.
-
-The GELU after `Mlp.fc1` is fused into the oneDNN call (post-op "gelu", erf form, the
-same values as `nn.GELU()`), saving one pass over the widest activation. The patch
-embedding, a convolution whose stride equals its kernel, is the same linear map applied
-to each flattened patch, and runs as one: at batch 1 the oneDNN convolution cost ~2 ms
-of a ~25 ms DeiT-S forward (it reorders its weight at every call), a fixed cost that no
-token reduction can remove.
+Fused forms: the GELU after `Mlp.fc1` runs as oneDNN's "gelu" post-op (erf form, the same
+values as `nn.GELU()`); the patch embedding, a convolution whose stride equals its kernel,
+runs as one linear map over flattened patches; modules of the layers above register their
+own with `register_fusion` (IA-RED²'s interpreter: a LayerNorm and one linear with the
+sigmoid of Eq. 1 fused). At batch 1 the number of small operations is what a block's
+fixed cost is made of, so each fusion removes calls, not FLOPs.
 
 `cpu_kernels(model)` is a context manager for inference: it shadows the `forward` of
 each module (no state-dict or parameter change) and restores them on exit. The packed
@@ -31,9 +21,8 @@ or an input is not a CPU tensor of the layer's own dtype, a layer falls back to 
 forward, so training inside the context stays correct (and unaccelerated).
 
 Layers in float32 or, where the CPU has native bf16 dot products (AVX512-BF16, AMX),
-bfloat16 are packed, each in its own dtype: a model cast with `.to(torch.bfloat16)`
-runs its linear layers through oneDNN's bf16 kernels (about 1.9x the float32 ones on
-this project's CPU, and half the weight bytes to stream at batch 1).
+bfloat16 are packed, each in its own dtype: a model cast with `.to(torch.bfloat16)` runs
+its linear layers through oneDNN's bf16 kernels.
 
 The two ops used (`torch.ops.mkldnn._reorder_linear_weight`, `_linear_pointwise`) are
 the private entry points inductor calls; `onednn_available` checks they exist and agree

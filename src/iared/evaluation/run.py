@@ -35,14 +35,9 @@ from ..backbones.kernels import resolve_kernels
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from ..models import check_data_fits, load_model_file, with_policy
+from ..reduction.policy import budget_setting
 from .accuracy import evaluate
 from .throughput import interleaved_throughput, steady_allocator
-
-# The knob `@VALUE` of each method, as a policy setting.
-KNOBS = {"iared": "threshold", "ats": "rho", "ats_single": "rho", "topk": "rho", "ats_selfattn": "rho",
-         "ats_nocls": "rho", "random": "keep_ratio", "attention": "keep_ratio", "tempdiff": "keep_ratio",
-         "tome": "r", "evit": "keep_rate"}
-
 
 MAX_RANGE = 1024  # a setting's "a-b" range lists blocks: far fewer than this
 
@@ -117,8 +112,8 @@ def parse_methods(text: str, available: Sequence[str]) -> list[MethodSpec]:
                 key, eq, val = part.partition("=")
                 if eq:
                     settings[key.strip()] = _value(val)
-                elif name in KNOBS:
-                    settings[KNOBS[name]] = _value(key)
+                elif budget_setting(name):  # NAME@VALUE: the policy's budget
+                    settings[budget_setting(name)] = _value(key)
                 else:
                     raise UserError(f"method {name!r} has no default knob: write {name}@SETTING=VALUE")
         if any(s.label == label for s in specs):

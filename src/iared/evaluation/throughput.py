@@ -32,15 +32,11 @@ from ..errors import UserError
 def steady_allocator() -> str:
     """Make glibc keep freed memory for reuse instead of handing each large block back.
 
-    By default glibc serves every allocation above its mmap threshold (at most 32 MiB)
-    with a fresh `mmap` and returns it on free, so a tensor that size is page-faulted in
-    anew on every forward. The full model's activations at batch 64 (e.g. DeiT-S's
-    64 x 197 x 1536 MLP hidden state, 77 MB) are all above it, a reduced model's mostly
-    below: measured on 2 cores, the unreduced DeiT-S forward took 2.3-2.5 s with the
-    default and 1.9 s with this setting, which flattered every reduction method by about
-    25 % ("speedups" above the FLOPs limit). Raising the mmap and trim thresholds is the
-    allocator tuning PyTorch's CPU performance guides recommend (there by preloading
-    jemalloc or tcmalloc); it changes only this process.
+    By default glibc serves every allocation above its mmap threshold with a fresh
+    `mmap`, page-faulted in anew on every forward; an unreduced model's large activations
+    all are, a reduced model's mostly not, which flatters every reduction method
+    (docs/performance.md, "Allocator"). Raising the mmap and trim thresholds is the tuning
+    PyTorch's CPU guides recommend; it changes only this process.
 
     Returns:
         What the allocator is now, as recorded in result files: "glibc, no mmap/trim" or
@@ -232,21 +228,10 @@ def device_name(device: str) -> str:
     return f"CPU {model or platform.processor() or platform.machine()}"
 
 
-def _knob(policy: nn.Module) -> Optional[tuple[Any, str]]:
-    """The object and attribute of a policy's scalar budget knob, if it has one."""
-    settings = getattr(policy, "settings", None)
-    if settings is not None and hasattr(settings, "rho"):
-        return settings, "rho"
-    for attr in ("keep_ratio", "keep_rate", "r"):  # r: ToMe's tokens merged per block
-        if hasattr(policy, attr):
-            return policy, attr
-    return None
-
-
 @torch.inference_mode()
 def calibrate_knob(model: nn.Module, images: Tensor, keep_ratio: float, steps: int = 6,
                    tol: float = 0.01) -> Optional[float]:
-    """Bisect a policy's scalar knob (`rho`, `keep_ratio`) until the keep ratio is near the target.
+    """Bisect a policy's budget (`rho`, `keep_ratio`, ...) until the keep ratio is near the target.
 
     ToMe's `r` (tokens merged per block) is an integer that keeps less as it grows: it is
     bisected over 0..grid_size // 2 (past that every block merges all it may) and set to
@@ -260,23 +245,23 @@ def calibrate_knob(model: nn.Module, images: Tensor, keep_ratio: float, steps: i
         tol: stop when the keep ratio is within `tol` of the target (a float knob).
 
     Returns:
-        The knob value set on the policy, or None when the policy has no knob.
+        The budget set on the policy, or None when the policy has no scalar budget
+        that keeps more as it grows (IA-RED²'s thresholds: `calibrate_iared`).
     """
-    knob = _knob(model.policy)
-    if knob is None:
+    policy = model.policy
+    if getattr(policy, "budget_setting", None) in (None, "threshold"):
         return None
-    obj, attr = knob
     P = model.num_prefix_tokens
 
     def keeps(value: Any) -> float:
-        setattr(obj, attr, value)
+        policy.budget = value
         reset = getattr(model.policy, "reset", None)
         if callable(reset):
             reset()
         _, info = model(images, return_info=True, execution="compact")
         return float(mean_keep(info, P).mean())
 
-    if attr == "r":
+    if policy.budget_setting == "r":
         # Integer bisection: the two values around the target are both tried (log2(G) forwards).
         lo, hi, best = 0, model.grid_size // 2, (math.inf, 0)
         while lo <= hi:
@@ -284,7 +269,7 @@ def calibrate_knob(model: nn.Module, images: Tensor, keep_ratio: float, steps: i
             got = keeps(r)
             best = min(best, (abs(got - keep_ratio), r))
             lo, hi = (r + 1, hi) if got > keep_ratio else (lo, r - 1)
-        setattr(obj, attr, best[1])
+        policy.budget = best[1]
         return best[1]
     lo, hi, value = 0.0, 1.0, keep_ratio  # the other knobs keep more as they grow, up to 1
     best = (math.inf, value)
@@ -295,7 +280,7 @@ def calibrate_knob(model: nn.Module, images: Tensor, keep_ratio: float, steps: i
             break
         lo, hi = (value, hi) if got < keep_ratio else (lo, value)
         value = (lo + hi) / 2
-    setattr(obj, attr, best[1])
+    policy.budget = best[1]
     return best[1]
 
 
@@ -454,9 +439,8 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
                                  "keep_ratio_max": float(keep.max()), "_residual": residual}
                 if name == "iared":
                     results[name]["thresholds"] = list(policy.threshold)
-                knob = _knob(policy) if policy is not None else None
-                if knob is not None:
-                    results[name][knob[1]] = getattr(*knob)
+                if getattr(policy, "budget_setting", None) not in (None, "threshold"):
+                    results[name][policy.budget_setting] = policy.budget
             finally:
                 if policy is not None:
                     unpatch(model)

@@ -334,7 +334,7 @@ class ATSBlock(Block):
 class ATSPolicy(BlockSwapPolicy):
     """Attaches ATS to stage blocks of a ViT; the work happens in the swapped-in blocks.
 
-    Change the budget after patching with ``model.policy.settings.rho = 0.7`` (the blocks
+    Change the budget after patching with ``model.policy.budget = 0.7`` (rho; the blocks
     share the settings object).
 
     Args:
@@ -353,6 +353,7 @@ class ATSPolicy(BlockSwapPolicy):
     name = "ats"
     block_class = ATSBlock
     key = "ats"
+    budget_setting = "rho"
 
     def __init__(self, depth: int, stages: Optional[Sequence[int]] = None, rho: Optional[float] = None,
                  K: Optional[Union[int, Sequence[int]]] = None, min_k: int = 8, score: str = "cls",
@@ -367,18 +368,31 @@ class ATSPolicy(BlockSwapPolicy):
             K = [int(k) for k in K]
             if len(K) != len(stages):
                 raise ValueError(f"{len(K)} values of K for {len(stages)} stages")
-        if K is None and rho is None:
-            rho = 1.0
-        if K is None and (isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 16):
-            raise ValueError(f"rho must be a number in (0, 16], got {rho!r}")
+        if K is None:
+            rho = _checked_rho(1.0 if rho is None else rho)
         budgets = [] if K is None else K if isinstance(K, list) else [K]
         if any(k < 1 for k in budgets) or min_k < 1:
             raise ValueError(f"K and min_k must be at least 1, got K={K}, min_k={min_k}")
         if score not in ("cls", "selfattn") or select not in ("sample", "topk"):
             raise ValueError(f"unknown ATS variant score={score!r} select={select!r}")
-        self.settings = ATSSettings(stages=stages, rho=None if K is not None else float(rho), K=K,
+        self.settings = ATSSettings(stages=stages, rho=None if K is not None else rho, K=K,
                                     min_k=int(min_k), score=score, select=select, enforce_cls=bool(enforce_cls),
                                     compound=bool(compound))
+
+    @property
+    def rho(self) -> Optional[float]:
+        """The budget: K = max(round(rho * N), min_k) (None while a fixed K is set)."""
+        return self.settings.rho
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self.settings.rho, self.settings.K = _checked_rho(value), None  # a rho replaces a fixed K
+
+    def drops_nothing(self) -> Optional[str]:
+        s = self.settings
+        if s.select == "topk" and s.K is None and s.rho >= 1:
+            return f"top-K at rho = {s.rho:g} keeps K >= N tokens, all of them; set a budget below 1"
+        return None
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self.settings)}
@@ -386,6 +400,12 @@ class ATSPolicy(BlockSwapPolicy):
     def attach(self, model: nn.Module) -> None:
         """Swap the class of the stage blocks to `ATSBlock` (see `BlockSwapPolicy`)."""
         self.swap_blocks(model, self.settings.stages)
+
+
+def _checked_rho(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 16:
+        raise ValueError(f"rho must be a number in (0, 16], got {value!r}")
+    return float(value)
 
 
 def _builder(name: str, **fixed):
@@ -399,13 +419,13 @@ def _builder(name: str, **fixed):
     return build
 
 
-register_policy("ats")(_builder("ats"))
+register_policy("ats", ATSPolicy)(_builder("ats"))
 # Top-K on the same scores, everything else equal (ATS Fig. 5a, Table A.3).
-register_policy("topk")(_builder("topk", select="topk"))
+register_policy("topk", ATSPolicy)(_builder("topk", select="topk"))
 # "Self-attention score": attention received from every row, not just CLS's (Fig. 3).
-register_policy("ats_selfattn")(_builder("ats_selfattn", score="selfattn"))
+register_policy("ats_selfattn", ATSPolicy)(_builder("ats_selfattn", score="selfattn"))
 # App. 0.F.1 "Self-Attention Score (CLS Not Enforced)": CLS is one more candidate.
-register_policy("ats_nocls")(_builder("ats_nocls", score="selfattn", enforce_cls=False))
+register_policy("ats_nocls", ATSPolicy)(_builder("ats_nocls", score="selfattn", enforce_cls=False))
 
 
 def _single(model: nn.Module, **kw) -> ATSPolicy:
@@ -417,4 +437,4 @@ def _single(model: nn.Module, **kw) -> ATSPolicy:
     return p
 
 
-register_policy("ats_single")(_single)
+register_policy("ats_single", ATSPolicy)(_single)

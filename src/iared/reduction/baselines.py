@@ -60,6 +60,8 @@ def cls_attention(tokens: Tokens, block: nn.Module) -> Tensor:
 class _InputDrop(TokenPolicy, abc.ABC):
     """Shared part: act once, in front of block 0, and record it."""
 
+    budget_setting = "keep_ratio"
+
     @abc.abstractmethod
     def select(self, tokens: Tokens, model: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
         """(keep (B, N) bool, scores (B, N) or None) for the patch tokens at the input."""
@@ -161,7 +163,7 @@ class KeepMask(_InputDrop):
         return self.keep.to(tokens.patch_valid.device), None
 
 
-@register_policy("random")
+@register_policy("random", RandomDrop)
 def _build_random(model: nn.Module, keep_ratio: float = 0.7, seed: int = 0, **kw) -> RandomDrop:
     kw.pop("name", None)
     if kw:
@@ -169,7 +171,7 @@ def _build_random(model: nn.Module, keep_ratio: float = 0.7, seed: int = 0, **kw
     return RandomDrop(keep_ratio, seed)
 
 
-@register_policy("attention")
+@register_policy("attention", AttentionDrop)
 def _build_attention(model: nn.Module, block: int = 1, keep_ratio: float = 0.7,
                      threshold: Optional[float] = None, **kw) -> AttentionDrop:
     kw.pop("name", None)

@@ -222,7 +222,7 @@ class EViTBlock(Block):
 class EViTPolicy(BlockSwapPolicy):
     """Attaches EViT to stage blocks of a ViT; the work happens in the swapped-in blocks.
 
-    Change the budget after patching with ``model.policy.keep_rate = 0.5`` (the blocks
+    Change the budget after patching with ``model.policy.budget = 0.5`` (rho; the blocks
     share the settings object).
 
     Args:
@@ -235,6 +235,7 @@ class EViTPolicy(BlockSwapPolicy):
     name = "evit"
     block_class = EViTBlock
     key = "evit"
+    budget_setting = "keep_rate"
 
     def __init__(self, depth: int, stages: Optional[Sequence[int]] = None, keep_rate: float = DEFAULT_KEEP_RATE,
                  fuse_token: bool = True):
@@ -246,7 +247,7 @@ class EViTPolicy(BlockSwapPolicy):
 
     @property
     def keep_rate(self) -> float:
-        """rho, the knob (`iared bench speed` and `calibrate_knob` set it)."""
+        """rho, the budget."""
         return self.settings.keep_rate
 
     @keep_rate.setter
@@ -267,7 +268,7 @@ def _checked_rate(value: float) -> float:
     return float(value)
 
 
-@register_policy("evit")
+@register_policy("evit", EViTPolicy)
 def _build(model: nn.Module, **kw) -> EViTPolicy:
     kw.pop("name", None)
     return EViTPolicy(model.config.depth, **kw)

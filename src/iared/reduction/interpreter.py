@@ -76,6 +76,7 @@ class MultiHeadInterpreter(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.init_keep = init_keep
         self.policy_token = nn.Parameter(torch.zeros(1, dim))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.q = nn.Linear(dim, num_heads * head_dim)  # F_q^h for all heads at once
@@ -165,6 +166,8 @@ class IARedPolicy(TokenPolicy):
         threshold: keep threshold at inference, one float or one per group.
     """
 
+    budget_setting = "threshold"
+
     def __init__(self, dim: int, depth: int, groups: int = 3, num_heads: int = 6, head_dim: int = 64,
                  threshold: Union[float, Sequence[float]] = 0.5):
         super().__init__()
@@ -198,6 +201,17 @@ class IARedPolicy(TokenPolicy):
         if c.embed_dim != dim or c.depth != self.groups * self.blocks_per_group:
             raise ValueError(f"these interpreters fit a backbone of width {dim} and depth "
                              f"{self.groups * self.blocks_per_group}, not {c.embed_dim} and {c.depth}")
+
+    def drops_nothing(self) -> Optional[str]:
+        # Untrained interpreters (biases still at their constant start) score every token
+        # within a few hundredths of init_keep; a threshold well below that drops nothing.
+        fresh = all(bool((m.q.bias == m.q.bias[0]).all() and (m.k.bias == m.q.bias[0]).all())
+                    for m in self.interpreters)
+        start = min(m.init_keep for m in self.interpreters)
+        if fresh and max(self.group_threshold(j) for j in range(self.groups)) < start - 0.1:
+            return (f"untrained interpreters score every token near {start:g}; train them "
+                    "(iared train) or load trained ones (iared.load_policy)")
+        return None
 
     def group_threshold(self, j: int) -> float:
         t = self.threshold
@@ -242,7 +256,7 @@ class IARedPolicy(TokenPolicy):
         return apply_keep(tokens, keep), record
 
 
-@register_policy("iared")
+@register_policy("iared", IARedPolicy)
 def _build_iared(model: nn.Module, groups: int = 3, **kw) -> IARedPolicy:
     return IARedPolicy.for_model(model, groups=groups, **kw)
 

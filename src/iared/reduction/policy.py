@@ -11,23 +11,52 @@ default, every block). It returns the tokens unchanged (and no record) for block
 it does nothing. Policies that act inside a block (ATS selects after computing
 attention) swap that block's class instead (`BlockSwapPolicy`; ATS, ToMe, EViT).
 
+Every policy has one budget, `policy.budget`: the setting that says how much it drops,
+readable and settable after patching, and given at patch time as
+`iared.patch(model, "ats", budget=0.7)` or on the command line as `ats@0.7`. Which
+setting that is, per policy (`budget_setting`):
+
+    iared                   threshold   keep a token whose score exceeds it (one, or one per group); higher drops more
+    ats, topk, ats_*        rho         K = max(round(rho * N), min_k) per stage; lower drops more
+    random, attention       keep_ratio  share of the patch tokens kept at the input; lower drops more
+    tempdiff                keep_ratio  share of the clip's patch tokens kept; lower drops more
+    evit                    keep_rate   share of a stage's patch tokens kept; lower drops more
+    tome                    r           tokens merged in every block; higher drops more
+
 Policies register a builder under a short name so `iared.patch(model, policy="ats")`
 and `iared eval --methods ats` find them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from torch import nn
-
 
 
 class TokenPolicy(nn.Module):
     """Base class: decides, in front of block `index`, which patch tokens go on.
 
-    Subclasses define ``forward(index, tokens, model, mode) -> (Tokens, StageRecord | None)``.
+    Subclasses define ``forward(index, tokens, model, mode) -> (Tokens, StageRecord | None)``
+    and name the setting behind `budget` in `budget_setting`.
     """
+
+    budget_setting: ClassVar[Optional[str]] = None
+
+    @property
+    def budget(self) -> Any:
+        """How much the policy drops: the value of its `budget_setting` (None: it has none)."""
+        return None if self.budget_setting is None else getattr(self, self.budget_setting)
+
+    @budget.setter
+    def budget(self, value: Any) -> None:
+        if self.budget_setting is None:
+            raise AttributeError(f"{type(self).__name__} has no budget")
+        setattr(self, self.budget_setting, value)
+
+    def drops_nothing(self) -> Optional[str]:
+        """Why the policy, as it is now, keeps every token; None when it may drop some."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings that rebuild this policy with `build_policy`."""
@@ -89,13 +118,15 @@ class BlockSwapPolicy(TokenPolicy):
 
 PolicyBuilder = Callable[..., nn.Module]
 _POLICIES: dict[str, PolicyBuilder] = {}
+_BUDGETS: dict[str, Optional[str]] = {}
 
 
-def register_policy(name: str) -> Callable[[PolicyBuilder], PolicyBuilder]:
-    """Decorator: `builder(model, **kwargs) -> policy` becomes available as `name`."""
+def register_policy(name: str, policy_class: type) -> Callable[[PolicyBuilder], PolicyBuilder]:
+    """Decorator: `builder(model, **kwargs) -> policy_class instance` becomes available as `name`."""
 
     def deco(fn: PolicyBuilder) -> PolicyBuilder:
         _POLICIES[name] = fn
+        _BUDGETS[name] = policy_class.budget_setting
         return fn
 
     return deco
@@ -105,8 +136,18 @@ def available_policies() -> list[str]:
     return sorted(_POLICIES)
 
 
-def build_policy(name: str, model: nn.Module, **kwargs) -> nn.Module:
-    """Build the policy registered as `name` for `model`."""
+def build_policy(name: str, model: nn.Module, budget: Any = None, **kwargs) -> nn.Module:
+    """Build the policy registered as `name` for `model`, at `budget` if given."""
     if name not in _POLICIES:
         raise ValueError(f"unknown policy {name!r}; available: {', '.join(available_policies())}")
-    return _POLICIES[name](model, **kwargs)
+    policy = _POLICIES[name](model, **kwargs)
+    if budget is not None:
+        policy.budget = budget
+    return policy
+
+
+def budget_setting(name: str) -> Optional[str]:
+    """The setting behind the budget of the policy registered as `name` (None: no budget)."""
+    if name not in _POLICIES:
+        raise ValueError(f"unknown policy {name!r}; available: {', '.join(available_policies())}")
+    return _BUDGETS[name]

@@ -280,7 +280,7 @@ class ToMePolicy(BlockSwapPolicy):
     """Attaches ToMe to every block of a ViT; the work happens in the swapped-in blocks.
 
     As with ``tome.patch.timm(model); model.r = 16``, change the budget after patching
-    with ``model.policy.r = 16`` (the blocks share the settings object).
+    with ``model.policy.budget = 16`` (r; the blocks share the settings object).
 
     Each block's `StageRecord`: `keep` marks the grid cells whose token survived the block
     (unmerged, or a merge destination), `entering` those alive before it, `scores` is
@@ -298,6 +298,7 @@ class ToMePolicy(BlockSwapPolicy):
     name = "tome"
     block_class = ToMeBlock
     key = "tome"
+    budget_setting = "r"
 
     def __init__(self, r: int = 8, prop_attn: bool = True, trace_source: bool = False):
         super().__init__()
@@ -327,7 +328,7 @@ class ToMePolicy(BlockSwapPolicy):
         self.swap_blocks(model, range(len(model.blocks)))
 
 
-@register_policy("tome")
+@register_policy("tome", ToMePolicy)
 def _build(model: nn.Module, **kw) -> ToMePolicy:
     kw.pop("name", None)
     return ToMePolicy(**kw)

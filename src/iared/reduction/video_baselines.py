@@ -67,6 +67,8 @@ class TemporalDifferencePolicy(TokenPolicy):
         keep_ratio: share of the clip's patch tokens that go on to the blocks.
     """
 
+    budget_setting = "keep_ratio"
+
     def __init__(self, keep_ratio: float = 0.3):
         super().__init__()
         if not 0.0 < keep_ratio <= 1.0:
@@ -91,7 +93,7 @@ class TemporalDifferencePolicy(TokenPolicy):
         return apply_keep(tokens, keep), record
 
 
-@register_policy("tempdiff")
+@register_policy("tempdiff", TemporalDifferencePolicy)
 def _build_tempdiff(model: nn.Module, keep_ratio: float = 0.3, **kw) -> TemporalDifferencePolicy:
     if not hasattr(model, "raw_patch_tokens") or not hasattr(model, "num_frames"):
         raise ValueError("the tempdiff policy needs a video backbone (e.g. jointst_custom)")

@@ -42,6 +42,7 @@ from ..backbones.registry import list_models
 from ..errors import UserError
 from ..models import check_data_fits, load_model_file, read_model_meta, save_model
 from ..patch import patch
+from ..reduction.interpreter import IARedPolicy
 from .backbone import build_backbone
 from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_for, distributed
 from .finetune import finetune_step
@@ -236,7 +237,7 @@ def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
         val = relabel(val, teacher, limit=options.val_size, batch_size=2 * options.batch_size, device=device,
                       progress=options.progress and dist_info.is_main)
     torch.manual_seed(options.seed)  # interpreter initialisation
-    patch(model, policy="iared", groups=options.groups)
+    patch(model, IARedPolicy.for_model(model, groups=options.groups))  # to be trained: no warning
     model.to(device)
     broadcast_parameters(model, dist_info)
 
