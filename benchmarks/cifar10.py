@@ -34,9 +34,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from iared.demo import budget_sweep, matched_eval
+from iared.commands.demo import budget_sweep, matched_eval
 from iared.evaluation.report import save_tradeoff_plot
-from iared.evaluation.run import EvalConfig, write_json_atomic
+from iared.commands.eval import EvalConfig
+from iared.fileio import write_json
 from iared.models import load_model
 from iared.training.backbone import BackboneOptions, train_backbone
 from iared.training.curriculum import TrainOptions, train_iared
@@ -146,9 +147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "methods": results["methods"], "matched_to": results["matched_to"], "notes": results.get("notes"),
         "sweep": sweep, "train_wall_s": t_train, "wall_s": time.time() - t0,
     }
-    write_json_atomic(doc, str(json_path))
+    write_json(json_path, doc)
     if json_path != out / "results.json":
-        write_json_atomic(copy.deepcopy(doc), str(out / "results.json"))
+        write_json(out / "results.json", copy.deepcopy(doc))
     o, i = doc["methods"]["original"], doc["methods"]["iared"]
     log(f"done in {doc['wall_s'] / 60:.1f} min -> {json_path}: original {o['top1']:.2f}, IA-RED² {i['top1']:.2f} "
         f"at {o['gflops_per_img'] / i['gflops_per_img']:.2f}x fewer GFLOPs")

@@ -40,10 +40,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from iared.data import build_dataset
-from iared.demo import budget_sweep, matched_eval
+from iared.commands.demo import budget_sweep, matched_eval
 from iared.evaluation.heatmaps import explain
 from iared.evaluation.report import save_tradeoff_plot
-from iared.evaluation.run import EvalConfig, run_eval, segmentation_metrics_for, write_json_atomic
+from iared.commands.eval import EvalConfig, run_eval, segmentation_metrics_for
+from iared.fileio import write_json
 from iared.evaluation.segmentation import SegmentationMeter
 from iared.models import load_model
 
@@ -225,9 +226,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Stages reused from an earlier run of the command: their own recorded training time.
         "reused_stages": {str(p): recorded_train_s(p) for p in reused},
     }
-    write_json_atomic(doc, str(json_path))
+    write_json(json_path, doc)
     if json_path != out / "results.json":
-        write_json_atomic(copy.deepcopy(doc), str(out / "results.json"))
+        write_json(out / "results.json", copy.deepcopy(doc))
     o, i = doc["methods"]["original"], doc["methods"]["iared"]
     log(f"done in {doc['wall_s'] / 60:.1f} min -> {json_path}: original {o['top1']:.2f}, IA-RED² {i['top1']:.2f} "
         f"at {o['gflops_per_img'] / i['gflops_per_img']:.2f}x fewer GFLOPs; targets: {doc['targets']}")

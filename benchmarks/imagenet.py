@@ -37,9 +37,10 @@ from iared.data import build_dataset  # noqa: E402
 from iared.evaluation.accuracy import evaluate  # noqa: E402
 from iared.evaluation.figures import denormalize, kept_grid, save_figure  # noqa: E402
 from iared.evaluation.flops import count_flops  # noqa: E402
-from iared.evaluation.run import MethodSpec, build_method, write_json_atomic  # noqa: E402
-from iared.evaluation.throughput import (device_name, interleaved_throughput, resolve_kernels,  # noqa: E402
-                                         steady_allocator)
+from iared.commands.eval import MethodSpec, build_method  # noqa: E402
+from iared.backbones.kernels import resolve_kernels  # noqa: E402
+from iared.evaluation.throughput import device_name, interleaved_throughput, steady_allocator  # noqa: E402
+from iared.fileio import write_json  # noqa: E402
 
 ARCH = "vit_tiny_patch16_224"
 CHECKPOINT = "models/vit_tiny_patch16_224_augreg_in1k.safetensors"
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
     save_figure(kept_grid(out.pop("_figure_images"), out.pop("_kept"), out.pop("_grid"), out.pop("_figure_labels"),
                           title=f"{ARCH}: patches alive after the last stage (corner: kept fraction)"), kept_png)
     out["figure_kept"] = kept_png.name
-    write_json_atomic(out, out_dir / "imagenet_vit_tiny.json")
+    write_json(out_dir / "imagenet_vit_tiny.json", out)
     print(f"wrote {out_dir / 'imagenet_vit_tiny.json'} and {fig} in {out['wall_s'] / 60:.1f} min")
     return 0
 

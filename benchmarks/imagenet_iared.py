@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import iared  # noqa: E402
-from iared.evaluation.run import write_json_atomic  # noqa: E402
+from iared.fileio import write_json  # noqa: E402
 from iared.training.curriculum import TrainOptions, train_iared  # noqa: E402
 
 CHECKPOINT = "models/vit_tiny_patch16_224_augreg_in1k.safetensors"
@@ -181,7 +181,7 @@ def eval_stage(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     images, labels, class_names = training_free.load_images(shared.resolve(), cfg, args.limit)
     rows = [(spec.label, training_free.build_method(base, spec, seed=0)) for spec in training_free.METHODS
             if spec.label.startswith(BASELINES) and "compound" not in spec.label]
-    from iared.reduction.interpreter import calibrate_thresholds
+    from iared.reduction.budgets import calibrate_thresholds
 
     runs = Path(args.runs)
     calib = calibration_images(shared, cfg, min(CALIBRATION_IMAGES, args.limit or CALIBRATION_IMAGES))
@@ -235,7 +235,7 @@ def claims(results: dict[str, Any]) -> dict[str, Any]:
 
 def davis_stage(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     from iared.data import build_dataset
-    from iared.evaluation.run import segmentation_metrics_for
+    from iared.commands.eval import segmentation_metrics_for
 
     runs = Path(args.runs)
     base = iared.models.load_model_file(shared / CHECKPOINT)
@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     runs = Path(args.runs)
     if "train" in stages:
         trained = train_stage(args, shared)
-        write_json_atomic({"command": command, "training": training_summary(trained)}, runs / "training.json")
+        write_json(runs / "training.json", {"command": command, "training": training_summary(trained)})
     if "eval" in stages:
         t0 = time.time()
         from iared.evaluation.throughput import steady_allocator
@@ -410,28 +410,28 @@ def main(argv=None) -> int:
         fig = results / "imagenet_iared_tradeoff.png"
         tradeoff_figure(evaluated, fig, device)
         evaluated["figure"] = fig.name
-        write_json_atomic(evaluated, results / "imagenet_iared.json")
+        write_json(results / "imagenet_iared.json", evaluated)
         log(f"wrote {results / 'imagenet_iared.json'}")
     if "davis" in stages:
         t0 = time.time()
         davis = davis_stage(args, shared)
         davis.update({"command": command, "device_name": device, "wall_s": time.time() - t0, "notes": DAVIS_NOTES})
-        write_json_atomic(davis, results / "davis_segmentation.json")
+        write_json(results / "davis_segmentation.json", davis)
         log(f"wrote {results / 'davis_segmentation.json'}")
     if "perturbation" in stages:
         t0 = time.time()
         pert = perturbation_stage(args, shared)
         pert.update({"command": command, "device_name": device, "wall_s": time.time() - t0,
                      "notes": PERTURBATION_NOTES})
-        write_json_atomic(pert, results / "imagenet_perturbation.json")
+        write_json(results / "imagenet_perturbation.json", pert)
         log(f"wrote {results / 'imagenet_perturbation.json'}")
     if "figures" in stages:
         heat_png, kept_png = results / "imagenet_iared_heatmaps.png", results / "imagenet_iared_kept.png"
         heatmap_figures(args, shared, heat_png, kept_png)
         done = results / "imagenet_iared.json"
         if done.is_file():  # the results file names its figures (benchmarks/README.md embeds them)
-            write_json_atomic({**json.loads(done.read_text()), "figure_heatmaps": heat_png.name,
-                               "figure_kept": kept_png.name}, done)
+            write_json(done, {**json.loads(done.read_text()), "figure_heatmaps": heat_png.name,
+                              "figure_kept": kept_png.name})
         log("wrote the heatmap and kept-patch figures")
     return 0
 

@@ -44,7 +44,8 @@ import iared
 from iared.backbones.jointst import frame_maps
 from iared.data import build_dataset
 from iared.data.video import MOTION_NAMES
-from iared.evaluation.throughput import calibrate_iared, interleaved_throughput, steady_allocator
+from iared.evaluation.throughput import interleaved_throughput, steady_allocator
+from iared.reduction.budgets import calibrate_iared
 from iared.evaluation.video import evaluate_video
 from iared.reduction.video_baselines import temporal_difference_scores
 from iared.training.backbone import BackboneOptions, train_backbone

@@ -30,7 +30,8 @@ import iared  # noqa: E402
 from iared.data import build_dataset  # noqa: E402
 from iared.evaluation.accuracy import evaluate  # noqa: E402
 from iared.evaluation.flops import count_flops  # noqa: E402
-from iared.evaluation.run import MethodSpec, build_method, write_json_atomic  # noqa: E402
+from iared.commands.eval import MethodSpec, build_method  # noqa: E402
+from iared.fileio import write_json  # noqa: E402
 
 MODELS = {
     # name: (arch, checkpoint file, data spec relative to shared/, normalisation of the checkpoint)
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     for key in MODELS:
         out["models"][key] = run_model(key, shared, args.limit, args.flops_images, args.batch_size)
     out["seconds"] = time.time() - t0
-    write_json_atomic(out, str(out_dir / "offshelf.json"))
+    write_json(out_dir / "offshelf.json", out)
     for p in plot(out, out_dir):
         print("wrote", p)
     print(f"wrote {out_dir / 'offshelf.json'} in {out['seconds']:.0f}s")

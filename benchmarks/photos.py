@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 from iared.evaluation.figures import method_grid, save_figure
-from iared.evaluation.run import write_json_atomic
-from iared.interpret import load_interpreter, prepare_image, run_interpreters
+from iared.fileio import write_json
+from iared.commands.interpret import load_interpreter, prepare_image, run_interpreters
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "imagenet_val_subset"
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
            "checkpoint": args.checkpoint, "rows": rows, "correct": correct, "n": len(rows),
            "note": note(args.checkpoint, cifar_doc),
            "figure": Path(args.out).with_suffix(".png").name}
-    write_json_atomic(doc, str(Path(args.out).with_suffix(".json")))
+    write_json(Path(args.out).with_suffix(".json"), doc)
     print(f"{correct}/{len(rows)} photos predicted as their CIFAR-10 class -> {Path(args.out).with_suffix('.png')}")
     return 0
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import iared  # noqa: E402
 from iared.data import build_dataset  # noqa: E402
 from iared.evaluation.pruning import TradeoffRunner  # noqa: E402
-from iared.evaluation.run import write_json_atomic  # noqa: E402
+from iared.fileio import write_json  # noqa: E402
 from iared.models import read_model_meta  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         "curves": curves, "seconds": time.time() - t0,
     }
     out_dir = Path(args.out)
-    write_json_atomic(out, str(out_dir / "pruning.json"))
+    write_json(out_dir / "pruning.json", out)
     plot(out, out_dir / "pruning.png")
     print(f"wrote {out_dir / 'pruning.json'} and pruning.png in {out['seconds']:.0f}s")
     return 0

@@ -21,10 +21,10 @@ import torch
 
 import iared
 from iared.evaluation.flops import count_flops
-from iared.evaluation.run import write_json_atomic
+from iared.fileio import write_json
 from iared.backbones.kernels import resolve_kernels
-from iared.evaluation.throughput import (calibrate_iared, mean_keep, measure_throughput, steady_allocator,
-                                        synthetic_images)
+from iared.evaluation.throughput import measure_throughput, steady_allocator, synthetic_images
+from iared.reduction.budgets import calibrate_iared, mean_keep
 
 
 def main() -> None:
@@ -56,10 +56,10 @@ def main() -> None:
         points.append(point)
         print(f"r={r:.2f} thresholds {[round(t, 4) for t in thresholds]} "
               + "  ".join(f"b{b}: {point[f'b{b}']['ms_per_batch']:.0f} ms" for b in batches), flush=True)
-    write_json_atomic({"command": shlex.join([".venv/bin/python"] + sys.argv), "arch": args.arch, "groups": 3,
+    write_json(args.out, {"command": shlex.join([".venv/bin/python"] + sys.argv), "arch": args.arch, "groups": 3,
                        "threads": torch.get_num_threads(), "kernels": resolve_kernels("auto"),
                        "allocator": allocator, "load_avg_1min": os.getloadavg()[0],
-                       "points": points}, args.out)
+                       "points": points})
     print(f"wrote {args.out}")
 
 

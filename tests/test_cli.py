@@ -80,7 +80,7 @@ def test_bench_speed_choices_are_the_library_s():
     # stay the library's.
     from iared.backbones.kernels import KERNELS
     from iared.cli import build_parser
-    from iared.evaluation.throughput import DTYPES
+    from iared.commands.speed import DTYPES
 
     speed = build_parser()._subparsers._group_actions[0].choices["bench"]._subparsers._group_actions[0].choices["speed"]
     choices = {a.dest: tuple(a.choices) for a in speed._actions if a.choices}

@@ -12,7 +12,7 @@ from iared.data import DATASETS, register_dataset
 from iared.data.base import DataInfo
 from iared.errors import UserError
 from iared.evaluation.accuracy import accuracy, evaluate
-from iared.evaluation.run import parse_methods
+from iared.commands.eval import parse_methods
 from iared.reduction.policy import available_policies
 
 
@@ -141,7 +141,7 @@ def test_eval_threshold_knob_and_segmentation(tiny_data, iared_file, tmp_path):
 def test_eval_method_budgets_out_of_range_are_one_line(tiny_data, iared_file, tmp_path, capsys, monkeypatch):
     """`iared@T` takes what `--threshold` takes, [0, 1]; every budget is checked before any
     method is evaluated (a bad last method used to fail after the others had run)."""
-    import iared.evaluation.run as run_module
+    import iared.commands.eval as run_module
 
     evaluated = []
     monkeypatch.setattr(run_module, "evaluate", lambda m, *a, **k: evaluated.append(m) or {})
@@ -159,7 +159,7 @@ def test_eval_method_budgets_out_of_range_are_one_line(tiny_data, iared_file, tm
 
 
 def test_build_method_takes_one_stage_as_a_number(iared_file):
-    from iared.evaluation.run import build_method, parse_methods
+    from iared.commands.eval import build_method, parse_methods
     from iared.models import load_model_file
     from iared.reduction.policy import available_policies
 

@@ -12,7 +12,7 @@ import iared
 from iared.backbones.kernels import cpu_kernels
 from iared.backbones.vit import Block
 from iared.evaluation.flops import count_flops, vit_macs
-from iared.evaluation.throughput import calibrate_knob
+from iared.reduction.budgets import calibrate_knob
 from iared.reduction.evit import (EViTBlock, cls_attentiveness, default_stages, evit_keep, fuse_inattentive,
                                   keep_count)
 from iared.backbones.tokens import apply_keep, to_grid
@@ -339,7 +339,7 @@ def test_eval_runs_evit(tmp_path):
 
 def test_interpret_draws_an_evit_model(tmp_path, capsys):
     from iared.cli import main
-    from iared.interpret import InterpretOptions, data_config, interpret_one, run_interpreters
+    from iared.commands.interpret import InterpretOptions, data_config, interpret_one, run_interpreters
     from test_interpret import _model_file, _png
 
     path = _model_file(tmp_path / "evit.safetensors", policy=False)

@@ -14,7 +14,7 @@ import iared
 from iared.backbones.checkpoint import save_safetensors
 from iared.backbones.jointst import frame_maps
 from iared.cli import main
-from iared.interpret import data_config, load_interpreter, output_names, prepare_image
+from iared.commands.interpret import data_config, load_interpreter, output_names, prepare_image
 
 CLASSES = ["ant", "bee", "cat", "dog"]
 
@@ -295,7 +295,7 @@ def test_video_checkpoint_on_a_real_clip(tmp_path, shared_dir, capsys):
     rec = json.loads((d / "scores.json").read_text())
     assert rec["kind"] == "video" and rec["grid_shape"] == [4, 4, 4]
     # Per-frame maps are the JointST grid (n * T + t) regrouped by frame.
-    from iared.interpret import prepare_video
+    from iared.commands.interpret import prepare_video
 
     loaded, cfg = load_interpreter(str(ckpt))
     x, shown = prepare_video(str(clip), cfg)

@@ -208,7 +208,7 @@ def test_a_replaced_interpreter_is_the_one_used():
 def test_calibrated_thresholds_keep_the_asked_share_per_group():
     from helpers import tiny
 
-    from iared.reduction.interpreter import calibrate_thresholds
+    from iared.reduction.budgets import calibrate_thresholds
 
     m = iared.patch(tiny(depth=6), policy="iared", groups=3)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ LAYERS = [
     {"patch"},
     {"models"},
     {"training", "evaluation"},
-    {"interpret", "demo"},
+    {"commands"},
     {"cli", "__init__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -11,8 +11,9 @@ import torch
 
 import iared
 from iared.cli import main
-from iared.evaluation.throughput import (SpeedConfig, bench_speed, calibrate_iared, calibrate_knob,
-                                         geometric_schedule, mean_keep, measure_throughput)
+from iared.commands.speed import SpeedConfig, bench_speed
+from iared.evaluation.throughput import measure_throughput
+from iared.reduction.budgets import calibrate_iared, calibrate_knob, geometric_schedule, mean_keep
 
 TINY = "vit_tiny8_patch4_32"  # dim 8, depth 6, 64 patches: fast enough for tests
 
@@ -37,6 +38,7 @@ def test_measure_throughput_restores_mode_and_is_positive():
         measure_throughput(model, torch.randn(1, 3, 32, 32), repeats=0)
 
 
+@pytest.mark.filterwarnings("ignore:policy 'iared' as patched drops no token")
 def test_calibrated_iared_lands_near_the_keep_ratio():
     torch.manual_seed(0)
     model = iared.patch(iared.create_model(TINY).eval(), policy="iared", groups=3)
@@ -51,6 +53,7 @@ def test_calibrated_iared_lands_near_the_keep_ratio():
     assert kept_after == pytest.approx(geometric_schedule(0.6, 3), abs=0.03)
 
 
+@pytest.mark.filterwarnings("ignore:policy 'topk' as patched drops no token")
 @pytest.mark.parametrize("name,attr", [("random", "keep_ratio"), ("topk", "rho")])
 def test_calibrate_knob_moves_the_budget(name, attr):
     model = iared.patch(iared.create_model(TINY).eval(), policy=name)
@@ -103,7 +106,7 @@ def test_cli_bench_speed_writes_json(tmp_path):
 
 
 def test_timing_rounds_fixed_or_until_every_method_has_its_time():
-    from iared.evaluation.throughput import MAX_ROUNDS, MIN_ROUNDS, _more_rounds
+    from iared.commands.speed import MAX_ROUNDS, MIN_ROUNDS, _more_rounds
 
     def rounds(cfg, per_round):  # timed rounds until _more_rounds says stop; per_round: name -> seconds
         times, done = {k: [] for k in per_round}, -cfg.warmup
@@ -153,9 +156,9 @@ def test_cli_bench_speed_user_errors(tmp_path, capsys):
 def test_cli_bench_speed_fails_before_the_work(tmp_path, capsys, monkeypatch, bad):
     # An output that cannot be written, or a size the architecture cannot take, is one line
     # and exit 2 before anything is timed (it used to be a traceback after the whole run).
-    import iared.evaluation.throughput as throughput
+    import iared.commands.speed as speed
 
-    monkeypatch.setattr(throughput, "bench_speed", lambda *a, **k: pytest.fail("the benchmark ran"))
+    monkeypatch.setattr(speed, "bench_speed", lambda *a, **k: pytest.fail("the benchmark ran"))
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     json_path = {"json_is_a_folder": tmp_path, "under_a_file": blocker / "x.json"}.get(bad, tmp_path / "x.json")

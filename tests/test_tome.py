@@ -14,7 +14,7 @@ from iared.cli import main
 from iared.data import DATASETS, register_dataset
 from iared.data.base import DataInfo
 from iared.evaluation.flops import count_flops
-from iared.evaluation.throughput import calibrate_knob, mean_keep
+from iared.reduction.budgets import calibrate_knob, mean_keep
 from iared.backbones.tokens import Tokens, apply_keep, initial_tokens
 from iared.reduction.tome import (MergePlan, ToMeBlock, bipartite_soft_matching, merge_owner, merge_weighted,
                                   proportional_bias, source_matrix)

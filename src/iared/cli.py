@@ -244,7 +244,7 @@ def _not_yet(name: str) -> int:
 def _cmd_demo(args) -> int:
     import dataclasses
 
-    from .demo import DemoOptions, demo_command, run_demo
+    from .commands.demo import DemoOptions, demo_command, run_demo
 
     options = DemoOptions(out=args.out, quick=args.quick, seed=args.seed, device=args.device)
     options = dataclasses.replace(options, command=demo_command(options))
@@ -324,7 +324,7 @@ def _command_line(args) -> str:
 def _cmd_eval(args) -> int:
     import torch
 
-    from .evaluation.run import EvalConfig, run_eval
+    from .commands.eval import EvalConfig, run_eval
 
     _check_output_file(args.json)
     torch.manual_seed(args.seed)
@@ -355,7 +355,7 @@ def _cmd_eval(args) -> int:
 def _cmd_interpret(args) -> int:
     from tqdm import tqdm
 
-    from .interpret import InterpretOptions, interpret
+    from .commands.interpret import InterpretOptions, interpret
 
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -378,8 +378,8 @@ def _cmd_bench_speed(args) -> int:
 
     from .backbones.kernels import resolve_kernels
     from .backbones.registry import create_model, list_models
-    from .evaluation.run import write_json_atomic
-    from .evaluation.throughput import DTYPES, SpeedConfig, bench_speed
+    from .fileio import write_json
+    from .commands.speed import DTYPES, SpeedConfig, bench_speed
     from .reduction.policy import available_policies
 
     if args.arch not in list_models():
@@ -419,7 +419,7 @@ def _cmd_bench_speed(args) -> int:
     for name, r in out["methods"].items():
         print(f"{name:>14s}  {r['img_per_s']:8.2f} img/s  {r['gflops_per_img']:7.3f} GFLOPs  keep {r['keep_ratio']:.3f}  "
               f"speedup {r['speedup']:.3f}  flops ratio {r['flops_ratio']:.3f}  ({r['of_limit']:.2f} of the limit)")
-    write_json_atomic(out, args.json)
+    write_json(args.json, out)
     print(f"wrote {args.json}")
     return 0
 

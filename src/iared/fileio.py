@@ -47,6 +47,17 @@ def atomic_write_json(path: PathLike, obj: Any, default: Optional[Callable[[Any]
     return atomic_write(path, json.dumps(obj, indent=indent, default=default) + "\n")
 
 
+def write_json(path: PathLike, obj: Any) -> Path:
+    """Write `obj` as a result file: JSON, atomically; tensors and arrays as lists, anything
+    else JSON lacks (paths, dtypes) as its string."""
+    return atomic_write_json(path, obj, default=_jsonable)
+
+
+def _jsonable(o: Any) -> Any:
+    tolist = getattr(o, "tolist", None)  # torch tensors, numpy arrays and scalars
+    return tolist() if callable(tolist) else str(o)
+
+
 def check_writable(path: PathLike, is_file: bool = False) -> Path:
     """Create the folder `path` (or, with `is_file`, the folder of the file `path`) and
     prove it takes new files, before any long work whose output would be lost.

@@ -40,7 +40,7 @@ with (atheris.instrument_imports(include=["iared"]) if atheris is not None and _
     from iared.data import build_dataset, parse_data_spec
     from iared.data.images import load_image, resize_center_crop, to_tensor
     from iared.errors import UserError
-    from iared.evaluation.run import parse_methods
+    from iared.commands.eval import parse_methods
     from iared.models import load_model
     from iared.reduction.policy import available_policies
 

@@ -261,39 +261,6 @@ def _build_iared(model: nn.Module, groups: int = 3, **kw) -> IARedPolicy:
     return IARedPolicy.for_model(model, groups=groups, **kw)
 
 
-@torch.no_grad()
-def calibrate_thresholds(model: nn.Module, images: Tensor, keep: float) -> list[float]:
-    """Per-group keep thresholds under which each group keeps `keep` of the tokens entering it.
-
-    The trained threshold (0.5) sits wherever REINFORCE left the scores; reading the
-    interpreters' ranking at a chosen budget instead takes thresholds from calibration
-    images: group j's is the (1 - keep)-quantile of the scores of the tokens entering it,
-    with groups 1..j-1 at their calibrated thresholds. Use images the evaluation does not.
-
-    Args:
-        model: a backbone patched with an `IARedPolicy` (its thresholds are restored after).
-        images: (B, C, H, W) calibration images.
-        keep: share of the entering tokens each group keeps, in (0, 1].
-
-    Returns:
-        D thresholds, one per group (set them as `model.policy.threshold`).
-    """
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    policy = model.policy
-    saved, thresholds = policy.threshold, []
-    try:
-        for j in range(policy.groups):
-            policy.threshold = thresholds + [-1.0] * (policy.groups - j)  # later groups keep every token
-            _, info = model(images, return_info=True, mode="greedy")
-            rec = info.stages[j]
-            scores = rec.scores[rec.entering].float()
-            thresholds.append(float(torch.quantile(scores, 1.0 - keep)) if keep < 1.0 else -1.0)
-    finally:
-        policy.threshold = saved
-    return thresholds
-
-
 # -- CPU inference: `informative` fused for `iared.backbones.kernels.cpu_kernels` ----------
 
 def _fused_informative(mod: nn.Module):

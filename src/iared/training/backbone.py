@@ -26,10 +26,11 @@ from torch.utils.data import Dataset
 
 from ..backbones.registry import create_model, list_models
 from ..errors import UserError
+from ..fileio import write_json
 from ..models import save_model
 from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_for, distributed
 from .loop import LoopOptions, Stage, run_stages
-from .setup import check_output_dir, data_info_dict, load_data, write_json
+from .setup import check_output_dir, data_info_dict, load_data
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from ..backbones.checkpoint import CheckpointError, load_pretrained, read_checkpoint, read_metadata
 from ..backbones.registry import list_models
 from ..errors import UserError
+from ..fileio import write_json
 from ..models import check_data_fits, load_model_file, read_model_meta, save_model
 from ..patch import patch
 from ..reduction.interpreter import IARedPolicy
@@ -48,7 +49,7 @@ from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_
 from .finetune import finetune_step
 from .loop import LoopOptions, Stage, evaluate, run_stages
 from .reinforce import group_modes, reinforce_step
-from .setup import check_output_dir, data_info_dict, load_data, relabel, with_teacher_labels, write_json
+from .setup import check_output_dir, data_info_dict, load_data, relabel, with_teacher_labels
 
 
 TARGETS = ("label", "agreement")

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..fileio import atomic_write_json, check_writable
+from ..fileio import check_writable
 
 
 def load_data(spec: str, split: str, seed: int = 0, **kw: Any) -> Dataset:
@@ -44,9 +44,6 @@ def data_info_dict(spec: str, info: Any) -> dict[str, Any]:
     return {"spec": spec, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (see `iared.fileio`)."""
-    atomic_write_json(path, obj, default=str, indent=2)
 
 
 

@@ -34,7 +34,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .reduction.policy import budget_setting
+from ..fileio import write_json
+from ..reduction.policy import budget_setting
 
 
 DATA = "cluttered-digits"
@@ -187,23 +188,17 @@ def _prepare_stage(folder: Path, settings: dict[str, Any]) -> None:
         if not same:
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(marker, {"settings": _jsonable(settings), "finished": False})
+    write_json(marker, {"settings": _jsonable(settings), "finished": False})
 
 
 def _finish_stage(folder: Path, settings: dict[str, Any]) -> None:
-    _write_json(folder / "stage.json", {"settings": _jsonable(settings), "finished": True})
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from .evaluation.run import write_json_atomic
-
-    write_json_atomic(_jsonable(obj), str(path))
+    write_json(folder / "stage.json", {"settings": _jsonable(settings), "finished": True})
 
 
 def _train_backbone(folder: Path, sched: DemoSchedule, options: DemoOptions, log: Callable[[str], None]
                     ) -> tuple[Path, dict[str, Any], bool]:
     """Stage 1. Returns (model file, summary, whether it was reused)."""
-    from .training.backbone import BackboneOptions, train_backbone
+    from ..training.backbone import BackboneOptions, train_backbone
 
     bopts = BackboneOptions(
         data=DATA, arch="vit_custom", out=str(folder), embed_dim=sched.embed_dim, depth=sched.depth,
@@ -227,7 +222,7 @@ def _train_backbone(folder: Path, sched: DemoSchedule, options: DemoOptions, log
 def _train_iared(folder: Path, backbone: Path, sched: DemoSchedule, options: DemoOptions, reuse_ok: bool,
                  log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
     """Stage 2: Algorithm 1 on the backbone. Returns (model file, summary)."""
-    from .training.curriculum import TrainOptions, train_iared
+    from ..training.curriculum import TrainOptions, train_iared
 
     topts = TrainOptions(
         data=DATA, checkpoint=str(backbone), out=str(folder), groups=sched.groups, epochs=sched.iared_epochs,
@@ -254,7 +249,7 @@ def _train_iared(folder: Path, backbone: Path, sched: DemoSchedule, options: Dem
 
 
 def _eval_config(model_path: Path, sched: DemoSchedule, options: DemoOptions, **kw: Any):
-    from .evaluation.run import EvalConfig
+    from .eval import EvalConfig
 
     # batch_size is also the throughput batch of run_eval.
     return EvalConfig(data=DATA, checkpoint=str(model_path), split="test", batch_size=sched.speed_batch,
@@ -274,7 +269,7 @@ def budget_sweep(base: Any, budgets: dict[str, Sequence[float]]
         (method -> sweep points sorted by cost, including "original" and "iared" at the
         model's own threshold; that IA-RED² point).
     """
-    from .evaluation.run import run_eval
+    from .eval import run_eval
 
     labels = ["original", "iared"] + [f"{m}@{v:g}" for m, values in budgets.items() for v in values]
     res = run_eval(dataclasses.replace(base, methods=",".join(labels), throughput=False, segmentation=False,
@@ -301,7 +296,7 @@ def matched_eval(base: Any, sweep: dict[str, list[dict[str, Any]]], target: floa
         The `run_eval` results with methods keyed by plain name, each baseline carrying
         its "budget", and "matched_to".
     """
-    from .evaluation.run import run_eval
+    from .eval import run_eval
 
     budgets: dict[str, float] = {}
     for name in methods:
@@ -335,11 +330,11 @@ def _figures(out: Path, model_path: Path, backbone_path: Path, sched: DemoSchedu
     Returns:
         (caption, file name relative to `out`) per PNG written.
     """
-    from .evaluation.figures import denormalize, heatmap_panel, method_grid, save_figure
-    from .evaluation.heatmaps import explain
-    from .evaluation.report import save_tradeoff_plot
-    from .models import load_model
-    from .training.setup import load_data
+    from ..evaluation.figures import denormalize, heatmap_panel, method_grid, save_figure
+    from ..evaluation.heatmaps import explain
+    from ..evaluation.report import save_tradeoff_plot
+    from ..models import load_model
+    from ..training.setup import load_data
 
     model = load_model(model_path).to(options.device).eval()
     data_cfg = (model.model_meta or {}).get("data") or {}
@@ -392,8 +387,8 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = lambda s: print(
     Raises:
         UserError: the output folder cannot be written (before any work).
     """
-    from .evaluation.report import write_report
-    from .training.setup import check_output_dir
+    from ..evaluation.report import write_report
+    from ..training.setup import check_output_dir
 
     sched = QUICK if options.quick else FULL
     out = Path(options.out)
@@ -440,7 +435,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = lambda s: print(
     results["wall_s"] = time.time() - t0
     results["stage_wall_s"] = wall
     results["figures"] = [name for _, name in figures]
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
 
     write_report(out / "report.md", results, title=f"iared demo: IA-RED² on {DATA}",
                  intro=_intro(sched, options), sweep=sweep, figures=figures, training=results["training"],

@@ -23,7 +23,6 @@ itself is the key under "methods" in the JSON, so `ats@0.7,ats@0.5` are two entr
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
@@ -33,11 +32,11 @@ from torch import nn
 
 from ..backbones.kernels import resolve_kernels
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import write_json
 from ..models import check_data_fits, load_model_file, with_policy
 from ..reduction.policy import budget_setting
-from .accuracy import evaluate
-from .throughput import interleaved_throughput, steady_allocator
+from ..evaluation.accuracy import evaluate
+from ..evaluation.throughput import interleaved_throughput, steady_allocator
 
 MAX_RANGE = 1024  # a setting's "a-b" range lists blocks: far fewer than this
 
@@ -245,8 +244,8 @@ def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], d
     Returns:
         {method: {"pixel_acc", "mAcc", "mIoU", "mAP"}} in percent.
     """
-    from .heatmaps import explain_spec
-    from .segmentation import SegmentationMeter
+    from ..evaluation.heatmaps import explain_spec
+    from ..evaluation.segmentation import SegmentationMeter
 
     h, w = model.patch_embed.grid_size
     meters = {m: SegmentationMeter() for m in methods}
@@ -270,7 +269,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         UserError: bad checkpoint, data, method or mismatch between them (one line).
     """
     from ..reduction.policy import available_policies
-    from .flops import count_flops
+    from ..evaluation.flops import count_flops
 
     specs = parse_methods(cfg.methods, available_policies())
     torch.manual_seed(cfg.seed)
@@ -343,7 +342,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.segmentation:
         out["segmentation"] = _segmentation(cfg, model, base, ds)
     if cfg.json_path:
-        write_json_atomic(out, cfg.json_path)
+        write_json(cfg.json_path, out)
     return out
 
 
@@ -357,7 +356,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     video-1 error on the three averaged; clips/s of every method timed round-robin on
     the same centre-view clips (`interleaved_throughput`), GFLOPs per clip, keep ratio.
     """
-    from .video import CENTRE_VIEW, evaluate_video
+    from ..evaluation.video import CENTRE_VIEW, evaluate_video
 
     ds = _dataset(cfg, model, views=3, num_frames=model.num_frames)
     limit = None if cfg.limit_batches is None else cfg.limit_batches * cfg.batch_size
@@ -389,7 +388,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
         "methods": rows,
     }
     if cfg.json_path:
-        write_json_atomic(out, cfg.json_path)
+        write_json(cfg.json_path, out)
     return out
 
 
@@ -459,16 +458,3 @@ def load_backbone_for_eval(cfg: EvalConfig, model: nn.Module) -> nn.Module:
                         f"{base.patch_embed.img_size[0]} px) does not match the checkpoint ({a.num_classes} classes, "
                         f"{a.in_chans} channels, {model.patch_embed.img_size[0]} px)")
     return base.to(cfg.device)
-
-
-def write_json_atomic(obj: Any, path: str) -> None:
-    """Write JSON to `path` atomically (see `iared.fileio`)."""
-    atomic_write_json(path, obj, default=_jsonable)
-
-
-def _jsonable(o: Any) -> Any:
-    if torch.is_tensor(o):
-        return o.tolist()
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

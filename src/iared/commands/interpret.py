@@ -47,11 +47,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .backbones.checkpoint import CheckpointError
-from .data.base import normalize
-from .data.images import load_image, resize_center_crop, to_tensor
-from .errors import UserError
-from .evaluation.figures import (atomic_write_bytes, figure_png, heatmap_panel, keep_ratio, kept_grid, merge_panel,
+from ..backbones.checkpoint import CheckpointError
+from ..data.base import normalize
+from ..data.images import load_image, resize_center_crop, to_tensor
+from ..errors import UserError
+from ..evaluation.figures import (atomic_write_bytes, figure_png, heatmap_panel, keep_ratio, kept_grid, merge_panel,
                                  video_strip)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
@@ -156,14 +156,14 @@ def load_interpreter(checkpoint: str, device: str = "cpu", method: Optional[str]
             not build a model or does not fit the weights, or a model without IA-RED²
             interpreters and no `method` (one-line messages naming the file).
     """
-    from .models import load_model
+    from ..models import load_model
 
     if method is not None and policy is not None:
         raise UserError("--method and --policy exclude each other: one policy is interpreted at a time")
     if method is not None:
         model = _with_method(checkpoint, method, arch)
     elif policy is not None:
-        from .models import load_model_file, with_policy
+        from ..models import load_model_file, with_policy
 
         model = with_policy(load_model_file(checkpoint, arch), policy, checkpoint)
     else:
@@ -189,9 +189,9 @@ def load_interpreter(checkpoint: str, device: str = "cpu", method: Optional[str]
 
 def _with_method(checkpoint: str, method: str, arch: Optional[str]) -> nn.Module:
     """`checkpoint`'s backbone patched with the one training-free policy `method` names."""
-    from .evaluation.run import build_method, parse_methods
-    from .models import load_model_file
-    from .reduction.policy import available_policies
+    from .eval import build_method, parse_methods
+    from ..models import load_model_file
+    from ..reduction.policy import available_policies
 
     specs = parse_methods(method, available_policies())
     if len(specs) != 1 or specs[0].name in ("original", "iared"):
@@ -220,7 +220,7 @@ def prepare_image(path: str, cfg: InputConfig) -> tuple[Tensor, Tensor]:
     if cfg.resize == "crop":
         img = resize_center_crop(img, (H, W), cfg.crop_pct, cfg.interpolation)
     elif img.size != (W, H):
-        from .data.images import FILTERS
+        from ..data.images import FILTERS
 
         img = img.resize((W, H), FILTERS[cfg.interpolation])
     shown = to_tensor(img)
@@ -236,7 +236,7 @@ def prepare_video(path: str, cfg: InputConfig) -> tuple[Tensor, Tensor]:
     Raises:
         VideoError: the file cannot be decoded or is too short.
     """
-    from .data.video import decode_clip, spatial_crops
+    from ..data.video import decode_clip, spatial_crops
 
     side = cfg.img_size[0]
     clip = decode_clip(path, cfg.num_frames, side)                               # (T, H, W, 3) uint8
@@ -307,7 +307,7 @@ def scores_record(out: dict[str, Any], grid_shape: Sequence[int], pred: dict[str
     """
     def shaped(t: Tensor) -> Tensor:
         if len(grid_shape) == 3:  # JointST grid n * T + t -> (T, h, w)
-            from .backbones.jointst import frame_maps
+            from ..backbones.jointst import frame_maps
 
             T, h, w = grid_shape
             return frame_maps(t.reshape(1, -1), T, (h, w))[0]
