@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from iared.commands.demo import budget_sweep, matched_eval
+from iared.commands.sweep import budget_sweep, matched_eval
 from iared.evaluation.report import save_tradeoff_plot
 from iared.commands.eval import EvalConfig
 from iared.fileio import write_json

@@ -40,12 +40,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from iared.data import build_dataset
-from iared.commands.demo import budget_sweep, matched_eval
-from iared.evaluation.heatmaps import explain
+from iared.commands.eval import EvalConfig, run_eval
+from iared.commands.sweep import budget_sweep, matched_eval
 from iared.evaluation.report import save_tradeoff_plot
-from iared.commands.eval import EvalConfig, run_eval, segmentation_metrics_for
+from iared.evaluation.segmentation import segmentation_metrics_for
 from iared.fileio import write_json
-from iared.evaluation.segmentation import SegmentationMeter
 from iared.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,19 +124,12 @@ def segmentation_tables(model_path: Path, backbone_path: Path, data: str, n_imag
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
     table1 = segmentation_metrics_for(model, loader, ["iared"], device, None)
     table1.update(segmentation_metrics_for(backbone, loader, [m for m in TABLE1_METHODS if m != "iared"], device, None))
-    h, w = backbone.patch_embed.grid_size
     blocks = [b for b in (0, 1, 2) if b < len(backbone.blocks)]
-    meters = {b: SegmentationMeter() for b in blocks}
-    group_meters: dict[int, SegmentationMeter] = {}
-    for batch in loader:
-        images = batch["image"].to(device)
-        for b, meter in meters.items():
-            heat = explain(backbone, images, "attention", block=b)
-            meter.update(heat.float().reshape(-1, h, w).cpu(), batch["mask"])
-        for g, heat in enumerate(explain(model, images, "iared", group=None)):
-            group_meters.setdefault(g + 1, SegmentationMeter()).update(heat.reshape(-1, h, w).cpu(), batch["mask"])
-    groups = {str(g): m.compute() for g, m in group_meters.items()}
-    return table1, {str(b): m.compute() for b, m in meters.items()}, groups
+    table5 = segmentation_metrics_for(backbone, loader, [f"attention@block={b}" for b in blocks], device, None)
+    groups = segmentation_metrics_for(model, loader, [f"iared@group={g}" for g in range(model.policy.groups)],
+                                      device, None)
+    return (table1, {str(b): table5[f"attention@block={b}"] for b in blocks},
+            {str(g + 1): groups[f"iared@group={g}"] for g in range(model.policy.groups)})
 
 
 def spec_targets(methods: dict[str, Any], seg: dict[str, Any]) -> dict[str, bool]:

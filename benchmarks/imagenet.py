@@ -22,7 +22,6 @@ each method keeps on 8 photos). IA-RED², whose interpreters are trained on this
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 import time
@@ -34,12 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from iared.data import build_dataset  # noqa: E402
-from iared.evaluation.accuracy import evaluate  # noqa: E402
 from iared.evaluation.figures import denormalize, kept_grid, save_figure  # noqa: E402
-from iared.evaluation.flops import count_flops  # noqa: E402
+from iared.commands.compare import compare_methods  # noqa: E402
 from iared.commands.eval import MethodSpec, build_method  # noqa: E402
 from iared.backbones.kernels import resolve_kernels  # noqa: E402
-from iared.evaluation.throughput import device_name, interleaved_throughput, steady_allocator  # noqa: E402
+from iared.evaluation.throughput import device_name, steady_allocator  # noqa: E402
 from iared.fileio import write_json  # noqa: E402
 
 ARCH = "vit_tiny_patch16_224"
@@ -92,12 +90,6 @@ def load_images(shared: Path, cfg: dict, limit: int | None) -> tuple[torch.Tenso
             list(ds.info.class_names))
 
 
-def standard_error(pct: float, n: int) -> float:
-    """Binomial standard error of an accuracy in percent over n images."""
-    p = pct / 100.0
-    return 100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
-
-
 def measure(rows, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
             grid_size: int) -> tuple[dict, dict]:
     """Accuracy, GFLOPs, keep ratios and img/s at batch `args.batch_size` and 1 of each row.
@@ -114,42 +106,20 @@ def measure(rows, images: torch.Tensor, labels: torch.Tensor, args: argparse.Nam
     n = int(labels.shape[0])
     loader = [{"image": images[i:i + args.batch_size], "label": labels[i:i + args.batch_size]}
               for i in range(0, n, args.batch_size)]
-    results, models = {}, {}
-    for label, m in rows:
-        m.eval()
-        counts = family(label) in ("ats", "ats_compound", "ats_single", "topk")
-        stats = evaluate(m, loader, collect_counts=counts, progress=True, desc=label)
-        gflops = float(count_flops(m, images[:args.flops_images]).mean()) / 1e9
-        policy = getattr(m, "policy", None)
-        results[label] = {
-            "top1": stats["top1"], "top1_se": standard_error(stats["top1"], n),
-            "top5": stats["top5"], "top5_se": standard_error(stats["top5"], n), "gflops_per_img": gflops,
-            "keep_ratio": stats["keep_ratio"], "token_ratio": stats["token_ratio"],
-            "keep_ratio_per_stage": stats["keep_ratio_per_stage"], "stage_blocks": stats["stage_blocks"],
-            "policy": policy.config() if hasattr(policy, "config") else None,
-        }
-        if counts:  # K' (patch tokens kept) per stage: histogram in bins of HIST_BIN tokens
-            bins = grid_size // HIST_BIN + 1
-            results[label]["kept_tokens_hist"] = {
-                str(b): torch.bincount(c // HIST_BIN, minlength=bins).tolist()
-                for b, c in zip(stats["stage_blocks"], stats["stage_counts"])}
-        models[label] = (m, {})
-        print(f"{label:>14s}  top-1 {stats['top1']:6.2f}  {gflops:.4f} GFLOPs  keep {stats['keep_ratio']:.3f}",
-              flush=True)
-
-    # Throughput: all methods round-robin on the same batch (see `interleaved_throughput`).
-    for batch, repeats in ((args.batch_size, args.repeats), (1, args.repeats_b1)):
-        print(f"timing batch {batch} ({repeats} rounds)", flush=True)
-        speeds = interleaved_throughput(models, images[:batch], warmup=2, repeats=repeats)
-        for label, rate in speeds.items():
-            results[label][f"img_per_s_b{batch}"] = rate
-    base = results["original"]
+    rows = [(label, m.eval()) for label, m in rows]
+    results = compare_methods(
+        rows, loader, images[:args.flops_images], speed_batches=(images[:args.batch_size], images[:1]),
+        repeats=(args.repeats, args.repeats_b1), warmup=2,
+        counts_for=lambda label: family(label) in ("ats", "ats_compound", "ats_single", "topk"),
+        log=lambda line: print(line, flush=True))
+    bins = grid_size // HIST_BIN + 1
     for r in results.values():
-        r["img_per_s"] = r[f"img_per_s_b{args.batch_size}"]
-        r["flops_ratio"] = base["gflops_per_img"] / r["gflops_per_img"]
-        r["speedup"] = r["img_per_s"] / base["img_per_s"]
-        r["speedup_b1"] = r["img_per_s_b1"] / base["img_per_s_b1"]
-    return results, models
+        r[f"img_per_s_b{args.batch_size}"] = r["img_per_s"]
+        counts = r.pop("stage_counts", None)
+        if counts is not None:  # K' (patch tokens kept) per stage: histogram in bins of HIST_BIN tokens
+            r["kept_tokens_hist"] = {str(b): torch.bincount(c // HIST_BIN, minlength=bins).tolist()
+                                     for b, c in zip(r["stage_blocks"], counts)}
+    return results, {label: (m, {}) for label, m in rows}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -235,7 +235,7 @@ def claims(results: dict[str, Any]) -> dict[str, Any]:
 
 def davis_stage(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     from iared.data import build_dataset
-    from iared.commands.eval import segmentation_metrics_for
+    from iared.evaluation.segmentation import segmentation_metrics_for
 
     runs = Path(args.runs)
     base = iared.models.load_model_file(shared / CHECKPOINT)

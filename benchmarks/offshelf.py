@@ -28,8 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import iared  # noqa: E402
 from iared.data import build_dataset  # noqa: E402
-from iared.evaluation.accuracy import evaluate  # noqa: E402
-from iared.evaluation.flops import count_flops  # noqa: E402
+from iared.commands.compare import compare_methods  # noqa: E402
 from iared.commands.eval import MethodSpec, build_method  # noqa: E402
 from iared.fileio import write_json  # noqa: E402
 
@@ -90,24 +89,15 @@ def run_model(key: str, shared: Path, limit: int, flops_images: int, batch_size:
     print(f"[{key}] loaded {n} test images in {time.time() - t0:.1f}s", flush=True)
     loader = [{"image": images[i:i + batch_size], "label": labels[i:i + batch_size]}
               for i in range(0, n, batch_size)]
-    results, hist = {}, {}
-    for m_spec in methods_for(model):
-        m = build_method(model, m_spec, seed=0)
-        stats = evaluate(m, loader, collect_counts=m_spec.label == f"ats@{HIST_RHO}")
-        gflops = float(count_flops(m, images[:flops_images]).mean()) / 1e9
-        results[m_spec.label] = {
-            "top1": stats["top1"], "top5": stats["top5"], "gflops_per_img": gflops,
-            "keep_ratio": stats["keep_ratio"], "token_ratio": stats["token_ratio"],
-            "keep_ratio_per_stage": stats["keep_ratio_per_stage"], "stage_blocks": stats["stage_blocks"],
-            "policy": m.policy.config() if m.policy is not None else None,
-        }
-        if "stage_counts" in stats:
-            hist = {str(b): c.tolist() for b, c in zip(stats["stage_blocks"], stats["stage_counts"])}
-        print(f"[{key}] {m_spec.label:>18s} top1 {stats['top1']:6.2f}  {gflops * 1e3:8.3f} MFLOPs  "
-              f"keep {stats['keep_ratio']:.3f}", flush=True)
-    ref = results["original"]["gflops_per_img"]
+    rows = ((m_spec.label, build_method(model, m_spec, seed=0)) for m_spec in methods_for(model))
+    results = compare_methods(rows, loader, images[:flops_images], counts_for=lambda label: label == f"ats@{HIST_RHO}",
+                              progress=False, log=lambda line: print(f"[{key}] {line}", flush=True))
+    hist = {}
     for r in results.values():
-        r["flops_ratio"] = ref / r["gflops_per_img"]
+        counts = r.pop("stage_counts", None)
+        if counts is not None:
+            hist = {str(b): c.tolist() for b, c in zip(r["stage_blocks"], counts)}
+    ref = results["original"]["gflops_per_img"]
 
     # Equal-GFLOPs comparison: at each multi-stage ATS point, the other curves interpolated.
     curves: dict[str, list[tuple[float, float]]] = {}

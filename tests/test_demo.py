@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from iared.cli import main
-from iared.commands.demo import MATCHED_METHODS, match_budget, sweep_points
+from iared.commands.sweep import MATCHED_METHODS, match_budget, sweep_points
 
 NUMBER = (int, float)
 

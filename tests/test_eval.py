@@ -141,10 +141,10 @@ def test_eval_threshold_knob_and_segmentation(tiny_data, iared_file, tmp_path):
 def test_eval_method_budgets_out_of_range_are_one_line(tiny_data, iared_file, tmp_path, capsys, monkeypatch):
     """`iared@T` takes what `--threshold` takes, [0, 1]; every budget is checked before any
     method is evaluated (a bad last method used to fail after the others had run)."""
-    import iared.commands.eval as run_module
+    import iared.commands.compare as compare_module
 
     evaluated = []
-    monkeypatch.setattr(run_module, "evaluate", lambda m, *a, **k: evaluated.append(m) or {})
+    monkeypatch.setattr(compare_module, "evaluate", lambda m, *a, **k: evaluated.append(m) or {})
     for method, says in (("iared@2", "threshold must be in [0, 1], got 2"),
                          ("iared@-0.5", "threshold must be in [0, 1], got -0.5"),
                          ("random@1.5", "keep_ratio must be in (0, 1], got 1.5"),

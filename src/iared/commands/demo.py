@@ -29,17 +29,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from ..fileio import write_json
-from ..reduction.policy import budget_setting
+from .sweep import budget_sweep, matched_eval
 
 
 DATA = "cluttered-digits"
-MATCHED_METHODS = ("original", "iared", "ats", "topk", "random", "attention")
 # Methods compared in the heatmap-method figure (Fig. 3): the baselines explain the backbone.
 HEATMAP_METHODS = ("attention", "rollout", "gradcam", "iared")
 
@@ -107,51 +105,6 @@ class DemoOptions:
 
 
 # -- pure helpers ---------------------------------------------------------------------------
-
-
-def match_budget(points: Sequence[tuple[float, float]], target_gflops: float) -> float:
-    """The budget knob at which a method's cost equals `target_gflops`, by linear interpolation.
-
-    Args:
-        points: (gflops_per_img, knob) of a budget sweep, any order.
-        target_gflops: the cost to match.
-
-    Returns:
-        The interpolated knob; outside the swept cost range, the knob of the nearest end
-        (a method that cannot get as cheap or as expensive stays at its extreme budget).
-    """
-    if not points:
-        raise ValueError("no sweep points to match a budget on")
-    pts = sorted(points)
-    xs = np.array([p[0] for p in pts], dtype=np.float64)
-    ys = np.array([p[1] for p in pts], dtype=np.float64)
-    return float(np.interp(target_gflops, xs, ys))
-
-
-def sweep_points(methods: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Group `run_eval` entries labelled "NAME@KNOB" into per-method sweeps.
-
-    Args:
-        methods: the "methods" of a `run_eval` result, keyed by method label.
-
-    Returns:
-        method name -> points {"budget": {knob: value} or None, "top1", "top5",
-        "gflops_per_img", "keep_ratio"} (order of the input).
-    """
-    out: dict[str, list[dict[str, Any]]] = {}
-    for label, m in methods.items():
-        name, _, knob = label.partition("@")
-        setting = None if name == "original" else budget_setting(name)
-        budget = {setting: float(knob)} if knob else (
-            {setting: (m.get("policy") or {}).get(setting)} if setting else None)
-        out.setdefault(name, []).append({
-            "budget": budget, "top1": m["top1"], "top5": m["top5"], "gflops_per_img": m["gflops_per_img"],
-            "keep_ratio": m["keep_ratio"],
-        })
-    return out
-
-
-# -- stages -------------------------------------------------------------------------------
 
 
 def _jsonable(obj: Any) -> Any:
@@ -255,70 +208,6 @@ def _eval_config(model_path: Path, sched: DemoSchedule, options: DemoOptions, **
     return EvalConfig(data=DATA, checkpoint=str(model_path), split="test", batch_size=sched.speed_batch,
                       limit_images=sched.eval_images, flops_images=sched.flops_images, device=options.device,
                       seed=options.seed, progress=options.progress, **kw)
-
-
-def budget_sweep(base: Any, budgets: dict[str, Sequence[float]]
-                 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """Every method over its budget range: accuracy and GFLOPs (no timing).
-
-    Args:
-        base: an `EvalConfig` naming the data, the IA-RED² model file and the split.
-        budgets: method -> budget values (`TokenPolicy.budget`), e.g. {"ats": (0.4, 0.6)}.
-
-    Returns:
-        (method -> sweep points sorted by cost, including "original" and "iared" at the
-        model's own threshold; that IA-RED² point).
-    """
-    from .eval import run_eval
-
-    labels = ["original", "iared"] + [f"{m}@{v:g}" for m, values in budgets.items() for v in values]
-    res = run_eval(dataclasses.replace(base, methods=",".join(labels), throughput=False, segmentation=False,
-                                       json_path=None))
-    default = sweep_points({"iared": res["methods"]["iared"]})["iared"][0]
-    sweep = sweep_points(res["methods"])
-    for points in sweep.values():  # cheapest first, as the plot and the table read
-        points.sort(key=lambda p: p["gflops_per_img"])
-    return sweep, default
-
-
-def matched_eval(base: Any, sweep: dict[str, list[dict[str, Any]]], target: float,
-                 methods: Sequence[str] = MATCHED_METHODS, segmentation: bool = True) -> dict[str, Any]:
-    """`methods` with every baseline's budget set to cost `target` GFLOPs, timed, as `iared eval` results.
-
-    Args:
-        base: an `EvalConfig` (data, IA-RED² model file, split, command, ...).
-        sweep: the `budget_sweep` that the budgets are interpolated on.
-        target: GFLOPs per image to match (IA-RED²'s).
-        methods: method names; "original" and "iared" are run as they are.
-        segmentation: add the heatmap segmentation metrics (data with masks).
-
-    Returns:
-        The `run_eval` results with methods keyed by plain name, each baseline carrying
-        its "budget", and "matched_to".
-    """
-    from .eval import run_eval
-
-    budgets: dict[str, float] = {}
-    for name in methods:
-        if name in ("original", "iared"):
-            continue
-        setting = budget_setting(name)
-        pts = [(p["gflops_per_img"], p["budget"][setting]) for p in sweep.get(name, []) if p["budget"]]
-        budgets[name] = round(match_budget(pts, target), 3)
-    labels = [n if n not in budgets else f"{n}@{budgets[n]:g}" for n in methods]
-    res = run_eval(dataclasses.replace(base, methods=",".join(labels), throughput=True, segmentation=segmentation))
-    named: dict[str, Any] = {}
-    for label, entry in res["methods"].items():
-        name = label.partition("@")[0]
-        if name in budgets:
-            entry["budget"] = {budget_setting(name): budgets[name]}
-        elif name == "iared":
-            entry["budget"] = {"threshold": (entry.get("policy") or {}).get("threshold")}
-        named[name] = entry
-    res["methods"] = named
-    res["matched_to"] = {"method": "iared", "gflops_per_img": target,
-                         "how": "each baseline's budget knob interpolated linearly on its sweep to IA-RED²'s GFLOPs"}
-    return res
 
 
 def _figures(out: Path, model_path: Path, backbone_path: Path, sched: DemoSchedule, options: DemoOptions,

@@ -32,11 +32,12 @@ from torch import nn
 
 from ..backbones.kernels import resolve_kernels
 from ..errors import UserError
+from ..evaluation.throughput import interleaved_throughput, steady_allocator
 from ..fileio import write_json
 from ..models import check_data_fits, load_model_file, with_policy
+from ..evaluation.segmentation import segmentation_metrics_for
 from ..reduction.policy import budget_setting
-from ..evaluation.accuracy import evaluate
-from ..evaluation.throughput import interleaved_throughput, steady_allocator
+from .compare import compare_methods, relative_to_original
 
 MAX_RANGE = 1024  # a setting's "a-b" range lists blocks: far fewer than this
 
@@ -228,37 +229,6 @@ def _first_images(ds, n: int) -> torch.Tensor:
     return torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
 
 
-def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], device: str,
-                             limit_batches: Optional[int]) -> dict[str, dict[str, float]]:
-    """Heatmap segmentation metrics ("segmentation" of docs/results-format.md) of each explainer.
-
-    Args:
-        model: the checkpoint's model (its IA-RED² policy is used for "iared"; the other
-            explainers read the backbone's attention and never call the policy).
-        loader: yields dicts with "image" and "mask".
-        methods: explainers as `iared.evaluation.heatmaps.explain_spec` reads them, e.g.
-            "rollout", "attention@block=6" or "iared@group=0" (0-based).
-        device: where to run.
-        limit_batches: stop after this many batches.
-
-    Returns:
-        {method: {"pixel_acc", "mAcc", "mIoU", "mAP"}} in percent.
-    """
-    from ..evaluation.heatmaps import explain_spec
-    from ..evaluation.segmentation import SegmentationMeter
-
-    h, w = model.patch_embed.grid_size
-    meters = {m: SegmentationMeter() for m in methods}
-    for i, batch in enumerate(loader):
-        if limit_batches is not None and i >= limit_batches:
-            break
-        images, masks = batch["image"].to(device), batch["mask"]
-        for name, meter in meters.items():
-            heat = explain_spec(model, images, name)
-            meter.update(heat.detach().float().reshape(-1, h, w).cpu(), masks)
-    return {name: meter.compute() for name, meter in meters.items()}
-
-
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate every method of `cfg.methods` and write the JSON (docs/results-format.md) if asked.
 
@@ -269,17 +239,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         UserError: bad checkpoint, data, method or mismatch between them (one line).
     """
     from ..reduction.policy import available_policies
-    from ..evaluation.flops import count_flops
 
     specs = parse_methods(cfg.methods, available_policies())
     torch.manual_seed(cfg.seed)
     # Before anything is allocated, as `iared bench speed` (why: `steady_allocator`).
     allocator = steady_allocator() if cfg.allocator == "steady" else "system"
-    model = load_model_file(cfg.checkpoint, cfg.arch)
-    if cfg.policy is not None:
-        model = with_policy(model, cfg.policy, cfg.checkpoint)
-    model = model.to(cfg.device)
-    base = load_backbone_for_eval(cfg, model)
+    model, base = _load_models(cfg)
     if hasattr(model, "num_frames"):  # a video model: the paper's Table 3 protocol
         if cfg.segmentation:
             raise UserError("--segmentation is for image models on data with pixel masks, not video")
@@ -288,42 +253,41 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.segmentation and not ds.info.has_masks:  # before the evaluation, not after it
         raise UserError(f"data {cfg.data!r} has no pixel masks: --segmentation needs a kind with masks "
                         f"(cluttered-digits, cluttered-fashion, segfolder:DIR)")
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
     flops_images = _first_images(ds, cfg.flops_images).to(cfg.device)
     speed_images = _first_images(ds, cfg.batch_size).to(cfg.device) if cfg.throughput else None
-
-    results: dict[str, Any] = {}
-    timed: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-    for spec, m in _method_models(cfg, model, base, specs):
-        policy = getattr(m, "policy", None)
-        stats = evaluate(m, loader, cfg.device, cfg.limit_batches, progress=cfg.progress, desc=spec.label)
-        entry: dict[str, Any] = {
-            "top1": stats["top1"], "top5": stats["top5"],
-            "gflops_per_img": float(count_flops(m, flops_images).mean()) / 1e9,
-            "img_per_s": None,
-            "keep_ratio": stats["keep_ratio"], "token_ratio": stats["token_ratio"],
-            "keep_ratio_per_stage": stats["keep_ratio_per_stage"], "stage_blocks": stats["stage_blocks"],
-            "n_images": stats["n"],
-            "policy": policy.config() if hasattr(policy, "config") else None,
-        }
-        if ds.info.num_classes == 0:  # unlabeled images (segmentation only): no accuracy
-            entry["top1"] = entry["top5"] = None
+    rows = ((spec.label, m) for spec, m in _method_models(cfg, model, base, specs))
+    results = compare_methods(
+        rows, _loader(cfg, ds), flops_images, device=cfg.device, limit_batches=cfg.limit_batches,
+        labeled=ds.info.num_classes > 0, speed_batches=() if speed_images is None else (speed_images,),
+        repeats=(cfg.throughput_repeats,), progress=cfg.progress)
+    for spec in specs:
         if spec.name == "iared":
-            entry["keep_ratio_per_group"] = stats["keep_ratio_per_stage"]
-        results[spec.label] = entry
-        if speed_images is not None:
-            timed[spec.label] = (m, {})
-    if speed_images is not None:
-        # Round-robin, as the video table and `iared bench speed`: every method sees the
-        # same load; oneDNN kernels on CPU ("kernels" in the result file).
-        speeds = interleaved_throughput(timed, speed_images, warmup=1, repeats=cfg.throughput_repeats)
-        for label, rate in speeds.items():
-            results[label]["img_per_s"] = rate
-    timed.clear()
+            results[spec.label]["keep_ratio_per_group"] = results[spec.label]["keep_ratio_per_stage"]
+    out = _eval_record(cfg, allocator, results, flops_images, speed_images)
+    if cfg.segmentation:
+        out["segmentation"] = _segmentation(cfg, model, base, ds)
+    if cfg.json_path:
+        write_json(cfg.json_path, out)
+    return out
 
-    _relative_to_original(results, "gflops_per_img", "img_per_s")
 
-    out: dict[str, Any] = {
+def _load_models(cfg: EvalConfig) -> tuple[nn.Module, nn.Module]:
+    """The checkpoint's model (with `cfg.policy` attached if given) and the backbone the baselines run on."""
+    model = load_model_file(cfg.checkpoint, cfg.arch)
+    if cfg.policy is not None:
+        model = with_policy(model, cfg.policy, cfg.checkpoint)
+    model = model.to(cfg.device)
+    return model, load_backbone_for_eval(cfg, model)
+
+
+def _loader(cfg: EvalConfig, ds) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
+
+
+def _eval_record(cfg: EvalConfig, allocator: str, results: dict[str, Any], flops_images: torch.Tensor,
+                 speed_images: Optional[torch.Tensor]) -> dict[str, Any]:
+    """The result file: where the numbers come from, how they were measured, and the rows."""
+    return {
         "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
         "command": cfg.command, "split": cfg.split,
         "device": cfg.device, "threads": torch.get_num_threads(), "kernels": resolve_kernels("auto", cfg.device),
@@ -336,14 +300,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                          f"{int(speed_images.shape[0])} images, methods timed round-robin",
             "keep_ratio": "fraction of patch tokens alive after the last stage; token_ratio: mean over blocks "
                           "of tokens entering the block / all tokens",
+            "top1_se": "binomial standard error of top1, in points",
         },
         "methods": results,
     }
-    if cfg.segmentation:
-        out["segmentation"] = _segmentation(cfg, model, base, ds)
-    if cfg.json_path:
-        write_json(cfg.json_path, out)
-    return out
 
 
 def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Sequence[MethodSpec],
@@ -376,7 +336,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
         speeds = interleaved_throughput(timed, clips.to(cfg.device), warmup=1, repeats=cfg.throughput_repeats)
     for label, row in rows.items():
         row["clips_per_s"] = speeds.get(label)
-    _relative_to_original(rows, "gflops_per_clip", "clips_per_s")
+    relative_to_original(rows, "gflops_per_clip", "clips_per_s")
     out = {
         "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
         "command": cfg.command, "split": cfg.split, "device": cfg.device, "threads": torch.get_num_threads(),
@@ -412,19 +372,8 @@ def _method_model(cfg: EvalConfig, model: nn.Module, base: nn.Module, spec: Meth
     return m
 
 
-def _relative_to_original(rows: dict[str, dict[str, Any]], flops_key: str, rate_key: str) -> None:
-    """Add `flops_ratio` and `speedup` (docs/results-format.md) to every row, against the "original" row."""
-    ref = rows.get("original")
-    if ref is None:
-        return
-    for row in rows.values():
-        row["flops_ratio"] = ref[flops_key] / row[flops_key] if row[flops_key] else None
-        if row[rate_key] and ref[rate_key]:
-            row["speedup"] = row[rate_key] / ref[rate_key]
-
-
 def _segmentation(cfg: EvalConfig, model: nn.Module, base: nn.Module, ds) -> dict[str, Any]:
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
+    loader = _loader(cfg, ds)
     out: dict[str, Any] = {}
     if type(getattr(model, "policy", None)).__name__ == "IARedPolicy":
         m = copy.deepcopy(model).to(cfg.device).eval()

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..backbones.kernels import cpu_kernels, resolve_kernels
 from ..errors import UserError
-from ..evaluation.throughput import device_name, steady_allocator, synthetic_images, time_forward
+from ..evaluation.throughput import device_name, interleaved_times, steady_allocator, synthetic_images
 from ..reduction.budgets import calibrate_iared, calibrate_knob, mean_keep
 
 
@@ -81,15 +81,13 @@ def _build_methods(model: nn.Module, names: list[str], calib: Tensor, keep_ratio
 
 
 def _more_rounds(done: int, times: dict[str, list[float]], cfg: SpeedConfig) -> bool:
-    """Whether `bench_speed` times another round, `done` rounds in (negative: warm-up left).
+    """Whether `bench_speed` times another round, `done` timed rounds in.
 
     Fixed `cfg.repeats`: exactly that many. Automatic: at least MIN_ROUNDS, then until every
     method has `cfg.min_time_s` seconds of timed forwards (a batch-1 forward of a few ms
     gets hundreds of rounds, a slow batch-64 one the minimum), at most MAX_ROUNDS: the
     median of a fast forward's times is only as steady as its number of samples.
     """
-    if done < 0:
-        return True
     if cfg.repeats is not None:
         return done < cfg.repeats
     if done < MIN_ROUNDS:
@@ -108,40 +106,70 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
         The dictionary of docs/results-format.md: arch, img_size, batch_size, device, threads, command,
         methods: {name: img_per_s, gflops_per_img, keep_ratio, speedup, flops_ratio, ...}.
     """
-    from tqdm import tqdm
-
-    from ..backbones.registry import create_model
-    from ..patch import available_policies, patch, unpatch
-    from ..evaluation.flops import count_flops, vit_macs
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     allocator = steady_allocator() if cfg.allocator == "steady" else "system"
     torch.manual_seed(cfg.seed)
+    model, images, calib = _backbone_and_images(cfg)
+    names = _method_names(cfg)
+    kernels = resolve_kernels(cfg.kernels, cfg.device, DTYPES[cfg.dtype])
+    load_before = os.getloadavg()[0]
+    log(f"calibrating budgets to keep ratio {cfg.keep_ratio} on {cfg.calib_images} images")
+    methods = _build_methods(model, names, calib, cfg.keep_ratio, log)
+    if not methods:
+        raise UserError(f"none of the methods {', '.join(names)} runs on {cfg.arch} (see the lines above)")
+    costs = _count_costs(model, methods, images, cfg.flops_images)
+    times = _time_methods(model, methods, images, kernels, cfg)
+    load_after = os.getloadavg()[0]
+    return {"arch": cfg.arch, "img_size": model.patch_embed.img_size[0], "batch_size": cfg.batch_size,
+            "device": cfg.device, "threads": torch.get_num_threads(), "dtype": cfg.dtype, "kernels": kernels,
+            "allocator": allocator, "command": cfg.command, "keep_ratio_target": cfg.keep_ratio,
+            "warmup": cfg.warmup, "repeats": len(next(iter(times.values()))), "repeats_auto": cfg.repeats is None,
+            **({"min_time_s": cfg.min_time_s} if cfg.repeats is None else {}), "torch": torch.__version__,
+            "device_name": device_name(cfg.device),
+            "load_avg_1min": [load_before, load_after], "methods": _rows(costs, times, cfg.batch_size)}
+
+
+def _backbone_and_images(cfg: SpeedConfig) -> tuple[nn.Module, Tensor, Tensor]:
+    """The backbone (random weights, eval mode, `cfg.dtype`), the timed batch and the calibration batch."""
+    from ..backbones.registry import create_model
+
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     dtype = DTYPES[cfg.dtype]
     overrides = {} if cfg.img_size is None else {"img_size": cfg.img_size}
     model = create_model(cfg.arch, **overrides).to(cfg.device, dtype).eval()
-    img_size = model.patch_embed.img_size[0]
-    P, dim = model.num_prefix_tokens, model.embed_dim
-    mlp_ratio = model.config.mlp_ratio
-    images = synthetic_images(cfg.batch_size, img_size, cfg.seed, model.config.in_chans).to(cfg.device, dtype)
-    calib = synthetic_images(cfg.calib_images, img_size, cfg.seed + 1, model.config.in_chans).to(cfg.device, dtype)
+    size, chans = model.patch_embed.img_size[0], model.config.in_chans
+    images = synthetic_images(cfg.batch_size, size, cfg.seed, chans).to(cfg.device, dtype)
+    calib = synthetic_images(cfg.calib_images, size, cfg.seed + 1, chans).to(cfg.device, dtype)
+    return model, images, calib
+
+
+def _method_names(cfg: SpeedConfig) -> list[str]:
+    from ..reduction.policy import available_policies
+
     if cfg.methods is None:  # the image methods that are registered
-        names = ["original"] + [m for m in DEFAULT_METHODS if m in available_policies()]
-    elif tuple(cfg.methods) == ("all",):
-        names = ["original"] + available_policies()
-    else:
-        names = list(cfg.methods)
-    kernels = resolve_kernels(cfg.kernels, cfg.device, dtype)
-    load_before = os.getloadavg()[0]
+        return ["original"] + [m for m in DEFAULT_METHODS if m in available_policies()]
+    if tuple(cfg.methods) == ("all",):
+        return ["original"] + available_policies()
+    return list(cfg.methods)
 
-    log(f"calibrating budgets to keep ratio {cfg.keep_ratio} on {cfg.calib_images} images")
-    methods = _build_methods(model, names, calib, cfg.keep_ratio, log)
-    if not methods:
-        raise UserError(f"none of the methods {', '.join(names)} runs on {cfg.arch} (see the lines above)")
 
+def _count_costs(model: nn.Module, methods: dict[str, Optional[nn.Module]], images: Tensor,
+                 flops_images: int) -> dict[str, dict[str, Any]]:
+    """GFLOPs per image and keep ratios of every method on the timed batch.
+
+    The blocks' multiply-adds follow from each image's token counts (`vit_macs`); what
+    they leave out (embedding, head, the policy's own cost) is counted exactly on the
+    first `flops_images` images and added as a per-image residual.
+    """
+    from tqdm import tqdm
+
+    from ..evaluation.flops import count_flops, vit_macs
+    from ..patch import patch, unpatch
+
+    P, dim, mlp_ratio = model.num_prefix_tokens, model.embed_dim, model.config.mlp_ratio
+    k = min(flops_images, images.shape[0])
     results: dict[str, dict[str, Any]] = {}
     # no_grad, not inference_mode: FlopCounterMode's module tracker needs autograd tensors.
     with torch.no_grad():
@@ -154,9 +182,7 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
                     reset()
                 _, info = model(images, return_info=True, execution="compact")
                 analytic = vit_macs(info.block_tokens, dim, mlp_ratio)              # (B,) blocks only
-                k = min(cfg.flops_images, cfg.batch_size)
-                counted = count_flops(model, images[:k])                            # (k,) exact
-                residual = float((counted - analytic[:k]).mean())  # embed, head, policy cost
+                residual = float((count_flops(model, images[:k]) - analytic[:k]).mean())
                 keep = mean_keep(info, P)
                 results[name] = {"gflops_per_img": float(analytic.mean()) / 1e9 + residual / 1e9,
                                  "keep_ratio": float(keep.mean()), "keep_ratio_min": float(keep.min()),
@@ -168,41 +194,48 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
             finally:
                 if policy is not None:
                     unpatch(model)
+    return results
 
-    # Interleaved rounds: each round times every method once, so a neighbour's burst of
-    # load hits all methods alike instead of one; the median over rounds is reported.
-    # Weights are packed once, the backbone's and each policy's (attaching a policy keeps
-    # the backbone's modules, so their packed forwards stay valid across patch/unpatch).
+
+def _time_methods(model: nn.Module, methods: dict[str, Optional[nn.Module]], images: Tensor, kernels: str,
+                  cfg: SpeedConfig) -> dict[str, list[float]]:
+    """Seconds per forward of every method, in interleaved rounds (`interleaved_times`).
+
+    One backbone serves every method (each round patches and unpatches each policy), its
+    weights and each policy's packed once: attaching a policy keeps the backbone's
+    modules, so their packed forwards stay valid across patch/unpatch.
+    """
+    from ..patch import patch, unpatch
+
+    def forward(policy: Optional[nn.Module]):
+        def run() -> None:
+            if policy is not None:
+                patch(model, policy)
+            try:
+                model(images, execution="compact")
+            finally:
+                if policy is not None:
+                    unpatch(model)
+        return run
+
     with torch.inference_mode(), contextlib.ExitStack() as packed:
         for module in [model, *(p for p in methods.values() if p is not None)]:
             packed.enter_context(cpu_kernels(module, kernels))
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        bar = tqdm(desc=f"timing {len(methods)} methods", unit="round", file=sys.stderr, leave=False,
-                   total=cfg.warmup + cfg.repeats if cfg.repeats is not None else None)
-        done = -cfg.warmup  # rounds timed so far; negative while warming up
-        while _more_rounds(done, times, cfg):
-            timed, done = done >= 0, done + 1
-            bar.update(1)
-            for name, policy in methods.items():
-                if policy is not None:
-                    patch(model, policy)
-                try:
-                    t = time_forward(lambda: model(images, execution="compact"), images.device, 0, 1)[0]
-                finally:
-                    if policy is not None:
-                        unpatch(model)
-                if timed:
-                    times[name].append(t)
-        bar.close()
-    load_after = os.getloadavg()[0]
+        return interleaved_times({name: forward(policy) for name, policy in methods.items()}, images.device,
+                                 cfg.warmup, lambda done, times: _more_rounds(done, times, cfg),
+                                 progress=f"timing {len(methods)} methods")
 
-    base = results.get("original")
+
+def _rows(costs: dict[str, dict[str, Any]], times: dict[str, list[float]], batch_size: int
+          ) -> dict[str, dict[str, Any]]:
+    """The result row of every method: its throughput, costs and ratios to "original"."""
+    base = costs.get("original")
     base_residual = base["_residual"] if base else 0.0
     full_gflops = base["gflops_per_img"] if base else float("nan")
-    base_ips = cfg.batch_size / statistics.median(times["original"]) if base else float("nan")
-    out_methods = {}
-    for name, r in results.items():
-        ips = cfg.batch_size / statistics.median(times[name])
+    base_ips = batch_size / statistics.median(times["original"]) if base else float("nan")
+    out = {}
+    for name, r in costs.items():
+        ips = batch_size / statistics.median(times[name])
         policy_cost = (r.pop("_residual") - base_residual) / 1e9
         # `speedup` is the ratio of median throughputs. `speedup_paired` is the median
         # over rounds of (original's time / this method's time) within the same round: a
@@ -217,12 +250,5 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
         row["reduction_cost_pct"] = 100.0 * policy_cost / full_gflops
         row.update({k: v for k, v in r.items() if k not in row})
         row["times_s"] = times[name]
-        out_methods[name] = row
-    return {"arch": cfg.arch, "img_size": img_size, "batch_size": cfg.batch_size, "device": cfg.device,
-            "threads": torch.get_num_threads(), "dtype": cfg.dtype, "kernels": kernels, "allocator": allocator,
-            "command": cfg.command,
-            "keep_ratio_target": cfg.keep_ratio,
-            "warmup": cfg.warmup, "repeats": done, "repeats_auto": cfg.repeats is None,
-            **({"min_time_s": cfg.min_time_s} if cfg.repeats is None else {}), "torch": torch.__version__,
-            "device_name": device_name(cfg.device),
-            "load_avg_1min": [load_before, load_after], "methods": out_methods}
+        out[name] = row
+    return out

@@ -8,6 +8,8 @@ come from the very same forward.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -38,6 +40,12 @@ def _batches(loader: Iterable, limit_batches: Optional[int]):
         if limit_batches is not None and i >= limit_batches:
             return
         yield batch
+
+
+def standard_error(pct: float, n: int) -> float:
+    """Binomial standard error, in points, of an accuracy of `pct` percent over `n` images."""
+    p = pct / 100.0
+    return 100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
 
 
 @torch.inference_mode()

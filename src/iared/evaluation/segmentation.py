@@ -21,11 +21,13 @@ All metrics are percentages, 0-100, as in the papers.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from .heatmaps import explain_spec
 
 # The keys of a counts dict; each holds a (2,) tensor indexed by class (0 bg, 1 fg).
 COUNT_KEYS = ("correct", "labelled", "intersection", "union")
@@ -226,3 +228,31 @@ class SegmentationMeter:
         out = segmentation_metrics(self.counts)
         out["mAP"] = self.ap_sum / max(self.num_images, 1)
         return out
+
+
+def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], device: str,
+                             limit_batches: Optional[int]) -> dict[str, dict[str, float]]:
+    """Heatmap segmentation metrics ("segmentation" of docs/results-format.md) of each explainer.
+
+    Args:
+        model: the checkpoint's model (its IA-RED² policy is used for "iared"; the other
+            explainers read the backbone's attention and never call the policy).
+        loader: yields dicts with "image" and "mask".
+        methods: explainers as `iared.evaluation.heatmaps.explain_spec` reads them, e.g.
+            "rollout", "attention@block=6" or "iared@group=0" (0-based).
+        device: where to run.
+        limit_batches: stop after this many batches.
+
+    Returns:
+        {method: {"pixel_acc", "mAcc", "mIoU", "mAP"}} in percent.
+    """
+    h, w = model.patch_embed.grid_size
+    meters = {m: SegmentationMeter() for m in methods}
+    for i, batch in enumerate(loader):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        images, masks = batch["image"].to(device), batch["mask"]
+        for name, meter in meters.items():
+            heat = explain_spec(model, images, name)
+            meter.update(heat.detach().float().reshape(-1, h, w).cpu(), masks)
+    return {name: meter.compute() for name, meter in meters.items()}

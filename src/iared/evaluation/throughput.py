@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -109,35 +110,75 @@ def measure_throughput(model: nn.Module, images: Tensor, warmup: int = 3, repeat
     return images.shape[0] / statistics.median(times)
 
 
-def interleaved_throughput(models: dict[str, tuple[nn.Module, dict[str, Any]]], inputs: Tensor, warmup: int = 2,
-                           repeats: int = 7) -> dict[str, float]:
-    """Inputs (images or clips) per second of several models, timed round-robin on one batch.
+Rounds = Union[int, Callable[[int, dict[str, list[float]]], bool]]
+
+
+def interleaved_times(forwards: dict[str, Callable[[], Any]], device: torch.device, warmup: int = 2,
+                      rounds: Rounds = 7, progress: Optional[str] = None) -> dict[str, list[float]]:
+    """Seconds of each forward, timed round-robin: every round runs each forward once.
 
     On a shared machine the load changes over minutes; timing method A's repeats, then
     B's, would charge each method with whatever load its own minute had. Interleaving
-    the repeats (A, B, C, A, B, C, ...) exposes every method to the same load, so their
+    the rounds (A, B, C, A, B, C, ...) exposes every method to the same load, so their
     ratios (speedups) are comparable even when the absolute numbers are not.
+
+    Args:
+        forwards: name -> the work of one forward (called with no arguments).
+        device: where the work runs (CUDA is synchronised around each call).
+        warmup: untimed rounds first.
+        rounds: timed rounds, or `more(done, times) -> bool`, asked before each round.
+        progress: a progress bar with this label (None: none).
+
+    Returns:
+        name -> the seconds of each timed round, in order.
+    """
+    more = rounds if callable(rounds) else (lambda done, _times: done < rounds)
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=progress, unit="round", file=sys.stderr, leave=False,
+                   total=None if callable(rounds) else warmup + rounds)
+    for _ in range(warmup):
+        for fn in forwards.values():
+            time_forward(fn, device, 0, 1)
+        if bar is not None:
+            bar.update(1)
+    done = 0
+    while more(done, times):
+        for name, fn in forwards.items():
+            times[name] += time_forward(fn, device, 0, 1)
+        done += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return times
+
+
+def interleaved_throughput(models: dict[str, tuple[nn.Module, dict[str, Any]]], inputs: Tensor, warmup: int = 2,
+                           repeats: int = 7) -> dict[str, float]:
+    """Inputs (images or clips) per second of several models, timed round-robin on one batch
+    (`interleaved_times`), each in eval mode with oneDNN linears on CPU (`cpu_kernels`).
 
     Args:
         models: name -> (model, forward keyword arguments).
         inputs: the batch every model is timed on: (B, C, H, W) images or (B, C, T, H, W) clips.
-        warmup: untimed forwards per model first.
-        repeats: timed forwards per model; the median is used.
+        warmup: untimed rounds first.
+        repeats: timed rounds; the median is used.
 
     Returns:
         name -> inputs per second.
     """
     modes = {name: m.training for name, (m, _) in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
     try:
         with torch.inference_mode(), contextlib.ExitStack() as stack:
-            for m, kw in models.values():
-                stack.enter_context(cpu_kernels(m))  # oneDNN linears on CPU, as `measure_throughput`
+            for m, _ in models.values():
+                stack.enter_context(cpu_kernels(m))
                 m.eval()
-                time_forward(lambda: m(inputs, **kw), inputs.device, warmup, 0)
-            for _ in range(repeats):
-                for name, (m, kw) in models.items():
-                    times[name] += time_forward(lambda: m(inputs, **kw), inputs.device, 0, 1)
+            forwards = {name: (lambda m=m, kw=kw: m(inputs, **kw)) for name, (m, kw) in models.items()}
+            times = interleaved_times(forwards, inputs.device, warmup, repeats)
     finally:
         for name, (m, _) in models.items():
             m.train(modes[name])

@@ -29,8 +29,8 @@ from ..errors import UserError
 from ..fileio import write_json
 from ..models import save_model
 from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_for, distributed
-from .loop import LoopOptions, Stage, run_stages
-from .setup import check_output_dir, data_info_dict, load_data
+from .loop import Stage, run_stages
+from .setup import check_output_dir, data_info_dict, load_data, loop_settings
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,7 @@ def _train_backbone(options: BackboneOptions, dist_info: DistInfo) -> dict[str, 
     model.to(device)
     broadcast_parameters(model, dist_info)
 
-    loop = LoopOptions(out=options.out, batch_size=options.batch_size, limit_batches=options.limit_batches,
-                       workers=options.workers, seed=options.seed, device=options.device,
-                       checkpoint_every=options.checkpoint_every, val_size=options.val_size,
-                       progress=options.progress)
+    loop, run_config = loop_settings(options, dist_info.world_size)
     n_steps_epoch = max(1, len(train) // (options.batch_size * dist_info.world_size))
     if options.limit_batches:
         n_steps_epoch = min(n_steps_epoch, options.limit_batches)
@@ -197,10 +194,6 @@ def _train_backbone(options: BackboneOptions, dist_info: DistInfo) -> dict[str, 
         epochs=options.epochs, lr=options.lr, optimizer="adamw", weight_decay=options.weight_decay,
         warmup_steps=int(round(options.warmup_epochs * n_steps_epoch)), min_lr_ratio=0.01,
     )
-    run_config = {k: v for k, v in dataclasses.asdict(options).items()
-                  if k not in ("out", "resume", "workers", "progress", "device", "val_size", "checkpoint_every")}
-    run_config["clutter_ramp"] = list(options.clutter_ramp)
-    run_config["world_size"] = dist_info.world_size
     history = run_stages(model, [stage], val, loop, dist_info=dist_info, resume=options.resume, run_config=run_config)
 
     summary: dict[str, Any] = {}

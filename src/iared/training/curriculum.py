@@ -47,9 +47,9 @@ from ..reduction.interpreter import IARedPolicy
 from .backbone import build_backbone
 from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_for, distributed
 from .finetune import finetune_step
-from .loop import LoopOptions, Stage, evaluate, run_stages
+from .loop import Stage, evaluate, run_stages
 from .reinforce import group_modes, reinforce_step
-from .setup import check_output_dir, data_info_dict, load_data, relabel, with_teacher_labels
+from .setup import check_output_dir, data_info_dict, load_data, loop_settings, relabel, with_teacher_labels
 
 
 TARGETS = ("label", "agreement")
@@ -242,17 +242,10 @@ def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
     model.to(device)
     broadcast_parameters(model, dist_info)
 
-    loop = LoopOptions(out=options.out, batch_size=options.batch_size, limit_batches=options.limit_batches,
-                       workers=options.workers, seed=options.seed, device=options.device,
-                       checkpoint_every=options.checkpoint_every, val_size=options.val_size,
-                       progress=options.progress)
+    loop, run_config = loop_settings(options, dist_info.world_size)
     before = evaluate(model, val, batch_size=loop.eval_batch_size, device=device, mode="all", limit=options.val_size,
                       dist_info=dist_info, workers=options.workers)
     stages = build_stages(model, train, options, teacher)
-    run_config = {k: v for k, v in dataclasses.asdict(options).items()
-                  if k not in ("out", "resume", "workers", "progress", "device", "val_size", "checkpoint_every")}
-    run_config["schedule"] = list(options.schedule)
-    run_config["world_size"] = dist_info.world_size
     history = run_stages(model, stages, val, loop, dist_info=dist_info, resume=options.resume, run_config=run_config)
 
     summary: dict[str, Any] = {}

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..fileio import check_writable
+from .loop import LoopOptions
 
 
 def load_data(spec: str, split: str, seed: int = 0, **kw: Any) -> Dataset:
@@ -86,3 +87,20 @@ def with_teacher_labels(teacher: nn.Module) -> Callable:
             return step(model, {**batch, "label": labels}, generator)
         return run
     return wrap
+
+
+# Settings that may change between a run and its resumption (where and how it runs, not what).
+_NOT_RUN_CONFIG = ("out", "resume", "workers", "progress", "device", "val_size", "checkpoint_every")
+
+
+def loop_settings(options: Any, world_size: int) -> tuple[LoopOptions, dict[str, Any]]:
+    """The `LoopOptions` a training command's options carry, and the run config a resume
+    must match (its options without `_NOT_RUN_CONFIG`, tuples as lists, the world size)."""
+    loop = LoopOptions(out=options.out, batch_size=options.batch_size, limit_batches=options.limit_batches,
+                       workers=options.workers, seed=options.seed, device=options.device,
+                       checkpoint_every=options.checkpoint_every, val_size=options.val_size,
+                       progress=options.progress)
+    run_config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()
+                  if k not in _NOT_RUN_CONFIG}
+    run_config["world_size"] = world_size
+    return loop, run_config
