@@ -31,8 +31,8 @@ fastest round is reported, the closest to its uncontended speed on a shared mach
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
+import contextlib
+import copy
 import json
 import sys
 import time
@@ -73,39 +73,48 @@ def staged_masks(B: int, G: int, blocks: list[int], lo: float, hi: float, seed: 
     return {b: rank < (r[:, None] ** ((j + 1) / len(blocks)) * G).round() for j, b in enumerate(blocks)}
 
 
-def _padded_block(self, tokens: Tokens) -> Tokens:
-    """The padded computation: `Block.forward` in mask mode (padding masked as keys)."""
-    return dataclasses.replace(vit.Block.forward(self, dataclasses.replace(tokens, execution="mask")),
-                               execution=tokens.execution)
+class PerBlock(vit.Block):
+    """A block packed on its own: gathers and scatters its tokens itself (a packed run
+    only takes plain `Block`s, so these never join one)."""
+
+    def forward(self, tokens: Tokens) -> Tokens:
+        return super().forward(tokens)
 
 
-def _nested_attention(self, x, layout):
-    T, D = x.shape
-    images = torch.cat([b.images for b in layout.buckets])         # packed order of the images
-    lens = layout.valid.index_select(0, images).sum(1)
-    offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
-    qkv = self.qkv(x).view(T, 3, self.num_heads, self.head_dim)
-    q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2) for t in qkv.unbind(1))
-    out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).values()
-    return self.proj(out.reshape(T, D))
+class NestedAttention(vit.Attention):
+    """Packed attention through jagged nested tensors (torch.nested) instead of buckets."""
+
+    def forward_packed(self, x, layout):
+        T, D = x.shape
+        images = torch.cat([b.images for b in layout.buckets])         # packed order of the images
+        lens = layout.valid.index_select(0, images).sum(1)
+        offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        qkv = self.qkv(x).view(T, 3, self.num_heads, self.head_dim)
+        q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2)
+                   for t in qkv.unbind(1))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).values()
+        return self.proj(out.reshape(T, D))
 
 
-def run_option(name: str, model, x):
-    """Forward under option `name`, by swapping the execution functions for this call."""
-    saved = (vit.Block.forward_packed, vit.Attention.forward_packed, vit.PackedLayout, vit._runs_packed)
-    try:
-        if name == "padded":
-            vit._runs_packed = lambda blk, tokens: False
-            vit.Block.forward_packed = _padded_block
-        elif name == "per-block":
-            vit._runs_packed = lambda blk, tokens: False
-        elif name.startswith("packed-"):
-            vit.PackedLayout = functools.partial(saved[2], max_buckets=int(name.split("-")[1]))
-        elif name == "nested":
-            vit.Attention.forward_packed = _nested_attention
-        return model(x)
-    finally:
-        vit.Block.forward_packed, vit.Attention.forward_packed, vit.PackedLayout, vit._runs_packed = saved
+def variant(name: str, model):
+    """(model, forward keyword arguments) running option `name`: a copy of `model` whose
+    blocks or attention are of another class, or `model` with another execution."""
+    if name in ("full", "packed"):
+        return model, {}
+    if name == "padded":
+        return model, {"execution": "padded"}
+    m = copy.deepcopy(model)
+    if name == "per-block":
+        for blk in m.blocks:
+            blk.__class__ = PerBlock
+    elif name.startswith("packed-"):
+        m.max_buckets = int(name.split("-")[1])
+    elif name == "nested":
+        for blk in m.blocks:
+            blk.attn.__class__ = NestedAttention
+    else:
+        raise SystemExit(f"unknown option {name!r}")
+    return m, {}
 
 
 def main() -> None:
@@ -136,22 +145,25 @@ def main() -> None:
     masks = staged_masks(B, G, [0, every, 2 * every], args.lo, args.hi)
     x = torch.randn(B, 3, *model.patch_embed.img_size)
     options = args.options.split(",")
-    with torch.inference_mode(), cpu_kernels(model, args.kernels) as kernels:
-        model.policy = StagedKeep(masks)
+    model.policy = StagedKeep(masks)
+    variants = {name: variant(name, model) for name in options}  # copies made before packing weights
+    with torch.inference_mode(), contextlib.ExitStack() as packed:
+        for m in {id(m): m for m, _ in variants.values()}.values():
+            kernels = packed.enter_context(cpu_kernels(m, args.kernels))
         _, info = model(x, return_info=True)
         ratio = float(vit_macs(torch.full_like(info.block_tokens, G + 1), model.embed_dim).sum()
                       / vit_macs(info.block_tokens, model.embed_dim).sum())
         ref = model(x, execution="mask")
-        for name in options:
+        for name, (m, kw) in variants.items():
             if name != "full":
-                err = (run_option(name, model, x) - ref).abs().max().item()
+                err = (m(x, **kw) - ref).abs().max().item()
                 print(f"{name}: max |logit diff| vs mask mode = {err:.1e}", flush=True)
         best = {name: float("inf") for name in options}
         for _ in range(args.rounds + 1):  # the first round is the warm-up
-            for name in options:
-                model.policy = None if name == "full" else StagedKeep(masks)
+            for name, (m, kw) in variants.items():
+                m.policy = None if name == "full" else StagedKeep(masks)
                 t0 = clock()
-                run_option(name, model, x)
+                m(x, **kw)
                 best[name] = min(best[name], clock() - t0) if _ else best[name]
     last = info.block_tokens[:, -1] - 1
     print(f"{args.arch} B={B} threads={torch.get_num_threads()} {kernels} kernels, allocator {allocator}; patch tokens at the last block "

@@ -15,7 +15,10 @@ Two execution modes give the same logits for the kept tokens:
 * ``"compact"``: dropped tokens are really removed. Each image's kept tokens move to the
   front in their original order and the batch is cut to its largest kept count; the
   positions past an image's own count are padding, masked as keys. With one image (or
-  when every image keeps the same count) there is no padding at all.
+  when every image keeps the same count) there is no padding at all. The backbone runs
+  padded compact tokens packed (`iared.backbones.packing`); ``"padded"`` is the same
+  removal with every layer run on the padded tensor instead, the reference packing is
+  measured against.
 
 Why the two agree: in a pre-norm transformer every operation except attention acts on
 each token alone, and in attention a valid query only reads valid keys. So the values of
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Execution = Literal["mask", "compact"]
+Execution = Literal["mask", "compact", "padded"]
 
 
 @dataclass(frozen=True)

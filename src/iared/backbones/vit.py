@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .packing import PackedLayout
+from .packing import MAX_BUCKETS, PackedLayout
 from .tokens import Execution, ReductionInfo, StageRecord, Tokens, attention_mask, initial_tokens
 
 
@@ -151,6 +151,7 @@ class Block(nn.Module):
     def forward(self, tokens: Tokens) -> Tokens:
         if tokens.execution == "compact" and tokens.valid is not None:
             return self.forward_packed(tokens)
+        # "mask", "padded", or nothing padded: every row computed, padding masked as keys.
         x = tokens.x
         x = x + self.attn(self.norm1(x), tokens.valid)
         x = x + self.mlp(self.norm2(x))
@@ -213,7 +214,11 @@ class VisionTransformer(nn.Module):
     ``forward(index, tokens, model, mode) -> (tokens, StageRecord | None)``,
     called in front of every block; `mode` is a per-forward argument of the policy's
     own (e.g. "greedy" / "sample" for the IA-RED² interpreters).
+
+    `max_buckets` bounds the attention calls of a packed run (see `PackedLayout`).
     """
+
+    max_buckets: int = MAX_BUCKETS
 
     def __init__(self, config: Optional[ViTConfig] = None, **overrides):
         super().__init__()
@@ -306,7 +311,7 @@ class VisionTransformer(nn.Module):
             if _runs_packed(blk, tokens):
                 if h is None:
                     if layout is None or not layout.matches(tokens.valid):
-                        layout = PackedLayout(tokens.valid, tokens.x.shape[-1])
+                        layout = PackedLayout(tokens.valid, tokens.x.shape[-1], self.max_buckets)
                     h = layout.pack(tokens.x)
                 h = blk.forward_packed_tokens(h, layout)
                 continue
@@ -337,14 +342,16 @@ class VisionTransformer(nn.Module):
             return_info: also return a `ReductionInfo` describing what the policy kept.
             mode: passed to the policy (e.g. "greedy", "sample", or one per group).
             execution: "mask" keeps shapes fixed (dropped tokens masked); "compact"
-                really removes them. Default: "mask" in training, "compact" in eval.
+                really removes them (the batch's valid tokens packed for the per-token
+                layers); "padded" removes them too but runs every layer on the batch
+                padded to its longest image. Default: "mask" in training, "compact" in eval.
 
         Returns:
             logits (B, num_classes), or (logits, ReductionInfo) with `return_info`.
         """
         execution = execution or ("mask" if self.training else "compact")
-        if execution not in ("mask", "compact"):
-            raise ValueError(f"execution must be 'mask' or 'compact', got {execution!r}")
+        if execution not in ("mask", "compact", "padded"):
+            raise ValueError(f"execution must be 'mask', 'compact' or 'padded', got {execution!r}")
         tokens = self.embed(x, execution)
         tokens, records, counts = self.forward_tokens(tokens, mode, count_tokens=return_info)
         logits = self.forward_head(tokens)
