@@ -18,6 +18,7 @@ from .backbones.checkpoint import (CheckpointError, PathLike, load_into, read_ch
                                    read_preprocess, save_safetensors)
 from .backbones.registry import create_model, list_models
 from .patch import patch
+from .reduction.interpreter import has_interpreters
 
 FORMAT_VERSION = 1
 
@@ -184,7 +185,7 @@ def save_policy(model: nn.Module, path: PathLike, arch: str, backbone_file: Opti
         extra: anything else JSON-serialisable to keep (e.g. how it was trained).
     """
     policy = getattr(model, "policy", None)
-    if type(policy).__name__ != "IARedPolicy":
+    if not has_interpreters(model):
         raise ValueError("save_policy needs a model patched with trained IA-RED² interpreters")
     meta = {
         "format": FORMAT_VERSION,

@@ -36,6 +36,7 @@ from ..evaluation.throughput import interleaved_throughput, steady_allocator
 from ..fileio import write_json
 from ..models import check_data_fits, load_model_file, with_policy
 from ..evaluation.segmentation import segmentation_metrics_for
+from ..reduction.interpreter import has_interpreters
 from ..reduction.policy import budget_setting
 from .compare import compare_methods, relative_to_original
 
@@ -165,7 +166,7 @@ def build_method(model: nn.Module, spec: MethodSpec, seed: int = 0, threshold: O
     from ..patch import patch, unpatch
 
     if spec.name == "iared":
-        if type(getattr(model, "policy", None)).__name__ != "IARedPolicy":
+        if not has_interpreters(model):
             raise UserError("method 'iared' needs an IA-RED² checkpoint (written by iared train)")
         m = copy.deepcopy(model)
         unknown = set(spec.settings) - {"threshold"}
@@ -375,7 +376,7 @@ def _method_model(cfg: EvalConfig, model: nn.Module, base: nn.Module, spec: Meth
 def _segmentation(cfg: EvalConfig, model: nn.Module, base: nn.Module, ds) -> dict[str, Any]:
     loader = _loader(cfg, ds)
     out: dict[str, Any] = {}
-    if type(getattr(model, "policy", None)).__name__ == "IARedPolicy":
+    if has_interpreters(model):
         m = copy.deepcopy(model).to(cfg.device).eval()
         if cfg.threshold is not None:
             m.policy.threshold = cfg.threshold

@@ -53,6 +53,8 @@ from ..data.images import load_image, resize_center_crop, to_tensor
 from ..errors import UserError
 from ..evaluation.figures import (atomic_write_bytes, figure_png, heatmap_panel, keep_ratio, kept_grid, merge_panel,
                                  video_strip)
+from ..reduction.interpreter import has_interpreters
+from ..reduction.tome import ToMePolicy
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 # Models whose input side is at least this are taken as photo models (ImageNet-like):
@@ -177,9 +179,9 @@ def load_interpreter(checkpoint: str, device: str = "cpu", method: Optional[str]
             # Metadata that names an unknown architecture, bad config fields, and the like.
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"cannot build the model of {checkpoint}: {first}") from None
-        policy = model.model_meta.get("policy") or {}
-        if policy.get("name") not in ("iared", "tome"):
-            raise UserError(f"{checkpoint} has no IA-RED² interpreters (policy: {policy.get('name')}); "
+        if not (has_interpreters(model) or isinstance(model.policy, ToMePolicy)):
+            name = (model.model_meta.get("policy") or {}).get("name")
+            raise UserError(f"{checkpoint} has no IA-RED² interpreters (policy: {name}); "
                             "train one with `iared train`, or pass --method ats (topk, random, ...)")
     if getattr(getattr(model, "policy", None), "name", None) == "tome":
         model.policy.trace_source = True  # the merges are what there is to show

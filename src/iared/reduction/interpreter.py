@@ -256,6 +256,11 @@ class IARedPolicy(TokenPolicy):
         return apply_keep(tokens, keep), record
 
 
+def has_interpreters(model: nn.Module) -> bool:
+    """Whether `model` carries IA-RED² interpreters (an `IARedPolicy`)."""
+    return isinstance(getattr(model, "policy", None), IARedPolicy)
+
+
 @register_policy("iared", IARedPolicy)
 def _build_iared(model: nn.Module, groups: int = 3, **kw) -> IARedPolicy:
     return IARedPolicy.for_model(model, groups=groups, **kw)
