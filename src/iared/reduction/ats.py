@@ -241,18 +241,50 @@ class ATSBlock(Block):
     ats_index: int
 
     def forward(self, tokens: Tokens) -> tuple[Tokens, StageRecord]:  # type: ignore[override]
-        cfg = self.ats
-        x, P, valid = tokens.x, tokens.num_prefix, tokens.valid
-        B, L, D = x.shape
-        attn = self.attn
-        q, k, v = attn.qkv_heads(self.norm1(x))                          # each (B, H, L, hd)
-        mask = attention_mask(valid)                                    # (B, 1, 1, L) or None
-        # valid None (no padding, nothing masked: batch 1, or equal counts): every token is
-        # real, and the masks below are skipped rather than built all True (same values).
+        """Score the tokens, sample K' of them and run the block on those rows only (Eq. 3-6).
 
+        Args:
+            tokens: the tokens entering the block.
+
+        Returns:
+            The tokens leaving the block (the prefix tokens and the sampled ones) and the
+            stage's record.
+        """
+        q, k, v = self.attn.qkv_heads(self.norm1(tokens.x))             # each (B, H, L, hd)
+        mask = attention_mask(tokens.valid)                             # (B, 1, 1, L) or None
+        # valid None (batch 1, or equal counts): every token is real; masks are skipped, not built all True.
+        scores, cand_valid = self._scores(tokens, q, k, v, mask)        # (B, M) over the candidates
+        K = self._budget(tokens)                                        # int or (B,)
+        chosen = self._choose(scores, K, cand_valid)                    # (B, M) bool
+        k_prime = chosen.sum(dim=1)                                     # K': distinct tokens chosen
+        keep, x_in, q_in = chosen, tokens.x, q                          # (B, N) over patch tokens
+        if not self.ats.enforce_cls:
+            keep, x_in, q_in = _first_sampled_takes_cls_place(chosen, tokens.x, q, tokens.num_prefix)
+        entering = None if tokens.valid is None else tokens.patch_valid  # None: all (the record makes it)
+        keep = keep if entering is None else keep & entering
+        new = self._block_on_sampled(tokens, x_in, q_in, k, v, mask, keep)
+        return new, self._record(tokens, entering, keep, scores, chosen, K, k_prime)
+
+    def _scores(self, tokens: Tokens, q: Tensor, k: Tensor, v: Tensor,
+                mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """Eq. 3: the significance scores of the candidate tokens.
+
+        The candidates are the patch tokens, or (CLS not enforced) CLS and the patch tokens.
+
+        Args:
+            tokens: the tokens entering the block.
+            q: (B, H, L, hd) queries.
+            k: (B, H, L, hd) keys.
+            v: (B, H, L, hd) values.
+            mask: the (B, 1, 1, L) key mask, or None.
+
+        Returns:
+            (B, M) scores of the M candidates and their (B, M) bool validity (None: all valid).
+        """
+        cfg, valid = self.ats, tokens.valid
         # Attention rows that score: CLS only (Eq. 3), or every valid row (self-attention score).
         rows = q[:, :, :1] if cfg.score == "cls" else q
-        logits = (rows * attn.scale) @ k.transpose(-2, -1)              # (B, H, R, L)
+        logits = (rows * self.attn.scale) @ k.transpose(-2, -1)         # (B, H, R, L)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         probs = logits.softmax(dim=-1)
@@ -263,69 +295,108 @@ class ATSBlock(Block):
         else:
             raise ValueError(f"unknown ATS score {cfg.score!r}")
         v_norm = v.norm(dim=-1)                                         # (B, H, L)
-
-        # Candidates: patch tokens, or (CLS not enforced) CLS and patch tokens.
-        first = P if cfg.enforce_cls else P - 1
+        first = tokens.num_prefix if cfg.enforce_cls else tokens.num_prefix - 1
         cand_valid = None if valid is None else valid[:, first:]
-        scores = significance_scores(received[..., first:], v_norm[..., first:], cand_valid)  # (B, M)
+        return significance_scores(received[..., first:], v_norm[..., first:], cand_valid), cand_valid
+
+    def _budget(self, tokens: Tokens) -> Union[int, Tensor]:
+        """The budget K of this stage: one int, or (B,) ints when compounding over a padded batch."""
+        cfg = self.ats
         if cfg.compound:
-            n_in = L if valid is None else tokens.kept_counts() + P
+            n_in = tokens.x.shape[1] if tokens.valid is None else tokens.kept_counts() + tokens.num_prefix
         else:
-            n_in = P + self.ats_grid                                     # unreduced: one K for every image
-        K = budget_k(n_in, cfg.rho, cfg.stage_k(self.ats_index), cfg.min_k)      # int or (B,)
-        if cfg.select == "sample":
+            n_in = tokens.num_prefix + self.ats_grid                    # unreduced: one K for every image
+        return budget_k(n_in, cfg.rho, cfg.stage_k(self.ats_index), cfg.min_k)
+
+    def _choose(self, scores: Tensor, K: Union[int, Tensor], cand_valid: Optional[Tensor]) -> Tensor:
+        """Eq. 4-5: the candidates chosen by inverse transform sampling (or top-K), a (B, M) bool mask."""
+        select = self.ats.select
+        if select == "sample":
             chosen = inverse_transform_sample(scores, K)
-            chosen = chosen if cand_valid is None else chosen & cand_valid
-        elif cfg.select == "topk":
-            chosen = topk_keep(scores, K, cand_valid)
-        else:
-            raise ValueError(f"unknown ATS selection {cfg.select!r}")
-        k_prime = chosen.sum(dim=1)
+            return chosen if cand_valid is None else chosen & cand_valid
+        if select == "topk":
+            return topk_keep(scores, K, cand_valid)
+        raise ValueError(f"unknown ATS selection {select!r}")
 
-        keep = chosen[:, 1:] if not cfg.enforce_cls else chosen          # (B, N) over patch tokens
-        x_in, q_in = x, q
-        if not cfg.enforce_cls:
-            # CLS not sampled: it leaves the sequence, and the first sampled token takes
-            # position 0, which the head reads (what "discarding the CLS token" means for a
-            # ViT whose classifier reads the first token).
-            lost = ~chosen[:, 0]
-            first_kept = keep.to(torch.int8).argmax(dim=1)               # (B,)
-            b = lost.nonzero(as_tuple=True)[0]
-            if b.numel():
-                src = P + first_kept[b]
-                x_in, q_in = x.clone(), q.clone()
-                x_in[b, P - 1] = x[b, src]
-                q_in[b, :, P - 1] = q[b, :, src]
-                keep = keep.clone()
-                keep[b, first_kept[b]] = False
-        entering = None if valid is None else tokens.patch_valid         # None: all (the record makes it)
-        keep = keep if entering is None else keep & entering
+    def _block_on_sampled(self, tokens: Tokens, x_in: Tensor, q_in: Tensor, k: Tensor, v: Tensor,
+                          mask: Optional[Tensor], keep: Tensor) -> Tokens:
+        """Eq. 6: attention output, projection, residual and FFN for the sampled rows only.
 
+        Args:
+            tokens: the tokens entering the block (their positions, validity and execution).
+            x_in: (B, L, D) the block's input rows.
+            q_in: (B, H, L, hd) the queries of those rows.
+            k: (B, H, L, hd) keys of every token.
+            v: (B, H, L, hd) values of every token.
+            mask: the (B, 1, 1, L) key mask, or None.
+            keep: (B, N) bool, the sampled patch tokens.
+
+        Returns:
+            The tokens leaving the block.
+        """
+        attn = self.attn
+        B, L, D = x_in.shape
         if tokens.execution == "mask":
             # Shapes stay fixed: every row is computed; unsampled rows are marked invalid.
             out = F.scaled_dot_product_attention(q_in, k, v, attn_mask=mask, scale=attn.scale)
             h = x_in + attn.proj(out.transpose(1, 2).reshape(B, L, D))
             new = apply_keep(tokens.with_x(h), keep)
-            new = new.with_x(new.x + self.mlp(self.norm2(new.x)))
-        else:
-            # Gather the sampled rows of x and q together (one apply_keep keeps them aligned),
-            # then attend with those queries only: O = A^s V.
-            qf = q_in.transpose(1, 2).reshape(B, L, D)
-            sel = apply_keep(tokens.with_x(torch.cat([x_in, qf], dim=-1)), keep)
-            xs, qs = sel.x[..., :D], sel.x[..., D:]
-            Ls = xs.shape[1]
-            qs = qs.reshape(B, Ls, attn.num_heads, attn.head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=attn.scale)
-            h = xs + attn.proj(out.transpose(1, 2).reshape(B, Ls, D))
-            h = h + self.mlp(self.norm2(h))
-            new = sel.with_x(h)
+            return new.with_x(new.x + self.mlp(self.norm2(new.x)))
+        # Gather the sampled rows of x and q with one apply_keep (keeps them aligned); O = A^s V.
+        qf = q_in.transpose(1, 2).reshape(B, L, D)
+        sel = apply_keep(tokens.with_x(torch.cat([x_in, qf], dim=-1)), keep)
+        xs, qs = sel.x[..., :D], sel.x[..., D:]
+        Ls = xs.shape[1]
+        qs = qs.reshape(B, Ls, attn.num_heads, attn.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=attn.scale)
+        h = xs + attn.proj(out.transpose(1, 2).reshape(B, Ls, D))
+        h = h + self.mlp(self.norm2(h))
+        return sel.with_x(h)
 
-        patch_scores = scores[:, 1:] if not cfg.enforce_cls else scores
-        extras = {"k_prime": k_prime, "budget": torch.full((B,), K, device=x.device) if isinstance(K, int) else K}
-        if not cfg.enforce_cls:
+    def _record(self, tokens: Tokens, entering: Optional[Tensor], keep: Tensor, scores: Tensor, chosen: Tensor,
+                K: Union[int, Tensor], k_prime: Tensor) -> StageRecord:
+        """The stage's record: patch-token scores and keep mask, with K', the budget and (CLS
+        not enforced) whether CLS was sampled."""
+        enforce_cls = self.ats.enforce_cls
+        patch_scores = scores[:, 1:] if not enforce_cls else scores
+        budget = torch.full((tokens.x.shape[0],), K, device=tokens.x.device) if isinstance(K, int) else K
+        extras = {"k_prime": k_prime, "budget": budget}
+        if not enforce_cls:
             extras["cls_kept"] = chosen[:, 0]
-        record = StageRecord.on_tokens(self.ats_index, tokens, self.ats_grid, entering, keep, patch_scores, extras)
-        return new, record
+        return StageRecord.on_tokens(self.ats_index, tokens, self.ats_grid, entering, keep, patch_scores, extras)
+
+
+def _first_sampled_takes_cls_place(chosen: Tensor, x: Tensor, q: Tensor, P: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CLS not enforced: where CLS was not sampled, the first sampled patch token takes its place.
+
+    CLS not sampled: it leaves the sequence, and the first sampled token takes position 0,
+    which the head reads (what "discarding the CLS token" means for a ViT whose classifier
+    reads the first token).
+
+    Args:
+        chosen: (B, 1 + N) bool, whether the candidate at position P - 1 (CLS in a ViT with
+            one prefix token) was sampled, then the patch tokens.
+        x: (B, L, D) the block's input rows.
+        q: (B, H, L, hd) their queries.
+        P: the number of prefix tokens.
+
+    Returns:
+        The (B, N) keep mask over patch tokens (a moved token no longer in it), and x and q
+        with each moved token's row at position P - 1 (copies; the inputs where none moved).
+    """
+    keep = chosen[:, 1:]
+    lost = ~chosen[:, 0]
+    first_kept = keep.to(torch.int8).argmax(dim=1)                      # (B,)
+    b = lost.nonzero(as_tuple=True)[0]
+    if not b.numel():
+        return keep, x, q
+    src = P + first_kept[b]
+    x_in, q_in = x.clone(), q.clone()
+    x_in[b, P - 1] = x[b, src]
+    q_in[b, :, P - 1] = q[b, :, src]
+    keep = keep.clone()
+    keep[b, first_kept[b]] = False
+    return keep, x_in, q_in
 
 
 # -- the policy -------------------------------------------------------------------------

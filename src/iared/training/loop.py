@@ -301,97 +301,168 @@ def run_stages(model: nn.Module, stages: list[Stage], val_data: Optional[Dataset
     device = torch.device(options.device if options.device != "cuda" else f"cuda:{dist_info.local_rank}")
     run_config = run_config or {}
     say = log if dist_info.is_main else (lambda line: None)  # one line per run, not one per rank
+    state, pos, history = _restore_or_start(model, len(stages), options, dist_info, resume, run_config, say)
+    run = _Run(model, val_data, options, dist_info, run_config, device, history, log)
+    for si in range(pos["stage"], len(stages)):
+        resuming_here = state is not None and si == pos["stage"]
+        total = _run_stage(run, si, stages[si], state if resuming_here else None, pos)
+        state = None  # later stages start fresh
+        pos = {"stage": si + 1, "epoch": 0, "step": 0, "global_step": _global_step(history, total, si)}
+    return _public_history(history)
+
+
+@dataclass
+class _Run:
+    """What every stage and epoch of one `run_stages` call shares."""
+
+    model: nn.Module
+    val_data: Optional[Dataset]
+    options: LoopOptions
+    dist_info: DistInfo
+    run_config: dict[str, Any]
+    device: torch.device
+    history: dict[str, Any]                # updated in place: the epochs' records, saved in checkpoints
+    log: Callable[[str], None]
+
+
+def _restore_or_start(model: nn.Module, n_stages: int, options: LoopOptions, dist_info: DistInfo, resume: bool,
+                      run_config: dict[str, Any],
+                      say: Callable[[str], None]) -> tuple[Optional[dict[str, Any]], dict[str, int], dict[str, Any]]:
+    """Restore the newest checkpoint (with `resume`), or start fresh.
+
+    Restoring loads the model and the global RNG states; starting fresh without `resume`
+    removes the checkpoints an earlier run left in `options.out`.
+
+    Returns:
+        The checkpoint's state (None: fresh start), the position to continue from
+        {"stage", "epoch", "step", "global_step"}, and the history so far.
+
+    Raises:
+        ResumeError: damaged checkpoint, or settings differing from the checkpoint's.
+    """
     state = load_latest(options.out) if resume else None
-    if state is not None:
-        _check_config(state.get("run_config", {}), run_config)
-        model.load_state_dict(state["model"])
-        set_rng_state(state["rng"])
-        pos = dict(state["position"])
-        history = state["history"]
-        if pos["stage"] >= len(stages):
-            say(f"the run in {options.out} is complete: nothing left to train (outputs written again)")
-        else:
-            say(f"resuming at stage {pos['stage'] + 1}/{len(stages)}, epoch {pos['epoch']}, step {pos['step']}")
-    else:
+    if state is None:
         stale = list_checkpoints(options.out) if not resume and dist_info.is_main else []
         if stale:
-            # Starting over: the earlier run's checkpoints go, or a later --resume would pick up
-            # the newest step, theirs, and continue that run instead of this one.
+            # Starting over: remove the earlier run's checkpoints, or a later --resume would continue theirs.
             say(f"{options.out} held {len(stale)} checkpoint(s) of an earlier run: removed, starting over "
                 f"(--resume continues a run)")
             for path in stale:
                 path.unlink(missing_ok=True)
-        pos = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0}
-        history = {"stages": []}
+        return None, {"stage": 0, "epoch": 0, "step": 0, "global_step": 0}, {"stages": []}
+    _check_config(state.get("run_config", {}), run_config)
+    model.load_state_dict(state["model"])
+    set_rng_state(state["rng"])
+    pos = dict(state["position"])
+    if pos["stage"] >= n_stages:
+        say(f"the run in {options.out} is complete: nothing left to train (outputs written again)")
+    else:
+        say(f"resuming at stage {pos['stage'] + 1}/{n_stages}, epoch {pos['epoch']}, step {pos['step']}")
+    return state, pos, state["history"]
 
-    for si in range(pos["stage"], len(stages)):
-        stage = stages[si]
-        params = stage.trainable(model)
-        set_trainable(model, params)
-        optimizer = make_optimizer(stage, params)
-        resuming_here = state is not None and si == pos["stage"]
-        if resuming_here and state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        if len(history["stages"]) <= si:
-            history["stages"].append({"name": stage.name, "extra": dict(stage.extra), "epochs": []})
 
-        first_data = stage.train_data(0)
-        n_shard = len(epoch_indices(len(first_data), options.seed, si, 0, dist_info.rank, dist_info.world_size,
-                                    shuffle=False))
-        spe = steps_per_epoch(n_shard, options.batch_size, options.limit_batches)
-        total = max(1, round(stage.epochs * spe))
-        n_epochs = math.ceil(total / spe)
-        start_epoch = pos["epoch"] if resuming_here else 0
-        bar = tqdm(total=total, initial=min(total, start_epoch * spe + (pos["step"] if resuming_here else 0)),
-                   desc=stage.name, disable=not (options.progress and dist_info.is_main), file=sys.stderr,
-                   mininterval=2.0, dynamic_ncols=True)
+def _run_stage(run: _Run, si: int, stage: Stage, state: Optional[dict[str, Any]], pos: dict[str, int]) -> int:
+    """Train one stage from its start, or from `pos` when resuming inside it.
 
-        for epoch in range(start_epoch, n_epochs):
-            data = first_data if epoch == 0 else stage.train_data(epoch)
-            order = epoch_indices(len(data), options.seed, si, epoch, dist_info.rank, dist_info.world_size)
-            steps = min(spe, total - epoch * spe)
-            first = pos["step"] if (resuming_here and epoch == start_epoch) else 0
-            sums = dict(state["epoch_sums"]) if (resuming_here and epoch == start_epoch and first > 0) else {}
-            loader = _loader(data, order[first * options.batch_size: steps * options.batch_size],
-                             options.batch_size, options.workers)
-            base = epoch * spe  # stage-level index of this epoch's first step
-            t_epoch = time.time()
+    Args:
+        run: the shared run.
+        si: the stage's index.
+        stage: the stage.
+        state: the checkpoint resumed inside this stage (optimizer, epoch sums), or None.
+        pos: the position to continue from (read only with `state`).
 
-            def on_step(done_in_stage: int, sums: dict[str, float], _si=si, _epoch=epoch, _base=base) -> None:
-                pos_now = {"stage": _si, "epoch": _epoch, "step": done_in_stage - _base,
-                           "global_step": _global_step(history, done_in_stage, _si)}
-                if options.checkpoint_every and pos_now["global_step"] % options.checkpoint_every == 0:
-                    _save(model, optimizer, pos_now, history, sums, run_config, options, dist_info)
+    Returns:
+        The stage's length in optimizer steps.
+    """
+    options, dist_info = run.options, run.dist_info
+    params = stage.trainable(run.model)
+    set_trainable(run.model, params)
+    optimizer = make_optimizer(stage, params)
+    if state is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if len(run.history["stages"]) <= si:
+        run.history["stages"].append({"name": stage.name, "extra": dict(stage.extra), "epochs": []})
 
-            train_metrics = train_one_epoch(
-                stage.step, model, loader, optimizer, params,
-                lr_at=lambda s, _st=stage: cosine_lr(s, total, _st.lr, _st.warmup_steps, _st.min_lr_ratio),
-                first_step=base + first, device=device,
-                generator_at=lambda s, _si=si: torch.Generator().manual_seed(
-                    mix_seed(options.seed, 7919, dist_info.rank, _si, s)),
-                dist_info=dist_info, grad_clip=stage.grad_clip, sums=sums, on_step=on_step, progress=bar)
-            record: dict[str, Any] = {"epoch": epoch, "steps": steps, "train": train_metrics,
-                                      "train_wall_s": time.time() - t_epoch}
-            if val_data is not None:
-                record["val"] = evaluate(model, val_data, batch_size=options.eval_batch_size, device=device,
-                                         mode=stage.eval_mode, limit=options.val_size, dist_info=dist_info,
-                                         workers=options.workers, progress=options.progress and dist_info.is_main)
-            history["stages"][si]["epochs"].append(record)
-            if dist_info.is_main:
-                val = record.get("val", {})
-                log(f"[{stage.name}] epoch {epoch + 1}/{n_epochs} train " +
-                    " ".join(f"{k}={v:.4g}" for k, v in train_metrics.items()) +
-                    (f" | val top1={val['top1']:.2f} keep={['%.3f' % k for k in val['keep_ratio_per_group']]}"
-                     if val else ""))
-            last = epoch == n_epochs - 1
-            done = base + steps
-            nxt = ({"stage": si + 1, "epoch": 0, "step": 0} if last else {"stage": si, "epoch": epoch + 1, "step": 0})
-            nxt["global_step"] = _global_step(history, done, si)
-            _save(model, None if last else optimizer, nxt, history, {}, run_config, options, dist_info)
-        bar.close()
-        state = None  # later stages start fresh
-        pos = {"stage": si + 1, "epoch": 0, "step": 0, "global_step": _global_step(history, total, si)}
-    return _public_history(history)
+    first_data = stage.train_data(0)
+    n_shard = len(epoch_indices(len(first_data), options.seed, si, 0, dist_info.rank, dist_info.world_size,
+                                shuffle=False))
+    spe = steps_per_epoch(n_shard, options.batch_size, options.limit_batches)
+    total = max(1, round(stage.epochs * spe))
+    start_epoch, start_step = (pos["epoch"], pos["step"]) if state is not None else (0, 0)
+    bar = tqdm(total=total, initial=min(total, start_epoch * spe + start_step),
+               desc=stage.name, disable=not (options.progress and dist_info.is_main), file=sys.stderr,
+               mininterval=2.0, dynamic_ncols=True)
+    for epoch in range(start_epoch, math.ceil(total / spe)):
+        first = start_step if epoch == start_epoch else 0
+        sums = dict(state["epoch_sums"]) if (state is not None and epoch == start_epoch and first > 0) else {}
+        _run_epoch(run, si, stage, epoch, first_data if epoch == 0 else stage.train_data(epoch), optimizer,
+                   params, spe=spe, total=total, first=first, sums=sums, bar=bar)
+    bar.close()
+    return total
+
+
+def _run_epoch(run: _Run, si: int, stage: Stage, epoch: int, data: Dataset, optimizer: torch.optim.Optimizer,
+               params: list[nn.Parameter], *, spe: int, total: int, first: int, sums: dict[str, float],
+               bar: tqdm) -> None:
+    """Train one epoch (from step `first`), validate, log, and checkpoint its end.
+
+    Args:
+        run: the shared run.
+        si: the stage's index.
+        stage: the stage.
+        epoch: the epoch's index within the stage.
+        data: the epoch's training data.
+        optimizer: over `params`.
+        params: the parameters the stage trains.
+        spe: steps per epoch.
+        total: the stage's length in steps.
+        first: steps of this epoch already done (resume), skipped.
+        sums: the epoch's running metric sums so far (resume), updated in place.
+        bar: the stage's progress bar.
+    """
+    options, dist_info, history = run.options, run.dist_info, run.history
+    n_epochs = math.ceil(total / spe)
+    order = epoch_indices(len(data), options.seed, si, epoch, dist_info.rank, dist_info.world_size)
+    steps = min(spe, total - epoch * spe)
+    loader = _loader(data, order[first * options.batch_size: steps * options.batch_size],
+                     options.batch_size, options.workers)
+    base = epoch * spe  # stage-level index of this epoch's first step
+    t_epoch = time.time()
+
+    def on_step(done_in_stage: int, sums: dict[str, float]) -> None:
+        pos_now = {"stage": si, "epoch": epoch, "step": done_in_stage - base,
+                   "global_step": _global_step(history, done_in_stage, si)}
+        if options.checkpoint_every and pos_now["global_step"] % options.checkpoint_every == 0:
+            _save(run.model, optimizer, pos_now, history, sums, run.run_config, options, dist_info)
+
+    train_metrics = train_one_epoch(
+        stage.step, run.model, loader, optimizer, params,
+        lr_at=lambda s: cosine_lr(s, total, stage.lr, stage.warmup_steps, stage.min_lr_ratio),
+        first_step=base + first, device=run.device,
+        generator_at=lambda s: torch.Generator().manual_seed(mix_seed(options.seed, 7919, dist_info.rank, si, s)),
+        dist_info=dist_info, grad_clip=stage.grad_clip, sums=sums, on_step=on_step, progress=bar)
+    record: dict[str, Any] = {"epoch": epoch, "steps": steps, "train": train_metrics,
+                              "train_wall_s": time.time() - t_epoch}
+    if run.val_data is not None:
+        record["val"] = evaluate(run.model, run.val_data, batch_size=options.eval_batch_size, device=run.device,
+                                 mode=stage.eval_mode, limit=options.val_size, dist_info=dist_info,
+                                 workers=options.workers, progress=options.progress and dist_info.is_main)
+    history["stages"][si]["epochs"].append(record)
+    if dist_info.is_main:
+        run.log(_epoch_line(stage.name, epoch, n_epochs, record))
+    last = epoch == n_epochs - 1
+    nxt = ({"stage": si + 1, "epoch": 0, "step": 0} if last else {"stage": si, "epoch": epoch + 1, "step": 0})
+    nxt["global_step"] = _global_step(history, base + steps, si)
+    _save(run.model, None if last else optimizer, nxt, history, {}, run.run_config, options, dist_info)
+
+
+def _epoch_line(name: str, epoch: int, n_epochs: int, record: dict[str, Any]) -> str:
+    """The log line of one epoch: its training metrics and, if validated, top-1 and keep ratios."""
+    val = record.get("val", {})
+    return (f"[{name}] epoch {epoch + 1}/{n_epochs} train " +
+            " ".join(f"{k}={v:.4g}" for k, v in record["train"].items()) +
+            (f" | val top1={val['top1']:.2f} keep={['%.3f' % k for k in val['keep_ratio_per_group']]}"
+             if val else ""))
 
 
 def _stage_offset(history: dict[str, Any], si: int) -> int:
