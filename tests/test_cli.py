@@ -1,4 +1,4 @@
-"""The command line as a user meets it: help, and one clear line for a bad checkpoint."""
+"""The command line as a user meets it: help, one clear line for a bad checkpoint, usage errors."""
 
 import os
 import subprocess
@@ -9,7 +9,9 @@ import torch
 
 from iared.cli import main
 
+
 COMMANDS = ["demo", "train-backbone", "train", "eval", "interpret", "bench"]
+DATA = "cluttered-digits"
 
 
 def test_help_lists_every_spec_command(capsys):
@@ -121,3 +123,13 @@ def test_readme_data_table_names_every_data_kind():
     first_cells = [row.split("|")[1] for row in table.splitlines()[2:]]
     documented = {kind for cell in first_cells for kind in re.findall(r"`([a-z0-9-]+)[\[:`]", cell)}
     assert documented == set(DATASETS)
+
+
+@pytest.mark.parametrize("command", ["train-backbone", "eval"])
+def test_negative_workers_is_a_usage_error(command, capsys):
+    argv = {"train-backbone": ["train-backbone", "--data", DATA, "--arch", "vit_custom", "--out", "x"],
+            "eval": ["eval", "--data", DATA, "--checkpoint", "c", "--json", "j"]}[command]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--workers", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--workers: expected a non-negative integer" in err[0], err

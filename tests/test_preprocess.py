@@ -10,9 +10,12 @@ from PIL import Image
 import iared
 from iared.backbones.checkpoint import save_safetensors
 from iared.cli import main
-from iared.data import DataError, build_dataset
+from iared.data import build_dataset
 from iared.data.images import resize_center_crop
 from iared.preprocess import PreprocessError, loader_options, parse, to_metadata
+
+from helpers import labelled_photos
+
 
 TIMM_META = {"input_size": "224", "crop_pct": "0.9", "architecture": "vit_tiny_patch16_224", "std": "0.5,0.5,0.5",
              "interpolation": "bicubic", "num_classes": "1000", "layout": "timm", "mean": "0.5,0.5,0.5"}
@@ -72,32 +75,8 @@ def test_save_model_writes_it_and_load_model_restores_it(tmp_path):
     assert iared.load_model(tmp_path / "d.safetensors").pretrained_cfg["std"] == (0.3, 0.3, 0.3)
 
 
-def test_resize_center_crop_by_hand():
-    # 300 x 200 picture, 224 output, crop_pct 0.9: the short side becomes floor(224 / 0.9) = 248,
-    # the long one int(248 * 300 / 200) = 372; the crop starts at round(148 / 2) = 74, round(24 / 2) = 12.
-    a = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
-    img = Image.fromarray(a)
-    for interpolation, flt in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)):
-        want = np.asarray(img.resize((372, 248), flt).crop((74, 12, 298, 236)))
-        got = np.asarray(resize_center_crop(img, (224, 224), 0.9, interpolation))
-        assert np.array_equal(got, want)
-    squash = np.asarray(resize_center_crop(img, (224, 224), 0.9, "bilinear", "squash"))
-    assert np.array_equal(squash, np.asarray(img.resize((248, 248), Image.BILINEAR).crop((12, 12, 236, 236))))
-
-
-def _photo_folder(root, labels):
-    (root / "images").mkdir(parents=True)
-    rows = ["file\tclass_index"]
-    for i, y in enumerate(labels):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40 + 7 * i, 56, 3), dtype=np.uint8)).save(
-            root / "images" / f"{i}.png")
-        rows.append(f"images/{i}.png\t{y}")
-    (root / "labels.tsv").write_text("\n".join(rows) + "\n")
-    return root
-
-
 def test_loader_applies_a_models_preprocessing_and_flags_override(tmp_path):
-    root = _photo_folder(tmp_path / "f", [0, 1])
+    root = labelled_photos(tmp_path / "f", [0, 1])
     pre = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3, "crop_pct": 0.9,
            "interpolation": "bilinear"}
     ds = build_dataset(f"imagefolder:{root}", "test", preprocess=pre)
@@ -111,35 +90,13 @@ def test_loader_applies_a_models_preprocessing_and_flags_override(tmp_path):
     assert digits.info.mean == (0.5,) and digits.info.img_size != (32, 32)
 
 
-def test_labels_tsv_indices_index_the_head_and_bad_rows_are_errors(tmp_path):
-    root = _photo_folder(tmp_path / "f", [3, 998])
-    ds = build_dataset(f"imagefolder:{root}", "test", img_size=16)
-    assert ds.info.indexed and ds.info.num_classes == 999
-    (root / "labels.tsv").write_text("file\tclass_index\nimages/0.png\t3\nimages/1.png\n")
-    with pytest.raises(DataError, match="line 3"):
-        build_dataset(f"imagefolder:{root}", "test", img_size=16)
-    (root / "labels.tsv").write_text("images/0.png\t3\nimages/1.png\tcat\n")
-    with pytest.raises(DataError, match="mixes class indices and names"):
-        build_dataset(f"imagefolder:{root}", "test", img_size=16)
-
-
-def test_classes_tsv_maps_folders_to_head_indices(tmp_path):
-    for wnid in ("n02", "n01"):
-        (tmp_path / "d" / "train" / wnid).mkdir(parents=True)
-        Image.new("RGB", (20, 20)).save(tmp_path / "d" / "train" / wnid / "a.png")
-    (tmp_path / "d" / "classes.tsv").write_text("wnid\tclass_index\tname\nn01\t7\tseven, 7\nn02\t3\tthree\n")
-    ds = build_dataset(f"imagefolder:{tmp_path / 'd'}", "train", img_size=16, val_fraction=0.0)
-    assert sorted(ds[i]["label"] for i in range(len(ds))) == [3, 7]
-    assert ds.info.indexed and ds.info.num_classes == 8 and ds.info.class_names[7] == "seven"
-
-
 def test_eval_without_flags_on_a_timm_file(tmp_path, capsys):
     """A timm-layout safetensors file: arch and preprocessing from its metadata, labels a
     subset of its 1000 classes; an index outside the head is one line, exit 2."""
     torch.manual_seed(0)
     f = tmp_path / "vit.safetensors"
     save_safetensors(iared.create_model("vit_tiny_patch16_224").state_dict(), f, metadata={**TIMM_META})
-    root = _photo_folder(tmp_path / "f", [5, 998])
+    root = labelled_photos(tmp_path / "f", [5, 998])
     out = tmp_path / "e.json"
     assert main(["eval", "--data", f"imagefolder:{root}", "--checkpoint", str(f), "--methods", "original",
                  "--json", str(out), "--no-throughput", "--flops-images", "1"]) == 0
@@ -168,13 +125,3 @@ def test_real_vit_tiny_file_carries_timms_transform(shared_dir):
     want = np.asarray(img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + 224, top + 224)), np.float32)
     want = torch.from_numpy((want / 255 - 0.5) / 0.5).permute(2, 0, 1)
     assert torch.allclose(ds[0]["image"], want, atol=1e-6)
-
-
-def test_model_file_with_bad_metadata_is_a_checkpoint_error(tmp_path):
-    m = _small_tiny()
-    for meta, says in (({"iared": "{not json"}, "not JSON"), ({"iared": '{"arch": 3}'}, "lacks the arch"),
-                       ({"iared": '{"arch": "vit_custom", "config": {"avtn_scale": 1}}'}, "cannot build the model"),
-                       ({"iared": '{"arch": "vit_nope", "config": {}}'}, "cannot build the model")):
-        save_safetensors(m.state_dict(), tmp_path / "m.safetensors", metadata=meta)
-        with pytest.raises(iared.CheckpointError, match=says):
-            iared.load_model(tmp_path / "m.safetensors")

@@ -42,7 +42,7 @@ DIGITS_ITEM_SIZE = 24        # 8x8 digits are upsampled to this side
 
 # Mean / std of canvas pixels in [0, 1] for the default configuration (48x48 canvas,
 # 6 fragments of 8x8, seed 0, train split), measured with `measure_stats` over 2000
-# images; `tests/test_data_cluttered.py` re-measures them. Other configurations measure
+# images; `tests/data/test_cluttered.py` re-measures them. Other configurations measure
 # their own statistics at construction.
 DEFAULT_STATS = {
     "cluttered-fashion": ((0.1619,), (0.3030,)),

@@ -111,7 +111,7 @@ _STEPS = tuple(DIRECTIONS.values())
 MF_MASK_THRESHOLD = 25       # uint8 item intensity above which a pixel belongs to the item
 MF_VAL_SIZE = 5000           # Fashion-MNIST training items held out as "val"
 # Pixel mean/std in [0, 1] of the default configuration, measured with `measure_video_stats`
-# over the first 500 train clips (seed 0); tests/test_video_data.py re-measures them.
+# over the first 500 train clips (seed 0); tests/data/test_video.py re-measures them.
 MF_DEFAULT_STATS = ((0.108,), (0.249,))
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}

@@ -40,7 +40,7 @@ Choices where the paper is loose (so a reader can undo them):
   smallest positive value; picks the nearest CDF value rather than the containing
   interval; and lets zero-score padding enter the normalisation, so its kept sets depend
   on the batch. Ours do not: an image keeps the same tokens alone or in a padded batch
-  (`tests/test_ats.py`).
+  (`tests/reduction/test_ats.py`).
 * Placement: the paper's multi-stage DeiT-S uses blocks 3..11 (0-indexed) of 12. For a
   depth-d model `default_stages` starts at round(3d/12) and runs to the last block
   (depth 6: blocks 2..5); the single stage is that first block.

@@ -16,34 +16,12 @@ from iared.backbones.jointst import frame_maps
 from iared.cli import main
 from iared.commands.interpret import data_config, load_interpreter, output_names, prepare_image
 
-CLASSES = ["ant", "bee", "cat", "dog"]
-
-
-def _model_file(path, in_chans=3, img_size=16, patch_size=4, num_classes=4, data=None, policy=True, seed=0):
-    torch.manual_seed(seed)
-    model = iared.create_model("vit_custom", img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                               embed_dim=16, depth=3, num_heads=2, num_classes=num_classes)
-    if policy:
-        iared.patch(model, "iared", groups=3)
-    if data is None:
-        data = {"kind": "cluttered-test", "img_size": [img_size, img_size], "in_chans": in_chans,
-                "mean": [0.5] * in_chans, "std": [0.25] * in_chans, "class_names": CLASSES[:num_classes],
-                "num_classes": num_classes}
-    iared.save_model(model, path, arch="vit_custom", data=data)
-    return path
+from helpers import CLASSES, model_file, write_png
 
 
 @pytest.fixture
 def ckpt(tmp_path):
-    return str(_model_file(tmp_path / "model.safetensors"))
-
-
-def _png(path, size=(40, 30), mode="RGB", seed=0):
-    rng = np.random.default_rng(seed)
-    chans = {"RGB": 3, "RGBA": 4, "L": None}[mode]
-    shape = (size[1], size[0]) if chans is None else (size[1], size[0], chans)
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
-    return str(path)
+    return str(model_file(tmp_path / "model.safetensors"))
 
 
 def _jpeg_bytes(size=(64, 48), seed=0, exif_orientation=None):
@@ -73,7 +51,7 @@ def _leftovers(root):
 
 
 def test_outputs_and_scores_json_schema(tmp_path, ckpt, capsys):
-    img = _png(tmp_path / "photo.png", size=(50, 37))
+    img = write_png(tmp_path / "photo.png", size=(50, 37))
     out = tmp_path / "out"
     rc, stdout, err = _run(capsys, "-p", img, "-o", str(out), "--checkpoint", ckpt)
     assert rc == 0, err
@@ -117,8 +95,8 @@ def test_outputs_and_scores_json_schema(tmp_path, ckpt, capsys):
 
 
 def test_odd_inputs_grayscale_rgba_aspect_exif(tmp_path, ckpt, capsys):
-    paths = [_png(tmp_path / "gray.png", (33, 90), "L"), _png(tmp_path / "rgba.png", (64, 20), "RGBA"),
-             _png(tmp_path / "wide.png", (300, 7))]
+    paths = [write_png(tmp_path / "gray.png", (33, 90), "L"), write_png(tmp_path / "rgba.png", (64, 20), "RGBA"),
+             write_png(tmp_path / "wide.png", (300, 7))]
     (tmp_path / "rot.jpg").write_bytes(_jpeg_bytes((60, 20), exif_orientation=6))
     paths.append(str(tmp_path / "rot.jpg"))
     out = tmp_path / "out"
@@ -131,22 +109,22 @@ def test_odd_inputs_grayscale_rgba_aspect_exif(tmp_path, ckpt, capsys):
 
 
 def test_grayscale_model_takes_colour_photos(tmp_path, capsys):
-    ckpt = str(_model_file(tmp_path / "g.safetensors", in_chans=1))
+    ckpt = str(model_file(tmp_path / "g.safetensors", in_chans=1))
     model, cfg = load_interpreter(ckpt)
-    x, shown = prepare_image(_png(tmp_path / "c.png", (20, 50)), cfg)
+    x, shown = prepare_image(write_png(tmp_path / "c.png", (20, 50)), cfg)
     assert x.shape == (1, 16, 16) and shown.shape == (1, 16, 16)
     rc, _, err = _run(capsys, "-p", str(tmp_path / "c.png"), "-o", str(tmp_path / "o"), "--checkpoint", ckpt)
     assert rc == 0, err
 
 
 def test_data_config_resize_rules(tmp_path):
-    small = load_interpreter(str(_model_file(tmp_path / "s.safetensors")))[1]
+    small = load_interpreter(str(model_file(tmp_path / "s.safetensors")))[1]
     assert small.resize == "resize" and small.img_size == (16, 16) and small.class_names == tuple(CLASSES)
     photo_data = {"kind": "imagefolder", "img_size": [16, 16], "in_chans": 3, "mean": [0.4] * 3, "std": [0.2] * 3}
-    photo = load_interpreter(str(_model_file(tmp_path / "p.safetensors", data=photo_data)))[1]
+    photo = load_interpreter(str(model_file(tmp_path / "p.safetensors", data=photo_data)))[1]
     assert photo.resize == "crop" and photo.crop_pct == 0.875 and photo.mean == (0.4,) * 3
     # No data config: the architecture's size and channels, ImageNet statistics, indices as names.
-    model, bare = load_interpreter(str(_model_file(tmp_path / "b.safetensors", data={})))
+    model, bare = load_interpreter(str(model_file(tmp_path / "b.safetensors", data={})))
     assert bare.img_size == (16, 16) and bare.in_chans == 3 and bare.resize == "resize"
     assert bare.mean == (0.485, 0.456, 0.406) and bare.class_names == ()
     assert data_config({"data": {"img_size": [16, 16], "resize": "crop"}}, model).resize == "crop"
@@ -162,7 +140,7 @@ def test_data_config_resize_rules(tmp_path):
 def test_duplicate_stems_get_distinct_folders(tmp_path, ckpt, capsys):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    p1, p2 = _png(tmp_path / "a" / "x.png", seed=1), _png(tmp_path / "b" / "x.png", seed=2)
+    p1, p2 = write_png(tmp_path / "a" / "x.png", seed=1), write_png(tmp_path / "b" / "x.png", seed=2)
     out = tmp_path / "out"
     rc, _, err = _run(capsys, "-p", p1, "-p", p2, "-p", p1, "-o", str(out), "--checkpoint", ckpt)
     assert rc == 0, err
@@ -175,7 +153,7 @@ def test_duplicate_stems_get_distinct_folders(tmp_path, ckpt, capsys):
 
 
 def test_bad_inputs_one_line_each_others_still_processed(tmp_path, ckpt, capsys):
-    good = _png(tmp_path / "good.png")
+    good = write_png(tmp_path / "good.png")
     text = tmp_path / "notes.jpg"
     text.write_text("this is not an image\n")
     empty = tmp_path / "empty.png"
@@ -183,7 +161,7 @@ def test_bad_inputs_one_line_each_others_still_processed(tmp_path, ckpt, capsys)
     trunc = tmp_path / "cut.jpg"
     trunc.write_bytes(_jpeg_bytes((256, 256))[:1500])
     missing = tmp_path / "missing.png"
-    good2 = _png(tmp_path / "good2.png", seed=5)
+    good2 = write_png(tmp_path / "good2.png", seed=5)
     bad = [str(text), str(empty), str(trunc), str(missing)]
     argv = [a for p in [good, *bad, good2] for a in ("-p", p)]
     out = tmp_path / "out"
@@ -236,14 +214,14 @@ def _bad_checkpoints(tmp_path, ckpt):
     save_safetensors(small.state_dict(), tmp_path / "unknownarch.safetensors",
                      metadata={"iared": json.dumps({**meta, "arch": "no_such_model"})})
     save_safetensors(small.state_dict(), tmp_path / "bare.safetensors")  # no iared metadata
-    _model_file(tmp_path / "nopolicy.safetensors", policy=False)
+    model_file(tmp_path / "nopolicy.safetensors", policy=False)
     names = ["trunc.safetensors", "evil.safetensors", "evil.pt", "wrongarch.safetensors",
              "unknownarch.safetensors", "bare.safetensors", "nopolicy.safetensors", "absent.safetensors"]
     return [tmp_path / n for n in names], marker
 
 
 def test_bad_checkpoints_exit_2_with_one_line(tmp_path, ckpt, capsys):
-    img = _png(tmp_path / "img.png")
+    img = write_png(tmp_path / "img.png")
     bad, marker = _bad_checkpoints(tmp_path, ckpt)
     for path in bad:
         out = tmp_path / f"out_{path.stem}"
@@ -266,7 +244,7 @@ def test_real_photos_end_to_end(tmp_path, shared_dir, capsys):
     names = [w.split(" ", 1)[1].split(",")[0] for w in words]
     data = {"kind": "imagefolder", "img_size": [64, 64], "in_chans": 3, "mean": [0.485, 0.456, 0.406],
             "std": [0.229, 0.224, 0.225], "class_names": names, "num_classes": 1000}
-    ckpt = str(_model_file(tmp_path / "inet.safetensors", img_size=64, patch_size=8, num_classes=1000, data=data))
+    ckpt = str(model_file(tmp_path / "inet.safetensors", img_size=64, patch_size=8, num_classes=1000, data=data))
     out = tmp_path / "out"
     rc, _, err = _run(capsys, *[a for p in photos for a in ("-p", str(p))], "-o", str(out), "--checkpoint", ckpt)
     assert rc == 0, err
@@ -306,7 +284,7 @@ def test_video_checkpoint_on_a_real_clip(tmp_path, shared_dir, capsys):
         np.testing.assert_allclose(np.array(rec["scores"][j]), frame_maps(stage.scores, 4, (4, 4))[0].numpy(),
                                    atol=1e-5)
     # An image given to a video model is one bad input.
-    img = _png(tmp_path / "still.png")
+    img = write_png(tmp_path / "still.png")
     rc, _, err = _run(capsys, "-p", img, "-o", str(out), "--checkpoint", str(ckpt))
     assert rc == 2 and len(err.strip().splitlines()) == 1 and img in err
 
@@ -316,9 +294,9 @@ def test_video_checkpoint_on_a_real_clip(tmp_path, shared_dir, capsys):
 
 @pytest.mark.parametrize("method, heat", [("ats", True), ("topk@0.5", True), ("random@0.5", False)])
 def test_method_interprets_a_plain_backbone(tmp_path, capsys, method, heat):
-    plain = str(_model_file(tmp_path / "plain.safetensors", policy=False))
+    plain = str(model_file(tmp_path / "plain.safetensors", policy=False))
     out = tmp_path / method
-    rc, _, err = _run(capsys, "-p", _png(tmp_path / "a.png"), "-o", str(out), "--checkpoint", plain,
+    rc, _, err = _run(capsys, "-p", write_png(tmp_path / "a.png"), "-o", str(out), "--checkpoint", plain,
                       "--method", method)
     assert rc == 0, err
     rec = json.loads((out / "a" / "scores.json").read_text())
@@ -328,8 +306,8 @@ def test_method_interprets_a_plain_backbone(tmp_path, capsys, method, heat):
 
 
 def test_plain_backbone_without_method_or_with_a_bad_one_is_one_line(tmp_path, capsys):
-    plain = str(_model_file(tmp_path / "plain.safetensors", policy=False))
-    image = _png(tmp_path / "a.png")
+    plain = str(model_file(tmp_path / "plain.safetensors", policy=False))
+    image = write_png(tmp_path / "a.png")
     for extra, says in (([], "pass --method ats"), (["--method", "iared"], "one training-free policy"),
                         (["--method", "ats,topk"], "one training-free policy"),
                         (["--method", "ats@foo=1"], "ats has no setting 'foo'")):

@@ -10,14 +10,12 @@ import torch
 
 import iared
 from iared.backbones.kernels import cpu_kernels
+from iared.backbones.tokens import apply_keep, to_grid
 from iared.backbones.vit import Block
 from iared.evaluation.flops import count_flops, vit_macs
-from iared.reduction.budgets import calibrate_knob
-from iared.reduction.evit import (EViTBlock, cls_attentiveness, default_stages, evit_keep, fuse_inattentive,
-                                  keep_count)
-from iared.backbones.tokens import apply_keep, to_grid
+from iared.reduction.evit import EViTBlock, cls_attentiveness, default_stages, evit_keep, fuse_inattentive, keep_count
 
-from helpers import peaked, tiny
+from helpers import TinyData, model_file, peaked, tiny, tiny_classifier, write_png
 
 
 # -- the math ---------------------------------------------------------------------------
@@ -282,14 +280,6 @@ def test_without_fusion_drops_the_inattentive_tokens():
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_calibrate_knob_bisects_keep_rate():
-    m = peaked(tiny())
-    iared.patch(m, policy="evit")
-    images = torch.randn(4, 3, 32, 32)
-    value = calibrate_knob(m, images, 0.5)
-    assert value is not None and m.policy.keep_rate == value and 0 < value < 1
-
-
 def test_flops_follow_the_token_counts():
     """vit_tiny at 224 (random weights): the counted work is what `block_tokens` implies."""
     m = iared.create_model("vit_tiny_patch16_224").eval()
@@ -312,16 +302,14 @@ def test_flops_follow_the_token_counts():
 # -- the tools --------------------------------------------------------------------------
 
 def test_eval_runs_evit(tmp_path):
-    from test_eval import TinyData, tiny_model
-
     from iared.cli import main
     from iared.data import DATASETS, register_dataset
 
     register_dataset("tiny-evit", lambda path, split, seed, **kw: TinyData(split, seed, **kw))
     try:
         ckpt = tmp_path / "backbone.safetensors"
-        iared.save_model(tiny_model(), ckpt, arch="vit_custom", data={"kind": "tiny", "mean": [0.0] * 3,
-                                                                       "std": [1.0] * 3})
+        iared.save_model(tiny_classifier(), ckpt, arch="vit_custom",
+                         data={"kind": "tiny", "mean": [0.0] * 3, "std": [1.0] * 3})
         out = tmp_path / "eval.json"
         argv = ["eval", "--data", "tiny-evit", "--checkpoint", str(ckpt), "--methods", "original,evit@0.7,evit@0.5",
                 "--json", str(out), "--flops-images", "2", "--no-throughput", "--batch-size", "8"]
@@ -340,11 +328,10 @@ def test_eval_runs_evit(tmp_path):
 def test_interpret_draws_an_evit_model(tmp_path, capsys):
     from iared.cli import main
     from iared.commands.interpret import InterpretOptions, data_config, interpret_one, run_interpreters
-    from test_interpret import _model_file, _png
 
-    path = _model_file(tmp_path / "evit.safetensors", policy=False)
+    path = model_file(tmp_path / "evit.safetensors", policy=False)
     m = iared.patch(iared.load_model(path), policy="evit", keep_rate=0.5)
-    img = _png(tmp_path / "photo.png")
+    img = write_png(tmp_path / "photo.png")
     out = run_interpreters(m, torch.rand(3, 16, 16))
     assert len(out["scores"]) == len(out["keep"]) == 2                  # depth 3: stages 1, 2
     assert out["keep"][0].sum() == 8 and not (out["keep"][1] & ~out["keep"][0]).any()

@@ -1,6 +1,6 @@
-"""The training loop's pure parts, checkpoint files and RNG state round trips."""
+"""Checkpoint files (`iared.training.checkpointing`): atomic writes, damaged and foreign files, RNG
+state round trips."""
 
-import math
 import random
 
 import numpy as np
@@ -9,33 +9,6 @@ import torch
 
 from iared.training.checkpointing import (ResumeError, list_checkpoints, load_checkpoint, load_latest, rng_state,
                                           save_checkpoint, set_rng_state)
-from iared.training.loop import cosine_lr, epoch_indices, steps_per_epoch
-
-
-def test_cosine_lr_hand_values():
-    assert cosine_lr(0, 10, 1.0) == pytest.approx(1.0)
-    assert cosine_lr(5, 10, 1.0) == pytest.approx(0.5)           # half way: (1 + cos(pi/2)) / 2
-    assert cosine_lr(10, 10, 1.0) == pytest.approx(0.0)
-    assert cosine_lr(10, 10, 1.0, min_ratio=0.1) == pytest.approx(0.1)
-    # warmup: linear to the peak, then the cosine over the remaining steps
-    assert cosine_lr(0, 12, 2.0, warmup=4) == pytest.approx(0.5)
-    assert cosine_lr(3, 12, 2.0, warmup=4) == pytest.approx(2.0)
-    assert cosine_lr(8, 12, 2.0, warmup=4) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-
-
-def test_epoch_indices_deterministic_and_epoch_dependent():
-    a = epoch_indices(50, seed=3, stage=0, epoch=0)
-    assert a == epoch_indices(50, seed=3, stage=0, epoch=0)
-    assert sorted(a) == list(range(50))
-    assert a != epoch_indices(50, seed=3, stage=0, epoch=1)
-    assert a != epoch_indices(50, seed=3, stage=1, epoch=0)
-
-
-def test_epoch_indices_shards_cover_data_evenly():
-    shards = [epoch_indices(11, seed=0, stage=0, epoch=2, rank=r, world_size=3) for r in range(3)]
-    assert {len(s) for s in shards} == {4}                       # padded to 12
-    assert set().union(*map(set, shards)) == set(range(11))
-    assert steps_per_epoch(11, 4, None) == 3 and steps_per_epoch(11, 4, 2) == 2
 
 
 def test_checkpoints_atomic_keep_two_weights_only(tmp_path):

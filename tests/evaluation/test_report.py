@@ -11,7 +11,7 @@ from PIL import Image
 from iared.evaluation.report import (fmt, md_table, method_table, metric_table, render_report, save_tradeoff_plot,
                                      tradeoff_figure, write_report)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def _make_readme():

@@ -15,7 +15,7 @@ from iared.backbones.kernels import cpu_kernels
 timm = pytest.importorskip("timm")
 from iared.integrations.timm import from_timm, timm_config, to_timm  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_WEIGHTS = REPO.parent / "shared" / "models" / "vit_tiny_patch16_224_augreg_in1k.safetensors"
 ATOL = 1e-5
 

@@ -10,6 +10,8 @@ from iared.data import DataError, build_dataset
 from iared.data.cluttered import (DEFAULT_STATS, MASK_THRESHOLD, ClutteredDataset, digit_items, digits_split,
                                   measure_stats)
 
+from helpers import make_idx_dir
+
 
 def _item_offset(mask: np.ndarray, inside: np.ndarray) -> tuple[int, int]:
     """Where the item's top-left corner landed, recovered from the mask alone."""
@@ -136,7 +138,6 @@ def test_dataloader_batches(digits_train):
 
 
 def test_cluttered_fashion_synthetic(tmp_path):
-    from test_data_loaders import make_idx_dir
     sets = make_idx_dir(tmp_path / "f", n_train=30, n_test=12)
     ds = build_dataset(f"cluttered-fashion:{tmp_path / 'f'}", "test", mean=(0,), std=(1,))
     assert len(ds) == 12 and ds.info.class_names[9] == "Ankle boot"

@@ -6,11 +6,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import iared
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each test launches torchrun with two ranks
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 WORKER = textwrap.dedent('''
     import sys, torch

@@ -1,5 +1,5 @@
-"""`load_image`: every odd file a person has decodes to clean 8-bit RGB/L; bad files raise
-`ImageError` naming the file. All files are made here with Pillow."""
+"""`iared.data.images`: every odd file a person has decodes to clean 8-bit RGB/L, bad files raise
+`ImageError` naming the file, and timm's resize and centre crop. All files are made here with Pillow."""
 
 import io
 import struct
@@ -7,10 +7,9 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from iared.data.images import MAX_PIXELS, ImageError, load_image, resize_center_crop, to_tensor
+from iared.data.images import ImageError, MAX_PIXELS, load_image, resize_center_crop, to_tensor
 
 
 def _save(img: Image.Image, path, **kw):
@@ -180,78 +179,14 @@ def test_resize_center_crop_is_timms_eval_transform(size, crop_pct):
     assert (ours - theirs).abs().max().item() == 0.0
 
 
-# -- segfolder: photos with masks ---------------------------------------------------------
-
-
-def _segfolder(root, n=4, size=(60, 40), labels=False):
-    from PIL import Image
-
-    (root / "img").mkdir(parents=True)
-    (root / "msk").mkdir()
-    lines = ["image\tmask\tnote" + ("\tlabel" if labels else "")]
-    for i in range(n):
-        w, h = size
-        Image.fromarray(np.full((h, w, 3), 40 * i, dtype=np.uint8)).save(root / "img" / f"{i}.png")
-        m = np.zeros((h, w), dtype=np.uint8)
-        m[:, : w // 2] = 7  # any non-zero value is foreground
-        Image.fromarray(m).save(root / "msk" / f"{i}.png")
-        lines.append(f"img/{i}.png\tmsk/{i}.png\tx" + (f"\t{i}" if labels else ""))
-    (root / "masks.tsv").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def test_segfolder_masks_follow_the_image_resize_and_crop(tmp_path):
-    from iared.data import build_dataset
-    from iared.data.images import resize_center_crop
-
-    root = _segfolder(tmp_path / "seg")
-    ds = build_dataset(f"segfolder:{root}", "test", preprocess={"input_size": (3, 32, 32), "crop_pct": 0.8})
-    item = ds[0]
-    assert item["image"].shape == (3, 32, 32) and item["mask"].dtype == torch.bool and item["label"] == -1
-    # by hand: short side 40 -> 32 / 0.8 = 40, long 60; the centre 32x32 crop starts at x = 14
-    mask = np.zeros((40, 60), dtype=bool)
-    mask[:, :30] = True
-    assert torch.equal(item["mask"], torch.from_numpy(mask[4:36, 14:46]))
-    want = resize_center_crop(Image.open(root / "msk" / "0.png"), (32, 32), 0.8, "nearest")
-    assert torch.equal(item["mask"], torch.from_numpy(np.asarray(want) > 0))
-    assert ds.info.has_masks and ds.info.num_classes == 0
-
-
-def test_segfolder_labels_and_bad_tables(tmp_path):
-    from iared.data import DataError, build_dataset
-
-    root = _segfolder(tmp_path / "seg", labels=True)
-    ds = build_dataset(f"segfolder:{root}", "test")
-    assert [ds[i]["label"] for i in range(4)] == [0, 1, 2, 3] and ds.info.num_classes == 4
-    (root / "masks.tsv").write_text("picture\tmask\na.png\tb.png\n")
-    with pytest.raises(DataError, match="columns image and mask"):
-        build_dataset(f"segfolder:{root}", "test")
-    with pytest.raises(DataError, match="no masks.tsv"):
-        build_dataset(f"segfolder:{tmp_path}", "test")
-
-
-def test_eval_segmentation_on_unlabeled_segfolder(tmp_path, capsys):
-    import json
-
-    import iared
-    from iared.cli import main
-
-    root = _segfolder(tmp_path / "seg")
-    torch.manual_seed(0)
-    m = iared.patch(iared.create_model("vit_custom", img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2,
-                                       num_classes=5), policy="iared", groups=3)
-    m.pretrained_cfg.update(input_size=(3, 32, 32), crop_pct=1.0)
-    iared.save_model(m, tmp_path / "m.safetensors", arch="vit_custom")
-    out = tmp_path / "r.json"
-    assert main(["eval", "--data", f"segfolder:{root}", "--checkpoint", str(tmp_path / "m.safetensors"),
-                 "--segmentation", "--methods", "original,iared", "--json", str(out), "--no-throughput",
-                 "--device", "cpu"]) == 0
-    res = json.loads(out.read_text())
-    assert res["methods"]["original"]["top1"] is None
-    assert {"iared", "iared@group=0", "iared@group=2", "attention", "rollout", "gradcam", "chefer"} <= \
-        set(res["segmentation"])
-    assert "(no labels)" in capsys.readouterr().out
-    # without --segmentation there is nothing to measure on unlabeled images
-    assert main(["eval", "--data", f"segfolder:{root}", "--checkpoint", str(tmp_path / "m.safetensors"),
-                 "--json", str(out), "--device", "cpu"]) == 2
-    assert "has no labels" in capsys.readouterr().err
+def test_resize_center_crop_by_hand():
+    # 300 x 200 picture, 224 output, crop_pct 0.9: the short side becomes floor(224 / 0.9) = 248,
+    # the long one int(248 * 300 / 200) = 372; the crop starts at round(148 / 2) = 74, round(24 / 2) = 12.
+    a = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    img = Image.fromarray(a)
+    for interpolation, flt in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)):
+        want = np.asarray(img.resize((372, 248), flt).crop((74, 12, 298, 236)))
+        got = np.asarray(resize_center_crop(img, (224, 224), 0.9, interpolation))
+        assert np.array_equal(got, want)
+    squash = np.asarray(resize_center_crop(img, (224, 224), 0.9, "bilinear", "squash"))
+    assert np.array_equal(squash, np.asarray(img.resize((248, 248), Image.BILINEAR).crop((12, 12, 236, 236))))

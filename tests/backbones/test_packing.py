@@ -11,29 +11,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-import iared
 from iared.backbones import vit
-from iared.backbones.tokens import Tokens, apply_keep
 from iared.backbones.packing import PackedLayout, length_buckets, packed_index
-from iared.reduction.policy import TokenPolicy
+from iared.backbones.tokens import Tokens
 
-
-class FixedKeep(TokenPolicy):
-    """Drops, in front of the given blocks, the grid cells given per image (a test double)."""
-
-    def __init__(self, grid_keep: dict[int, torch.Tensor]):
-        super().__init__()
-        self.grid_keep = grid_keep  # block -> (B, G) bool on the full grid
-        self.rows = None            # which images of the full batch this forward holds
-
-    def forward(self, index, tokens: Tokens, model, mode=None):
-        if index not in self.grid_keep:
-            return tokens, None
-        g = self.grid_keep[index] if self.rows is None else self.grid_keep[index][self.rows]
-        keep = g.gather(1, tokens.pos.clamp(min=0))  # per current token, from its grid cell
-        return apply_keep(tokens, keep), None
+from helpers import FixedKeep, tiny_model, uneven_keeps
 
 
 class FixedKeepRuns(FixedKeep):
@@ -41,26 +24,6 @@ class FixedKeepRuns(FixedKeep):
 
     def acts_before(self, index: int) -> bool:
         return index in self.grid_keep
-
-
-def tiny_model(depth: int = 6, distilled: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    return iared.create_model("vit_custom", img_size=32, patch_size=4, embed_dim=32, depth=depth, num_heads=4,
-                              num_classes=7, distilled=distilled).eval()
-
-
-def uneven_keeps(B: int, G: int, blocks: list[int], seed: int = 0) -> dict[int, torch.Tensor]:
-    """Nested per-image masks: image b keeps a very different share; image 1 keeps only CLS."""
-    gen = torch.Generator().manual_seed(seed)
-    share = torch.linspace(1.0, 0.05, B)[torch.randperm(B, generator=gen)]
-    rank = torch.rand(B, G, generator=gen).argsort(1).argsort(1)
-    out = {}
-    for j, blk in enumerate(blocks):
-        k = (share[:, None] ** ((j + 1) / len(blocks)) * G).floor()
-        m = rank < k
-        m[1] = False  # an image that keeps no patch token at all (CLS only)
-        out[blk] = m
-    return out
 
 
 @pytest.mark.parametrize("buckets", ["sized", "one image each"])
@@ -239,3 +202,35 @@ def test_equal_counts_compact_without_padding_equals_masked_reference():
         assert tokens.valid is None and tokens.x.shape[1] == 1 + G // 2   # equal counts: no padding
         out = model(x, execution="compact")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_execution_strategies_are_parameters(monkeypatch):
+    """`execution="padded"` removes tokens without packing; `max_buckets` bounds a packed
+    run's attention calls; both give the mask-mode logits."""
+    import iared.backbones.packing as packing
+
+    model = tiny_model()
+    B = 6
+    model.policy = FixedKeepRuns(uneven_keeps(B, model.grid_size, [0, 2, 4]))
+    x = torch.randn(B, 3, 32, 32)
+    layouts = []
+
+    class Recorded(PackedLayout):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            layouts.append(len(self.buckets))
+
+    monkeypatch.setattr(vit, "PackedLayout", Recorded)
+    monkeypatch.setattr(packing, "MIN_BUCKET_MACS", 0.0)  # one image per call where allowed
+    with torch.no_grad():
+        ref, info_ref = model(x, execution="mask", return_info=True)
+        padded, info = model(x, execution="padded", return_info=True)
+        assert layouts == []  # nothing packed
+        assert torch.equal(info.block_tokens, info_ref.block_tokens)
+        model.max_buckets = 2
+        two = model(x, execution="compact")
+    assert layouts and max(layouts) == 2
+    torch.testing.assert_close(padded, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="execution must be"):
+        model(x, execution="packed")

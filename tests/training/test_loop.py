@@ -1,4 +1,7 @@
-"""A tiny IA-RED² (D = 1) video training run, killed and resumed, ends with the same weights."""
+"""The training loop (`iared.training.loop`): learning rate, epoch order and shards; and a tiny IA-RED²
+(D = 1) video training run, killed and resumed, that ends with the same weights."""
+
+import math
 
 import numpy as np
 import pytest
@@ -6,9 +9,35 @@ import torch
 
 import iared
 from iared.data.video import MovingFashionDataset
-from iared.training.curriculum import TrainOptions, build_stages
 from iared.training.checkpointing import list_checkpoints
-from iared.training.loop import LoopOptions, run_stages
+from iared.training.curriculum import TrainOptions, build_stages
+from iared.training.loop import LoopOptions, cosine_lr, epoch_indices, run_stages, steps_per_epoch
+
+
+def test_cosine_lr_hand_values():
+    assert cosine_lr(0, 10, 1.0) == pytest.approx(1.0)
+    assert cosine_lr(5, 10, 1.0) == pytest.approx(0.5)           # half way: (1 + cos(pi/2)) / 2
+    assert cosine_lr(10, 10, 1.0) == pytest.approx(0.0)
+    assert cosine_lr(10, 10, 1.0, min_ratio=0.1) == pytest.approx(0.1)
+    # warmup: linear to the peak, then the cosine over the remaining steps
+    assert cosine_lr(0, 12, 2.0, warmup=4) == pytest.approx(0.5)
+    assert cosine_lr(3, 12, 2.0, warmup=4) == pytest.approx(2.0)
+    assert cosine_lr(8, 12, 2.0, warmup=4) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_epoch_indices_deterministic_and_epoch_dependent():
+    a = epoch_indices(50, seed=3, stage=0, epoch=0)
+    assert a == epoch_indices(50, seed=3, stage=0, epoch=0)
+    assert sorted(a) == list(range(50))
+    assert a != epoch_indices(50, seed=3, stage=0, epoch=1)
+    assert a != epoch_indices(50, seed=3, stage=1, epoch=0)
+
+
+def test_epoch_indices_shards_cover_data_evenly():
+    shards = [epoch_indices(11, seed=0, stage=0, epoch=2, rank=r, world_size=3) for r in range(3)]
+    assert {len(s) for s in shards} == {4}                       # padded to 12
+    assert set().union(*map(set, shards)) == set(range(11))
+    assert steps_per_epoch(11, 4, None) == 3 and steps_per_epoch(11, 4, 2) == 2
 
 
 class Killed(RuntimeError):
@@ -43,6 +72,7 @@ def tiny_run(out, kill_after=None, resume=False, log=None):
     return model
 
 
+@pytest.mark.slow
 def test_killed_video_run_resumes_to_the_same_weights(tmp_path):
     reference = tiny_run(tmp_path / "a").state_dict()
     with pytest.raises(Killed):

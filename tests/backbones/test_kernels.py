@@ -14,7 +14,7 @@ import iared
 from iared.backbones.kernels import cpu_kernels, onednn_available, resolve_kernels
 from iared.backbones.vit import Mlp, PatchEmbed
 
-from test_execution import FixedKeep, tiny_model, uneven_keeps
+from helpers import FixedKeep, tiny_model, uneven_keeps
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="PyTorch's oneDNN linear ops are not available")
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_available(torch.bfloat16),

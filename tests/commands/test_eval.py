@@ -1,4 +1,5 @@
-"""`iared eval`: method parsing, accuracy, and the JSON layout of docs/results-format.md on tiny synthetic data."""
+"""`iared eval` (`iared.commands.eval`): method parsing, the JSON layout of docs/results-format.md on
+tiny synthetic data, segmentation, video models, and one-line errors."""
 
 import dataclasses
 import json
@@ -8,30 +9,14 @@ import torch
 
 import iared
 from iared.cli import main
-from iared.data import DATASETS, register_dataset
-from iared.data.base import DataInfo
-from iared.errors import UserError
-from iared.evaluation.accuracy import accuracy, evaluate
 from iared.commands.eval import parse_methods
+from iared.data import DATASETS, register_dataset
+from iared.data.video import MovingFashionDataset
+from iared.errors import UserError
+from iared.evaluation.accuracy import accuracy
 from iared.reduction.policy import available_policies
 
-
-class TinyData(torch.utils.data.Dataset):
-    """12 random 3x16x16 images, 4 classes, with foreground masks."""
-
-    def __init__(self, split, seed, mean=(0.0,) * 3, std=(1.0,) * 3):
-        g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
-        self.x = torch.randn(12, 3, 16, 16, generator=g)
-        self.y = torch.randint(0, 4, (12,), generator=g)
-        self.m = torch.rand(12, 16, 16, generator=g) > 0.7
-        self.info = DataInfo(kind="tiny", num_classes=4, class_names=tuple("abcd"), in_chans=3, img_size=(16, 16),
-                             mean=tuple(mean), std=tuple(std), has_masks=True)
-
-    def __len__(self):
-        return 12
-
-    def __getitem__(self, i):
-        return {"image": self.x[i], "label": int(self.y[i]), "mask": self.m[i]}
+from helpers import TinyData, segfolder, tiny_classifier, tiny_video
 
 
 @pytest.fixture
@@ -41,26 +26,13 @@ def tiny_data():
     DATASETS.pop("tiny", None)
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    return iared.create_model("vit_custom", img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=2,
-                              num_classes=4).eval()
-
-
 @pytest.fixture
 def iared_file(tmp_path):
-    m = tiny_model()
+    m = tiny_classifier()
     iared.patch(m, policy="iared", groups=3)
     path = tmp_path / "model.safetensors"
     iared.save_model(m, path, arch="vit_custom", data={"kind": "tiny", "mean": [0.0] * 3, "std": [1.0] * 3})
     return path
-
-
-def test_accuracy_hand_worked():
-    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]])
-    labels = torch.tensor([1, 1, 0, 2])
-    # top-1: only the first is right; top-2: the second too; top-5 capped at 3 classes.
-    assert accuracy(logits, labels, (1, 2, 5)) == [25.0, 50.0, 100.0]
 
 
 def test_parse_methods():
@@ -81,20 +53,6 @@ def test_parse_methods():
                 "ats@stages=5-2"):
         with pytest.raises(UserError):
             parse_methods(bad, available_policies())
-
-
-def test_evaluate_counts_tokens(tiny_data):
-    m = tiny_model()
-    ds = TinyData("test", 0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=5)
-    full = evaluate(m, loader)
-    assert full["n"] == 12 and full["keep_ratio"] == 1.0 and full["token_ratio"] == 1.0
-    logits = m(ds.x)
-    assert full["top1"] == pytest.approx(accuracy(logits, ds.y)[0])
-    iared.patch(m, policy="random", keep_ratio=0.5)
-    half = evaluate(m, loader, limit_batches=2, collect_counts=True)
-    assert half["n"] == 10 and half["keep_ratio"] == pytest.approx(0.5)
-    assert half["stage_counts"][0].tolist() == [8] * 10
 
 
 def test_eval_json_layout(tiny_data, iared_file, tmp_path):
@@ -170,7 +128,7 @@ def test_build_method_takes_one_stage_as_a_number(iared_file):
 
 def test_eval_backbone_runs_original_and_baselines(tiny_data, iared_file, tmp_path, capsys):
     """--backbone: "original", the baselines and their heatmaps use it; "iared" its own blocks."""
-    other = tiny_model()
+    other = tiny_classifier()
     with torch.no_grad():
         for p in other.parameters():
             p.add_(torch.randn_like(p))      # a different backbone: different logits
@@ -261,3 +219,70 @@ def test_segmentation_without_masks_fails_before_the_evaluation(tmp_path, iared_
         assert json.loads(out.read_text())["notes"]["img_per_s"] == "not measured (--no-throughput)"
     finally:
         DATASETS.pop("tiny-nomasks", None)
+
+
+def test_eval_segmentation_on_unlabeled_segfolder(tmp_path, capsys):
+    import json
+
+    import iared
+    from iared.cli import main
+
+    root = segfolder(tmp_path / "seg")
+    torch.manual_seed(0)
+    m = iared.patch(iared.create_model("vit_custom", img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2,
+                                       num_classes=5), policy="iared", groups=3)
+    m.pretrained_cfg.update(input_size=(3, 32, 32), crop_pct=1.0)
+    iared.save_model(m, tmp_path / "m.safetensors", arch="vit_custom")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--data", f"segfolder:{root}", "--checkpoint", str(tmp_path / "m.safetensors"),
+                 "--segmentation", "--methods", "original,iared", "--json", str(out), "--no-throughput",
+                 "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert res["methods"]["original"]["top1"] is None
+    assert {"iared", "iared@group=0", "iared@group=2", "attention", "rollout", "gradcam", "chefer"} <= \
+        set(res["segmentation"])
+    assert "(no labels)" in capsys.readouterr().out
+    # without --segmentation there is nothing to measure on unlabeled images
+    assert main(["eval", "--data", f"segfolder:{root}", "--checkpoint", str(tmp_path / "m.safetensors"),
+                 "--json", str(out), "--device", "cpu"]) == 2
+    assert "has no labels" in capsys.readouterr().err
+
+
+def test_cli_eval_on_video_reports_table3_keys(tmp_path, capsys):
+    """`iared eval` with a video model: clip-1 / video-1 errors, clips/s, GFLOPs per clip per method."""
+    import json
+
+    from iared.cli import main
+    from iared.data import DATASETS, register_dataset
+
+    model, data = tiny_video()
+    register_dataset("tinyvideo", lambda path, split, seed, views=1, num_frames=8, **kw:
+                     MovingFashionDataset(data.items, split, seed, views=views, num_frames=num_frames,
+                                          num_fragments=2, item_size=data.item_size))
+    try:
+        iared.patch(model, "iared", groups=1)
+        ckpt = tmp_path / "video.safetensors"
+        iared.save_model(model, ckpt, arch="jointst_custom")
+        out = tmp_path / "video.json"
+        argv = ["eval", "--data", "tinyvideo", "--checkpoint", str(ckpt), "--methods",
+                "original,iared,tempdiff@0.5,random@0.5", "--json", str(out), "--batch-size", "4",
+                "--limit-batches", "2", "--flops-images", "2", "--device", "cpu", "--allocator", "system"]
+        assert main(argv) == 0
+        res = json.loads(out.read_text())
+        assert res["allocator"] == "system"
+        assert list(res["methods"]) == ["original", "iared", "tempdiff@0.5", "random@0.5"]
+        for name, r in res["methods"].items():
+            assert {"clip1_err", "video1_err", "clips_per_s", "gflops_per_clip", "keep_ratio", "speedup"} <= set(r)
+            assert r["n"] == 8 and 0 <= r["clip1_err"] <= 100 and r["clips_per_s"] > 0
+        assert res["methods"]["tempdiff@0.5"]["keep_ratio"] == 0.5
+        assert res["methods"]["tempdiff@0.5"]["gflops_per_clip"] < res["methods"]["original"]["gflops_per_clip"]
+        assert "clip-1 err" in capsys.readouterr().out
+        # an image data set for a video model: one line, exit 2
+        assert main(["eval", "--data", "cluttered-digits", "--checkpoint", str(ckpt), "--json",
+                     str(tmp_path / "x.json")]) == 2
+        assert "video" in capsys.readouterr().err
+        # segmentation metrics are for images with masks: one line, exit 2 (was silently ignored)
+        assert main(argv + ["--segmentation"]) == 2
+        assert "--segmentation is for image models" in capsys.readouterr().err
+    finally:
+        DATASETS.pop("tinyvideo", None)

@@ -1,13 +1,64 @@
-"""Policy files: trained IA-RED² interpreters without the backbone, and `--policy` in the commands."""
+"""Model files (`iared.save_model` / `load_model`) and policy files (`save_policy` / `load_policy` /
+`with_policy`: trained IA-RED² interpreters without the backbone, and `--policy` in the commands)."""
 
 import json
+import os
 
 import pytest
 import torch
-from helpers import tiny
 
 import iared
+from iared.backbones import CheckpointError, create_model
+from iared.backbones.checkpoint import save_safetensors
 from iared.cli import main
+
+from helpers import tiny
+
+
+def test_model_file_writes_are_checked_and_leave_nothing_behind(tmp_path):
+    m = create_model("vit_custom", img_size=16, patch_size=4, embed_dim=8, depth=2, num_heads=2, num_classes=3)
+    with pytest.raises(ValueError, match="unknown arch"):  # load_model could not rebuild it
+        iared.save_model(m, tmp_path / "m.safetensors", arch="no_such_arch")
+    with pytest.raises(IsADirectoryError):
+        iared.save_model(m, tmp_path, arch="vit_custom")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left next to the folder or in it
+    iared.save_model(m, tmp_path / "sub" / "m.safetensors", arch="vit_custom")
+    path = tmp_path / "sub" / "m.safetensors"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # an ordinary file, not mkstemp's 0600
+    assert torch.equal(iared.load_model(path).pos_embed, m.pos_embed)
+
+
+def test_model_file_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = iared.patch(create_model("vit_custom", img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=4,
+                                 num_heads=2, num_classes=3), "iared", groups=2, threshold=0.4).eval()
+    iared.save_model(m, tmp_path / "m.safetensors", arch="vit_custom", data={"kind": "toy"})
+    back = iared.load_model(tmp_path / "m.safetensors")
+    x = torch.randn(3, 1, 16, 16)
+    assert torch.equal(back(x), m(x))
+    assert back.policy.threshold == 0.4 and back.model_meta["data"] == {"kind": "toy"}
+    with pytest.raises(CheckpointError, match="no iared metadata|not an iared model"):
+        from safetensors.torch import save_file
+
+        save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+        iared.load_model(tmp_path / "plain.safetensors")
+
+
+def _small_tiny(**kw):
+    return iared.create_model("vit_tiny_patch16_224", depth=1, **kw)
+
+
+def test_model_file_with_bad_metadata_is_a_checkpoint_error(tmp_path):
+    m = _small_tiny()
+    for meta, says in (({"iared": "{not json"}, "not JSON"), ({"iared": '{"arch": 3}'}, "lacks the arch"),
+                       ({"iared": '{"arch": "vit_custom", "config": {"avtn_scale": 1}}'}, "cannot build the model"),
+                       ({"iared": '{"arch": "vit_nope", "config": {}}'}, "cannot build the model")):
+        save_safetensors(m.state_dict(), tmp_path / "m.safetensors", metadata=meta)
+        with pytest.raises(iared.CheckpointError, match=says):
+            iared.load_model(tmp_path / "m.safetensors")
 
 
 def _trained(seed=3):

@@ -1,4 +1,5 @@
-"""`iared train-backbone` / `iared train` end to end on tiny models, bad input, SIGKILL + resume."""
+"""`iared train` (`iared.training.curriculum`) end to end on tiny models: the curriculum, bad input,
+SIGKILL + resume, the agreement target, unlabeled photos, timm-layout files."""
 
 import json
 import os
@@ -12,41 +13,18 @@ import pytest
 import torch
 
 import iared
-from iared.cli import main
 from iared.backbones.checkpoint import read_checkpoint
+from iared.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+
+ROOT = Path(__file__).resolve().parents[2]
 DATA = "cluttered-digits"
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Path:
-    """A tiny random backbone model file for cluttered-digits (48x48, 1 channel, 10 classes)."""
-    torch.manual_seed(0)
-    model = iared.create_model("vit_custom", img_size=48, patch_size=8, in_chans=1, num_classes=10,
-                               embed_dim=16, depth=2, num_heads=2)
-    path = tmp_path_factory.mktemp("bb") / "backbone.safetensors"
-    iared.save_model(model, path, arch="vit_custom", data={"spec": DATA})
-    return path
 
 
 def _train_args(backbone, out, *extra):
     return ["train", "--data", DATA, "--checkpoint", str(backbone), "--groups", "2", "--out", str(out),
             "--epochs", "3", "--schedule", "1:2", "--limit-batches", "2", "--batch-size", "4", "--val-size", "8",
             "--lr", "1e-3", "--device", "cpu", "--no-progress", *extra]
-
-
-def test_train_backbone_tiny(tmp_path):
-    out = tmp_path / "bb"
-    rc = main(["train-backbone", "--data", DATA, "--arch", "vit_custom", "--out", str(out), "--embed-dim", "16",
-               "--depth", "2", "--heads", "2", "--patch-size", "8", "--epochs", "1", "--limit-batches", "2",
-               "--batch-size", "8", "--val-size", "8", "--clutter-ramp", "0", "--device", "cpu", "--no-progress"])
-    assert rc == 0
-    model = iared.load_model(out / "model.safetensors")
-    assert model.config.embed_dim == 16 and model.config.num_classes == 10 and model.policy is None
-    assert model.model_meta["data"]["kind"] == DATA
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["val"]["top1"] <= 100 and metrics["history"]["stages"][0]["epochs"][0]["steps"] == 2
 
 
 def test_train_curriculum_tiny(tmp_path, backbone):
@@ -120,6 +98,7 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_weights(tmp_path, backbone):
     full, killed = tmp_path / "full", tmp_path / "killed"
     extra = ("--checkpoint-every", "1")
@@ -149,18 +128,6 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, backbone):
     assert not different, different
 
 
-def test_train_backbone_init_from_model_file(tmp_path, backbone, capsys):
-    common = ["train-backbone", "--data", DATA, "--arch", "vit_custom", "--embed-dim", "16", "--depth", "2",
-              "--heads", "2", "--epochs", "1", "--limit-batches", "1", "--batch-size", "4", "--val-size", "4",
-              "--lr", "1e-9", "--device", "cpu", "--no-progress", "--init", str(backbone)]
-    assert main(common + ["--out", str(tmp_path / "a"), "--patch-size", "8"]) == 0
-    before, after = read_checkpoint(backbone), read_checkpoint(tmp_path / "a" / "model.safetensors")
-    assert torch.allclose(before["pos_embed"], after["pos_embed"], atol=1e-6)   # started from the file
-    # another patch size does not fit the file: one-line error, exit 2
-    assert main(common + ["--out", str(tmp_path / "b"), "--patch-size", "4"]) == 2
-    assert "does not fit" in capsys.readouterr().err
-
-
 def test_starting_over_removes_the_earlier_runs_checkpoints(tmp_path, backbone, capfd):
     # A new run in the folder of an earlier one (no --resume) used to leave that run's checkpoints,
     # whose higher steps a later --resume took as the newest: it continued the earlier run.
@@ -175,49 +142,6 @@ def test_starting_over_removes_the_earlier_runs_checkpoints(tmp_path, backbone, 
     assert "is complete: nothing left to train" in capfd.readouterr().err
     again = read_checkpoint(out / "model.safetensors")
     assert second.keys() == again.keys() and all(torch.equal(second[k], again[k]) for k in second)
-
-
-@pytest.mark.parametrize("case", ["bad_data", "unknown_arch", "truncated_init"])
-def test_train_backbone_early_error_leaves_no_out_folder(tmp_path, capsys, case):
-    out = tmp_path / "out"
-    args = ["train-backbone", "--data", DATA, "--arch", "vit_custom", "--out", str(out), "--embed-dim", "16",
-            "--depth", "2", "--heads", "2", "--epochs", "1", "--limit-batches", "1", "--no-progress"]
-    if case == "bad_data":
-        args[args.index("--data") + 1] = f"imagefolder:{tmp_path / 'nope'}"
-    elif case == "unknown_arch":
-        args[args.index("--arch") + 1] = "vit_nope"
-    else:
-        (tmp_path / "init.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
-        args += ["--init", str(tmp_path / "init.safetensors")]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("iared train-backbone: error:"), err
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("command", ["train-backbone", "eval"])
-def test_negative_workers_is_a_usage_error(command, capsys):
-    argv = {"train-backbone": ["train-backbone", "--data", DATA, "--arch", "vit_custom", "--out", "x"],
-            "eval": ["eval", "--data", DATA, "--checkpoint", "c", "--json", "j"]}[command]
-    with pytest.raises(SystemExit) as e:
-        main(argv + ["--workers", "-1"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "--workers: expected a non-negative integer" in err[0], err
-
-
-def test_agreement_target_relabels_with_the_unreduced_backbone(tmp_path, backbone):
-    from iared.training.setup import relabel, with_teacher_labels
-    from iared.training.curriculum import load_backbone
-
-    model, _, _, _, val = load_backbone(str(backbone), None, DATA)
-    labelled = relabel(val, model, limit=6, batch_size=4)
-    assert len(labelled) == 6
-    images = torch.stack([val[i]["image"] for i in range(6)])
-    assert [labelled[i]["label"] for i in range(6)] == model(images).argmax(-1).tolist()
-    seen = {}
-    step = with_teacher_labels(model)(lambda m, b, g: seen.update(b) or {})
-    step(None, {"image": images, "label": torch.full((6,), -1)}, None)
-    assert seen["label"].tolist() == model(images).argmax(-1).tolist()
 
 
 def test_train_agreement_tiny(tmp_path, backbone):

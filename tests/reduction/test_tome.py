@@ -9,13 +9,12 @@ import torch.nn.functional as F
 
 import iared
 from iared.backbones.kernels import cpu_kernels
+from iared.backbones.tokens import Tokens, apply_keep, initial_tokens
 from iared.backbones.vit import Block
 from iared.cli import main
 from iared.data import DATASETS, register_dataset
 from iared.data.base import DataInfo
 from iared.evaluation.flops import count_flops
-from iared.reduction.budgets import calibrate_knob, mean_keep
-from iared.backbones.tokens import Tokens, apply_keep, initial_tokens
 from iared.reduction.tome import (MergePlan, ToMeBlock, bipartite_soft_matching, merge_owner, merge_weighted,
                                   proportional_bias, source_matrix)
 
@@ -260,20 +259,6 @@ def test_flops_on_vit_tiny():
     for r, gmacs in ((4, 1.092), (8, 0.929), (12, 0.773), (16, 0.625)):
         m.policy.r = r
         assert float(count_flops(m, x)[0]) / 1e9 == pytest.approx(gmacs, rel=0.01), r
-
-
-def test_calibrate_knob_sets_an_integer_r():
-    m = iared.patch(tiny(), policy="tome")
-    images = torch.randn(2, 3, 32, 32)
-    r = calibrate_knob(m, images, 0.5)
-    assert isinstance(r, int) and m.policy.r == r
-    with torch.no_grad():
-        keeps = {}
-        for v in range(0, 33):
-            m.policy.r = v
-            _, info = m(images, return_info=True)
-            keeps[v] = float(mean_keep(info, 1).mean())
-    assert abs(keeps[r] - 0.5) == min(abs(k - 0.5) for k in keeps.values())  # the closest r there is
 
 
 # -- the CLI ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`iared demo --quick` end to end (one run shared by the tests), and the demo's pure helpers."""
+"""`iared demo --quick` end to end (one run shared by the tests, marked slow) and its one-line errors."""
 
 import json
 import os
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from iared.cli import main
-from iared.commands.sweep import MATCHED_METHODS, match_budget, sweep_points
+from iared.commands.sweep import MATCHED_METHODS
+
 
 NUMBER = (int, float)
 
@@ -21,6 +22,7 @@ def demo_out(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_results_json_layout(demo_out):
     r = json.loads((demo_out / "results.json").read_text())
     assert r["data"] == "cluttered-digits"
@@ -43,6 +45,7 @@ def test_results_json_layout(demo_out):
             assert isinstance(seg[key], NUMBER) and 0 <= seg[key] <= 100
 
 
+@pytest.mark.slow
 def test_baselines_matched_to_iared_cost(demo_out):
     r = json.loads((demo_out / "results.json").read_text())
     target = r["matched_to"]["gflops_per_img"]
@@ -55,6 +58,7 @@ def test_baselines_matched_to_iared_cost(demo_out):
         assert min(swept) - 1e-9 <= next(iter(knob.values())) <= max(swept) + 1e-9
 
 
+@pytest.mark.slow
 def test_report_mentions_every_method_and_figure(demo_out):
     text = (demo_out / "report.md").read_text()
     r = json.loads((demo_out / "results.json").read_text())
@@ -64,6 +68,7 @@ def test_report_mentions_every_method_and_figure(demo_out):
         assert f"]({png})" in text
 
 
+@pytest.mark.slow
 def test_pngs_are_real_images(demo_out):
     r = json.loads((demo_out / "results.json").read_text())
     pngs = sorted(demo_out.glob("*.png"))
@@ -81,6 +86,7 @@ def test_pngs_are_real_images(demo_out):
     assert not [p for p in demo_out.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_second_run_reuses_trained_models(demo_out, capsys):
     before = {p: p.stat().st_mtime_ns for p in (demo_out / "backbone" / "model.safetensors",
                                                  demo_out / "iared" / "model.safetensors")}
@@ -107,23 +113,3 @@ def test_read_only_out_is_exit_2(tmp_path, capsys):
         assert main(["demo", "--quick", "--out", str(ro / "x"), "--device", "cpu"]) == 2
     finally:
         ro.chmod(0o700)
-
-
-def test_match_budget_interpolates_and_clamps():
-    pts = [(0.4, 0.8), (0.1, 0.2), (0.25, 0.5)]  # (gflops, knob), unordered
-    assert match_budget(pts, 0.25) == pytest.approx(0.5)
-    assert match_budget(pts, 0.175) == pytest.approx(0.35)
-    assert match_budget(pts, 1.0) == pytest.approx(0.8)    # beyond the sweep: its end
-    assert match_budget(pts, 0.0) == pytest.approx(0.2)
-    with pytest.raises(ValueError):
-        match_budget([], 0.1)
-
-
-def test_sweep_points_groups_labels():
-    entry = {"top1": 1.0, "top5": 2.0, "gflops_per_img": 0.1, "keep_ratio": 0.5}
-    sweep = sweep_points({"original": entry, "iared": {**entry, "policy": {"threshold": 0.5}},
-                          "iared@0.7": entry, "ats@0.4": entry, "random@0.25": entry})
-    assert sweep["original"][0]["budget"] is None
-    assert [p["budget"] for p in sweep["iared"]] == [{"threshold": 0.5}, {"threshold": 0.7}]
-    assert sweep["ats"][0]["budget"] == {"rho": 0.4}
-    assert sweep["random"][0]["budget"] == {"keep_ratio": 0.25}

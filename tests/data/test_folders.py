@@ -1,11 +1,9 @@
-"""File-based loaders (idx, cifar10 folder/zip, imagefolder) and `build_dataset`, on tiny
-files written here, plus the real shared data when ../shared is present."""
+"""Folder and zip loaders (`iared.data.folders`: cifar10, imagefolder, segfolder) and bad files, on
+tiny files written here, plus the real shared data when ../shared is present."""
 
 import collections
-import gzip
 import logging
 import pickle
-import struct
 import zipfile
 
 import numpy as np
@@ -13,36 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from iared.data import (DATASETS, DataError, ImageError, build_dataset, carve_split, parse_data_spec,
-                        register_dataset, scan)
-from iared.data.idx import read_idx
+from iared.data import DataError, ImageError, build_dataset, scan
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def write_idx(path, array: np.ndarray, gz: bool = True) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if gz:
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-
-
-def make_idx_dir(root, n_train=50, n_test=20, gz=True, with_train_images=True):
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    sfx = ".gz" if gz else ""
-    sets = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        if prefix != "train" or with_train_images:
-            write_idx(root / f"{prefix}-images-idx3-ubyte{sfx}", images, gz)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte{sfx}", labels, gz)
-        sets[prefix] = (images, labels)
-    return sets
+from helpers import labelled_photos, segfolder
 
 
 def _jpeg_bytes(color, size=(32, 32)) -> bytes:
@@ -70,119 +41,6 @@ def make_cifar_folder(root, split="test", per_class=4):
         for i in range(per_class):
             (root / split / cls / f"{i:04d}.jpg").write_bytes(_jpeg_bytes((80 * c, 10 * i, 0)))
     return root
-
-
-# ------------------------------------------------------------------------------- specs
-
-
-def test_parse_data_spec():
-    assert parse_data_spec("cluttered-digits") == ("cluttered-digits", None)
-    assert parse_data_spec("cifar10:/a/b:c.zip") == ("cifar10", "/a/b:c.zip")
-    assert parse_data_spec("CIFAR10:x") == ("cifar10", "x")
-    for bad in ("", ":x", "cifar10:"):
-        with pytest.raises(DataError):
-            parse_data_spec(bad)
-
-
-@pytest.mark.parametrize("spec,match", [
-    ("nosuchkind", "unknown data kind"),
-    ("mnist", "needs a path"),
-    ("cifar10:/definitely/not/here", "does not exist"),
-    ("imagefolder:/definitely/not/here", "not a directory"),
-    ("cluttered-digits:/x", "takes no path"),
-])
-def test_build_dataset_errors_are_one_line(spec, match):
-    with pytest.raises(DataError, match=match) as e:
-        build_dataset(spec, "test")
-    assert "\n" not in str(e.value)
-
-
-def test_data_errors_are_user_errors():
-    from iared.errors import UserError  # what the CLI turns into one line and exit code 2
-    assert issubclass(DataError, UserError) and issubclass(ImageError, DataError)
-
-
-def test_unknown_split_and_empty_folder(tmp_path):
-    with pytest.raises(DataError, match="unknown split"):
-        build_dataset("cluttered-digits", "training")
-    with pytest.raises(DataError, match="no images"):
-        build_dataset(f"imagefolder:{tmp_path}", "test")
-
-
-def test_registry_is_extensible():
-    def builder(path, split, seed, **kw):
-        return [path, split, seed, kw]
-    register_dataset("toy-kind", builder)
-    try:
-        assert build_dataset("toy-kind:p", "val", 3, a=1) == ["p", "val", 3, {"a": 1}]
-    finally:
-        DATASETS.pop("toy-kind")
-
-
-def test_carve_split_partitions():
-    tr, va = carve_split(100, "train", 0, 10), carve_split(100, "val", 0, 10)
-    assert len(va) == 10 and len(tr) == 90
-    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(100))
-    np.testing.assert_array_equal(va, carve_split(100, "val", 0, 10))
-    assert not np.array_equal(va, carve_split(100, "val", 1, 10))
-
-
-# --------------------------------------------------------------------------------- idx
-
-
-@pytest.mark.parametrize("gz", [True, False])
-def test_idx_dataset(tmp_path, gz):
-    sets = make_idx_dir(tmp_path / "m", gz=gz)
-    ds = build_dataset(f"mnist:{tmp_path / 'm'}", "test")
-    assert len(ds) == 20 and ds.info.img_size == (28, 28) and ds.info.in_chans == 1
-    item = ds[3]
-    assert item["image"].shape == (1, 28, 28) and item["image"].dtype == torch.float32
-    assert item["label"] == 3 and "mask" not in item
-    expect = (sets["t10k"][0][3] / 255.0 - ds.info.mean[0]) / ds.info.std[0]
-    np.testing.assert_allclose(item["image"][0].numpy(), expect, rtol=1e-5, atol=1e-5)
-    tr = build_dataset(f"mnist:{tmp_path / 'm'}", "train", val_size=5)
-    va = build_dataset(f"mnist:{tmp_path / 'm'}", "val", val_size=5)
-    assert len(tr) == 45 and len(va) == 5
-    # train and val images are disjoint rows of the 50 training images
-    rows = {im.tobytes() for im in sets["train"][0]}
-    seen = [im.tobytes() for im in np.concatenate([tr.images, va.images])]
-    assert set(seen) == rows and len(seen) == 50
-
-
-def test_idx_missing_train_images_named_but_test_works(tmp_path):
-    make_idx_dir(tmp_path / "m", with_train_images=False)
-    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
-        build_dataset(f"mnist:{tmp_path / 'm'}", "train")
-    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
-        build_dataset(f"mnist:{tmp_path / 'm'}", "val")
-    assert len(build_dataset(f"mnist:{tmp_path / 'm'}", "test")) == 20
-
-
-def test_read_idx_rejects_bad_files(tmp_path):
-    (tmp_path / "junk").write_bytes(b"\x01\x02\x03\x04hello")
-    with pytest.raises(DataError, match="not an idx file"):
-        read_idx(tmp_path / "junk")
-    write_idx(tmp_path / "ok", np.zeros((3, 2, 2), np.uint8), gz=False)
-    (tmp_path / "cut").write_bytes((tmp_path / "ok").read_bytes()[:-3])
-    with pytest.raises(DataError, match="cut"):
-        read_idx(tmp_path / "cut")
-
-
-def test_fashion_mnist_class_names(tmp_path):
-    make_idx_dir(tmp_path / "f")
-    ds = build_dataset(f"fashion-mnist:{tmp_path / 'f'}", "test")
-    assert ds.info.class_names[0] == "T-shirt/top" and ds.info.num_classes == 10
-
-
-def test_fashion_mnist_default_system_dir(tmp_path, monkeypatch):
-    import iared.data.idx as idx
-    monkeypatch.setattr(idx, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "none"))
-    with pytest.raises(DataError, match="fashion-mnist:DIR"):
-        build_dataset("fashion-mnist", "test")
-    make_idx_dir(tmp_path / "sys")  # stands in for the Debian package's folder
-    monkeypatch.setattr(idx, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "sys"))
-    assert len(build_dataset("fashion-mnist", "test")) == 20
-    assert len(build_dataset("cluttered-fashion", "test")) == 20
 
 
 # ------------------------------------------------------------------------------ cifar10
@@ -271,6 +129,58 @@ def test_imagefolder_class_dirs_and_split_dirs(tmp_path):
     assert len(flat) == 4 and flat.info.num_classes == 2
 
 
+def test_labels_tsv_indices_index_the_head_and_bad_rows_are_errors(tmp_path):
+    root = labelled_photos(tmp_path / "f", [3, 998])
+    ds = build_dataset(f"imagefolder:{root}", "test", img_size=16)
+    assert ds.info.indexed and ds.info.num_classes == 999
+    (root / "labels.tsv").write_text("file\tclass_index\nimages/0.png\t3\nimages/1.png\n")
+    with pytest.raises(DataError, match="line 3"):
+        build_dataset(f"imagefolder:{root}", "test", img_size=16)
+    (root / "labels.tsv").write_text("images/0.png\t3\nimages/1.png\tcat\n")
+    with pytest.raises(DataError, match="mixes class indices and names"):
+        build_dataset(f"imagefolder:{root}", "test", img_size=16)
+
+
+def test_classes_tsv_maps_folders_to_head_indices(tmp_path):
+    for wnid in ("n02", "n01"):
+        (tmp_path / "d" / "train" / wnid).mkdir(parents=True)
+        Image.new("RGB", (20, 20)).save(tmp_path / "d" / "train" / wnid / "a.png")
+    (tmp_path / "d" / "classes.tsv").write_text("wnid\tclass_index\tname\nn01\t7\tseven, 7\nn02\t3\tthree\n")
+    ds = build_dataset(f"imagefolder:{tmp_path / 'd'}", "train", img_size=16, val_fraction=0.0)
+    assert sorted(ds[i]["label"] for i in range(len(ds))) == [3, 7]
+    assert ds.info.indexed and ds.info.num_classes == 8 and ds.info.class_names[7] == "seven"
+
+
+def test_segfolder_masks_follow_the_image_resize_and_crop(tmp_path):
+    from iared.data import build_dataset
+    from iared.data.images import resize_center_crop
+
+    root = segfolder(tmp_path / "seg")
+    ds = build_dataset(f"segfolder:{root}", "test", preprocess={"input_size": (3, 32, 32), "crop_pct": 0.8})
+    item = ds[0]
+    assert item["image"].shape == (3, 32, 32) and item["mask"].dtype == torch.bool and item["label"] == -1
+    # by hand: short side 40 -> 32 / 0.8 = 40, long 60; the centre 32x32 crop starts at x = 14
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[:, :30] = True
+    assert torch.equal(item["mask"], torch.from_numpy(mask[4:36, 14:46]))
+    want = resize_center_crop(Image.open(root / "msk" / "0.png"), (32, 32), 0.8, "nearest")
+    assert torch.equal(item["mask"], torch.from_numpy(np.asarray(want) > 0))
+    assert ds.info.has_masks and ds.info.num_classes == 0
+
+
+def test_segfolder_labels_and_bad_tables(tmp_path):
+    from iared.data import DataError, build_dataset
+
+    root = segfolder(tmp_path / "seg", labels=True)
+    ds = build_dataset(f"segfolder:{root}", "test")
+    assert [ds[i]["label"] for i in range(4)] == [0, 1, 2, 3] and ds.info.num_classes == 4
+    (root / "masks.tsv").write_text("picture\tmask\na.png\tb.png\n")
+    with pytest.raises(DataError, match="columns image and mask"):
+        build_dataset(f"segfolder:{root}", "test")
+    with pytest.raises(DataError, match="no masks.tsv"):
+        build_dataset(f"segfolder:{tmp_path}", "test")
+
+
 # ----------------------------------------------------------------------- bad files
 
 
@@ -317,23 +227,6 @@ def test_corrupt_zip_member_is_an_image_error(tmp_path):
     assert [i for i, _, _ in scan(ds)] == [1]
     with pytest.raises(ImageError, match="1.jpg"):
         ds[1]
-
-
-# ----------------------------------------------------------------- the real shared data
-
-
-def test_shared_fashion_mnist(shared_dir):
-    ds = build_dataset(f"fashion-mnist:{shared_dir / 'data' / 'fashion_mnist'}", "test")
-    assert len(ds) == 10000
-    assert collections.Counter(ds.labels.tolist()) == {c: 1000 for c in range(10)}
-    assert len(build_dataset(f"fashion-mnist:{shared_dir / 'data' / 'fashion_mnist'}", "val")) == 6000
-
-
-def test_shared_mnist_lacks_train_images(shared_dir):
-    spec = f"mnist:{shared_dir / 'data' / 'mnist'}"
-    assert len(build_dataset(spec, "test")) == 10000
-    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
-        build_dataset(spec, "train")
 
 
 def test_shared_cifar10_zip(shared_dir):

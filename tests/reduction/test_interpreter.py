@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import iared
-from iared.reduction.interpreter import IARedPolicy, MultiHeadInterpreter, informative_scores, log_keep_drop
+from iared.evaluation.flops import count_flops
+from iared.reduction.interpreter import MultiHeadInterpreter, informative_scores, log_keep_drop
 
 
 def tiny_vit(**kw):
@@ -181,15 +182,20 @@ def test_gradients_flow_to_interpreter_logits_in_mask_mode():
     assert m.policy.interpreters[1].q.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.filterwarnings("ignore:policy 'iared' as patched drops no token")
 def test_interpreter_cost_is_small():
-    from iared.evaluation.flops import block_macs, interpreter_macs
-
-    m = iared.create_model("deit_small_patch16_224", depth=12)
-    pol = IARedPolicy.for_model(m, groups=3)
-    n, d = 196, 384
-    it = pol.interpreters[0]
-    ratio = 3 * interpreter_macs(n, d, it.num_heads, it.head_dim) / (12 * block_macs(n + 1, d))
-    assert ratio < 0.001  # the folded Eq. 1: N·D·H per group, not N·D²
+    """Counted, not by formula: DeiT-S with 3 interpreters that keep every token costs DeiT-S plus
+    Eq. 1 on each group's 196 patch tokens, and that is under 0.1 % of the backbone (the folded
+    Eq. 1 is N·D·H multiply-adds per group, not N·D²)."""
+    model = iared.create_model("deit_small_patch16_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    plain = count_flops(model, x)
+    iared.patch(model, "iared", groups=3, threshold=-1.0)  # every score > -1: the blocks see every token
+    extra = count_flops(model, x) - plain
+    patches = torch.randn(1, model.grid_size, model.embed_dim)  # what each interpreter scores per image
+    eq1 = sum(count_flops(it, patches) for it in model.policy.interpreters)
+    assert extra.item() == eq1.item() > 0  # the interpreters' own work, and nothing else
+    assert extra.item() / plain.item() < 0.001
 
 
 def test_a_replaced_interpreter_is_the_one_used():
@@ -203,25 +209,3 @@ def test_a_replaced_interpreter_is_the_one_used():
     with torch.inference_mode():
         _, info = model(x, return_info=True)
     assert int(info.stages[1].keep.sum()) == 0
-
-
-def test_calibrated_thresholds_keep_the_asked_share_per_group():
-    from helpers import tiny
-
-    from iared.reduction.budgets import calibrate_thresholds
-
-    m = iared.patch(tiny(depth=6), policy="iared", groups=3)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in m.policy.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    images = torch.randn(16, 3, 32, 32)
-    t = calibrate_thresholds(m, images, 0.75)
-    assert len(t) == 3 and m.policy.threshold == 0.5  # restored
-    m.policy.threshold = t
-    with torch.no_grad():
-        _, info = m.eval()(images, return_info=True)
-    for rec in info.stages:  # each group keeps 75 % of what enters it, to one token in 64 * 16
-        share = rec.keep.sum().item() / rec.entering.sum().item()
-        assert abs(share - 0.75) < 0.02, share
-    assert calibrate_thresholds(m, images, 1.0) == [-1.0] * 3
