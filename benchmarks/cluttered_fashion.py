@@ -81,30 +81,30 @@ def recorded_train_s(model_path: Path) -> Optional[float]:
         return None
 
 
-def backbone_stage(args: argparse.Namespace, out: Path) -> Path:
-    if args.backbone:
-        return Path(args.backbone)
-    path = out / "backbone" / "model.safetensors"
+def trained(given: Optional[str], folder: Path, script: str, script_args: list[str], env: dict[str, str]) -> Path:
+    """The model file of one training stage: `given`, else the one in `folder`, else trained
+    there by `script` (which resumes from its checkpoints)."""
+    if given:
+        return Path(given)
+    path = folder / "model.safetensors"
     if path.is_file():
         log(f"reusing {path}")
         return path
-    run_recipe("train_cluttered_fashion_backbone.sh", [str(out / "backbone"), "--resume", "--seed", str(args.seed)]
-               + (QUICK_BACKBONE_FLAGS if args.quick else []), {"FASHION_DIR": args.data_dir})
+    run_recipe(script, script_args, env)
     return path
+
+
+def backbone_stage(args: argparse.Namespace, out: Path) -> Path:
+    return trained(args.backbone, out / "backbone", "train_cluttered_fashion_backbone.sh",
+                   [str(out / "backbone"), "--resume", "--seed", str(args.seed)]
+                   + (QUICK_BACKBONE_FLAGS if args.quick else []), {"FASHION_DIR": args.data_dir})
 
 
 def iared_stage(args: argparse.Namespace, out: Path, backbone: Path) -> Path:
-    if args.model:
-        return Path(args.model)
-    path = out / "iared" / "model.safetensors"
-    if path.is_file():
-        log(f"reusing {path}")
-        return path
-    run_recipe("train_cluttered_fashion_iared.sh", [str(backbone), str(out / "iared"), "--resume",
-                                                     "--seed", str(args.seed)],
-               {"FASHION_DIR": args.data_dir, **(QUICK_IARED_ENV if args.quick else {}),
-                **({"TAU": str(args.tau)} if args.tau is not None else {})})
-    return path
+    return trained(args.model, out / "iared", "train_cluttered_fashion_iared.sh",
+                   [str(backbone), str(out / "iared"), "--resume", "--seed", str(args.seed)],
+                   {"FASHION_DIR": args.data_dir, **(QUICK_IARED_ENV if args.quick else {}),
+                    **({"TAU": str(args.tau)} if args.tau is not None else {})})
 
 
 def segmentation_tables(model_path: Path, backbone_path: Path, data: str, n_images: int, batch_size: int,

@@ -26,24 +26,30 @@ class FixedKeepRuns(FixedKeep):
         return index in self.grid_keep
 
 
+@pytest.fixture
+def layouts(monkeypatch) -> list[int]:
+    """The bucket count of every `PackedLayout` the backbone builds, in order."""
+    built: list[int] = []
+
+    class Recorded(PackedLayout):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            built.append(len(self.buckets))
+
+    monkeypatch.setattr(vit, "PackedLayout", Recorded)
+    return built
+
+
 @pytest.mark.parametrize("buckets", ["sized", "one image each"])
 @pytest.mark.parametrize("policy", [FixedKeep, FixedKeepRuns])
 @pytest.mark.parametrize("blocks,distilled", [([0], False), ([0, 2, 4], False), ([1, 3], True), ([5], False)])
-def test_packed_equals_masked_reference(blocks, distilled, policy, buckets, monkeypatch):
+def test_packed_equals_masked_reference(blocks, distilled, policy, buckets, layouts, monkeypatch):
     import iared.backbones.packing as packing
 
     model = tiny_model(distilled=distilled)
     B = 6
     model.policy = policy(uneven_keeps(B, model.grid_size, blocks))
     x = torch.randn(B, 3, 32, 32)
-    layouts = []
-
-    class Recorded(PackedLayout):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            layouts.append(len(self.buckets))
-
-    monkeypatch.setattr(vit, "PackedLayout", Recorded)
     if buckets == "one image each":  # the tiny model's attention would go in one call
         monkeypatch.setattr(packing, "MIN_BUCKET_MACS", 0.0)
     with torch.no_grad():
@@ -204,7 +210,7 @@ def test_equal_counts_compact_without_padding_equals_masked_reference():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_execution_strategies_are_parameters(monkeypatch):
+def test_execution_strategies_are_parameters(layouts, monkeypatch):
     """`execution="padded"` removes tokens without packing; `max_buckets` bounds a packed
     run's attention calls; both give the mask-mode logits."""
     import iared.backbones.packing as packing
@@ -213,14 +219,6 @@ def test_execution_strategies_are_parameters(monkeypatch):
     B = 6
     model.policy = FixedKeepRuns(uneven_keeps(B, model.grid_size, [0, 2, 4]))
     x = torch.randn(B, 3, 32, 32)
-    layouts = []
-
-    class Recorded(PackedLayout):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            layouts.append(len(self.buckets))
-
-    monkeypatch.setattr(vit, "PackedLayout", Recorded)
     monkeypatch.setattr(packing, "MIN_BUCKET_MACS", 0.0)  # one image per call where allowed
     with torch.no_grad():
         ref, info_ref = model(x, execution="mask", return_info=True)
