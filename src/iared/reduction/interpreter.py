@@ -270,11 +270,10 @@ def _build_iared(model: nn.Module, groups: int = 3, **kw) -> IARedPolicy:
 
 def _fused_informative(mod: nn.Module):
     """`MultiHeadInterpreter.informative` in three ops: LayerNorm, the policy-folded
-    linear map with oneDNN's sigmoid post-op, and the mean over heads as a product with
-    1/H (`mv`: between two blocks ~20 us against ~50 for `mean`, a sum and a division).
-    The linear map and `mv` see the tokens as one (B * N, D) matrix: `@` on a 3-d tensor
-    folds and unfolds it around `mv` itself, three more small operations (DeiT-S batch 1:
-    +0.009-0.013 of the FLOPs limit in paired rounds)."""
+    linear map with oneDNN's sigmoid post-op, and the mean over heads as one `mv` with
+    1/H (fewer calls than `mean`, a sum and a division). Both see the tokens as one
+    (B * N, D) matrix, since `@` on a 3-d tensor would add three small operations
+    around it: at batch 1 the op count is the cost (docs/performance.md)."""
     with torch.no_grad():
         weight, bias = mod.folded()  # (H, D), (H,): a snapshot, as the packed linears
         weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
