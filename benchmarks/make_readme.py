@@ -27,6 +27,9 @@ Markers filled (NAME: source files):
     moving_fashion     moving_fashion.json
     pruning            pruning.json
     fuzz               fuzz.json               (benchmarks/fuzz.py)
+
+and, in the top-level README.md, one short table each (SUMMARIES): summary-imagenet,
+summary-demo, summary-speed, summary-video.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from iared.evaluation.accuracy import standard_error
 from iared.evaluation.report import fmt, md_table as table, method_table, metric_table
 
 NOT_RUN = "not run yet"
@@ -319,6 +323,82 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
 }
 
 
+# -- the top-level README: one short table per task, with its conclusion --------------------
+
+MATCHED = ("1.3x", "1.5x", "2.0x")
+NAMES = {"iared": "IA-RED²", "ats": "ATS", "topk": "top-K", "random": "random", "attention": "attention",
+         "tome": "ToMe", "evit": "EViT", "tempdiff": "temporal difference", "ours": "IA-RED²"}
+
+
+def summary_imagenet(results: Path) -> str:
+    d, t = _load(results / "imagenet_vit_tiny.json"), _load(results / "imagenet_iared.json")
+    if d is None:
+        return NOT_RUN
+    rows = {NAMES[k]: v for k, v in d["matched_cost"].items() if k in NAMES}
+    if t is not None:
+        rows["IA-RED² (trained here)"] = t["matched_cost"]["iared_label"]
+    best = max(rows, key=lambda k: rows[k].get("1.5x") or 0)
+    original = d["methods"]["original"]["top1"]
+    lines = [table(["top-1 (%) at fewer GFLOPs", *MATCHED],
+                   [[k, *(fmt(v.get(c), 1) for c in MATCHED)] for k, v in rows.items()]),
+             f"ViT-Tiny, {original:.2f} % unreduced on {d['n_images']} ImageNet validation photos; each method's "
+             f"accuracy read off its budget sweep. At 1.5x fewer GFLOPs {best} keeps most "
+             f"({rows[best]['1.5x']:.1f} %)" + (f"; IA-RED² trained here {rows['IA-RED² (trained here)']['1.5x']:.1f} %."
+                                                if t is not None else ".")]
+    return "\n\n".join(lines)
+
+
+def summary_demo(results: Path) -> str:
+    d = _load(results / "demo_cluttered_digits.json")
+    if d is None:
+        return NOT_RUN
+    m = d["methods"]
+    rows = [[NAMES.get(k, k), fmt(r["top1"], 1), fmt(r.get("top1_se") or standard_error(r["top1"], r["n_images"]), 1),
+             fmt(r.get("flops_ratio"), 2), fmt(r.get("speedup"), 2)] for k, r in m.items()]
+    o, i = m["original"], m["iared"]
+    others = [r["top1"] for k, r in m.items() if k not in ("original", "iared")]
+    return "\n\n".join([
+        table(["`make demo`", "top-1 (%)", "± s.e.", "fewer GFLOPs", "speedup"], rows),
+        f"IA-RED² at {i['flops_ratio']:.1f}x fewer GFLOPs: {i['top1'] - o['top1']:+.1f} points against the backbone; "
+        f"the baselines at its cost {min(others) - o['top1']:+.1f} to {max(others) - o['top1']:+.1f}."])
+
+
+def summary_speed(results: Path) -> str:
+    docs = [(b, _load(results / f"speed_deit_small_patch16_224_b{b}.json")) for b in (64, 1)]
+    docs = [(b, d) for b, d in docs if d is not None]
+    if not docs:
+        return NOT_RUN
+    names = [k for k in docs[0][1]["methods"] if k != "original"]
+    rows = [[f"DeiT-S, batch {b}", *(fmt(d["methods"][k]["of_limit"], 2) if k in d["methods"] else "-"
+                                     for k in names)] for b, d in docs]
+    return "\n\n".join([
+        table(["measured speedup / FLOPs ratio", *(NAMES.get(k, k) for k in names)], rows),
+        f"Every method calibrated to keep 60 % of the tokens ({docs[0][1]['device_name']}, "
+        f"{docs[0][1]['threads']} threads): near the FLOPs ratio at batch 64, a fixed cost per block "
+        f"and per stage below it at batch 1."])
+
+
+def summary_video(results: Path) -> str:
+    d = _load(results / "moving_fashion.json")
+    if d is None:
+        return NOT_RUN
+    m = d["methods"]
+    rows = [[NAMES.get(k, k) if "@" not in k else f"IA-RED² at keep {k.split('@')[1]}", fmt(r["clip1_err"], 1),
+             fmt(r["video1_err"], 1), fmt(r.get("keep_ratio"), 2), fmt(r.get("speedup"), 2)] for k, r in m.items()]
+    return "\n\n".join([
+        table(["moving-fashion video", "clip-1 err (%)", "video-1 err (%)", "keep", "speedup"], rows),
+        f"IA-RED² keeps the error within {m['ours']['video1_err'] - m['original']['video1_err']:+.1f} points "
+        f"(video-1) of the backbone at {m['ours']['speedup']:.1f}x; the baselines lose "
+        f"{min(r['video1_err'] for k, r in m.items() if k in ('random', 'attention', 'tempdiff', 'ats')) - m['original']['video1_err']:.0f}"
+        f" points or more."])
+
+
+SUMMARIES: dict[str, Callable[[Path], str]] = {
+    "summary-imagenet": summary_imagenet, "summary-demo": summary_demo,
+    "summary-speed": summary_speed, "summary-video": summary_video,
+}
+
+
 def _load(path: Path) -> Optional[dict[str, Any]]:
     """The JSON document at `path`, or None when it does not exist (a damaged file is an error)."""
     if not path.is_file():
@@ -365,25 +445,29 @@ def update_readme(text: str, results: Path, renderers: Optional[dict[str, Callab
 def main(argv: Optional[Sequence[str]] = None) -> int:
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", default=str(root / "benchmarks" / "README.md"), help="README to update in place")
+    parser.add_argument("--readme", default=None,
+                        help="one README to update in place with every table (default: benchmarks/README.md, "
+                             "and README.md with the summaries)")
     parser.add_argument("--results", default=str(root / "benchmarks" / "results"), help="folder of results JSON")
     args = parser.parse_args(argv)
-    readme = Path(args.readme)
-    if not readme.is_file():
-        print(f"make_readme: no README at {readme}", file=sys.stderr)
-        return 2
-    text = readme.read_text()
-    new, missing = update_readme(text, Path(args.results))
-    for name in missing:
-        print(f"make_readme: marker pair <!-- results:{name} --> ... <!-- /results:{name} --> not in {readme}; "
-              f"table not written")
-    if new != text:
-        tmp = readme.with_name(readme.name + ".tmp")
-        tmp.write_text(new)
-        os.replace(tmp, readme)
-        print(f"make_readme: updated {readme}")
-    else:
-        print(f"make_readme: {readme} already up to date")
+    targets = ([(Path(args.readme), RENDERERS)] if args.readme else
+               [(root / "benchmarks" / "README.md", RENDERERS), (root / "README.md", SUMMARIES)])
+    for readme, renderers in targets:
+        if not readme.is_file():
+            print(f"make_readme: no README at {readme}", file=sys.stderr)
+            return 2
+        text = readme.read_text()
+        new, missing = update_readme(text, Path(args.results), renderers)
+        for name in missing:
+            print(f"make_readme: marker pair <!-- results:{name} --> ... <!-- /results:{name} --> not in {readme}; "
+                  f"table not written")
+        if new != text:
+            tmp = readme.with_name(readme.name + ".tmp")
+            tmp.write_text(new)
+            os.replace(tmp, readme)
+            print(f"make_readme: updated {readme}")
+        else:
+            print(f"make_readme: {readme} already up to date")
     return 0
 
 

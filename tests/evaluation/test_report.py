@@ -214,3 +214,11 @@ def test_make_readme_renders_points_and_curves(tmp_path):
     assert "| target_keep_ratio | b1.img_per_s |" in text and "| 0.250 | 20.000 |" in text
     assert "| curve | reduction | top1 |" in text and "| iared | 0.300 | 89.000 |" in text
     assert "no fine-tuning" in text
+
+
+def test_readme_summaries_render_the_committed_results_or_say_not_run(tmp_path):
+    mr = _make_readme()
+    for name, render in mr.SUMMARIES.items():
+        assert render(tmp_path) == mr.NOT_RUN, name
+        table = render(ROOT / "benchmarks" / "results")
+        assert table.startswith("| ") and "\n\n" in table, name  # a table, then its conclusion
