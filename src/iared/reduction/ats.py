@@ -54,8 +54,8 @@ The block modification is `ATSBlock`, a subclass of the backbone's `Block` that
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -464,9 +464,6 @@ class ATSPolicy(BlockSwapPolicy):
         if s.select == "topk" and s.K is None and s.rho >= 1:
             return f"top-K at rho = {s.rho:g} keeps K >= N tokens, all of them; set a budget below 1"
         return None
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self.settings)}
 
     def attach(self, model: nn.Module) -> None:
         """Swap the class of the stage blocks to `ATSBlock` (see `BlockSwapPolicy`)."""

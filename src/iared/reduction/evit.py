@@ -42,8 +42,8 @@ so records and heatmaps show only real patches; -1 keeps meaning padding.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Optional, Sequence, Union
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from ..backbones.tokens import StageRecord
 from ..backbones.vit import Block
 from ..backbones.tokens import Tokens, apply_keep, attention_mask
-from .policy import BlockSwapPolicy, register_policy
+from .policy import BlockSwapPolicy, register_policy, shared_setting
 
 DEFAULT_KEEP_RATE = 0.7  # the paper's main DeiT setting
 
@@ -245,17 +245,7 @@ class EViTPolicy(BlockSwapPolicy):
             raise ValueError(f"EViT stages {stages} must be block indices in 0..{depth - 1}")
         self.settings = EViTSettings(stages=stages, keep_rate=_checked_rate(keep_rate), fuse_token=bool(fuse_token))
 
-    @property
-    def keep_rate(self) -> float:
-        """rho, the budget."""
-        return self.settings.keep_rate
-
-    @keep_rate.setter
-    def keep_rate(self, value: float) -> None:
-        self.settings.keep_rate = _checked_rate(value)
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self.settings)}
+    keep_rate = shared_setting("keep_rate", lambda value: _checked_rate(value))  # rho, the budget
 
     def attach(self, model: nn.Module) -> None:
         """Swap the class of the stage blocks to `EViTBlock` (see `BlockSwapPolicy`)."""

@@ -29,6 +29,7 @@ and `iared eval --methods ats` find them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from torch import nn
@@ -86,6 +87,9 @@ class BlockSwapPolicy(TokenPolicy):
     key: str
     settings: Any
 
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.settings)}
+
     def swap_blocks(self, model: nn.Module, indices: Sequence[int]) -> None:
         from ..backbones.vit import Block
 
@@ -114,6 +118,14 @@ class BlockSwapPolicy(TokenPolicy):
 
     def forward(self, index: int, tokens: Any, model: nn.Module, mode: Any = None):
         return tokens, None
+
+
+def shared_setting(name: str, check: Callable[[Any], Any] = lambda value: value) -> property:
+    """A `BlockSwapPolicy` attribute that reads and writes `settings.<name>` (so the swapped
+    blocks see a new value at once), each new value passed through `check` first."""
+    return property(lambda self: getattr(self.settings, name),
+                    lambda self, value: setattr(self.settings, name, check(value)),
+                    doc=f"`settings.{name}`, shared with the swapped blocks.")
 
 
 PolicyBuilder = Callable[..., nn.Module]

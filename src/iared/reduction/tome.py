@@ -38,7 +38,7 @@ The block modification is `ToMeBlock`, a subclass of the backbone's `Block` that
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ..backbones.tokens import StageRecord
 from ..backbones.vit import Block
 from ..backbones.tokens import Tokens, apply_keep, attention_mask
-from .policy import BlockSwapPolicy, register_policy
+from .policy import BlockSwapPolicy, register_policy, shared_setting
 
 # -- the math, as pure functions --------------------------------------------------------
 
@@ -304,24 +304,8 @@ class ToMePolicy(BlockSwapPolicy):
         super().__init__()
         self.settings = ToMeSettings(r=_check_r(r), prop_attn=bool(prop_attn), trace_source=bool(trace_source))
 
-    @property
-    def r(self) -> int:
-        return self.settings.r
-
-    @r.setter
-    def r(self, value: int) -> None:
-        self.settings.r = _check_r(value)
-
-    @property
-    def trace_source(self) -> bool:
-        return self.settings.trace_source
-
-    @trace_source.setter
-    def trace_source(self, value: bool) -> None:
-        self.settings.trace_source = bool(value)
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self.settings)}
+    r = shared_setting("r", lambda value: _check_r(value))
+    trace_source = shared_setting("trace_source", bool)
 
     def attach(self, model: nn.Module) -> None:
         """Swap the class of every block to `ToMeBlock` (see `BlockSwapPolicy`)."""
