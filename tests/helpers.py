@@ -204,3 +204,18 @@ def write_png(path, size=(40, 30), mode="RGB", seed=0):
     shape = (size[1], size[0]) if chans is None else (size[1], size[0], chans)
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
     return str(path)
+
+
+def assert_block_swap_round_trip(m, x, ref, path, arch="vit_custom"):
+    """A block-swapping policy on `m` survives its model file (same settings, same logits), and
+    `unpatch` gives back plain blocks computing `ref`, the logits before patching."""
+    from iared.backbones.vit import Block
+
+    patched = m(x)
+    iared.save_model(m, path, arch=arch)
+    loaded = iared.load_model(path)
+    assert loaded.policy.config() == m.policy.config()
+    assert torch.equal(loaded(x), patched)
+    iared.unpatch(m)
+    assert all(type(b) is Block for b in m.blocks)
+    assert torch.equal(m(x), ref)

@@ -10,7 +10,7 @@ from iared.backbones.vit import Block
 from iared.reduction.ats import (ATSBlock, budget_k, default_stages, inverse_transform_sample, sampling_quantiles,
                                  significance_scores, topk_keep)
 
-from helpers import peaked, tiny
+from helpers import assert_block_swap_round_trip, peaked, tiny
 
 
 # -- the math ---------------------------------------------------------------------------
@@ -177,15 +177,7 @@ def test_attach_detach_and_model_file(tmp_path):
     iared.patch(m, policy="ats", rho=0.5)
     assert all(type(m.blocks[i]) is ATSBlock for i in (2, 3, 4, 5)) and type(m.blocks[1]) is Block
     assert set(m.state_dict()) == keys  # parameter-free
-    patched = m(x)
-    path = tmp_path / "ats.safetensors"
-    iared.save_model(m, path, arch="vit_custom")
-    loaded = iared.load_model(path)
-    assert loaded.policy.settings == m.policy.settings
-    assert torch.equal(loaded(x), patched)
-    iared.unpatch(m)
-    assert all(type(b) is Block for b in m.blocks)
-    assert torch.equal(m(x), ref)
+    assert_block_swap_round_trip(m, x, ref, tmp_path / "ats.safetensors")
 
 
 def test_patching_over_ats_replaces_it():

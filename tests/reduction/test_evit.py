@@ -11,11 +11,10 @@ import torch
 import iared
 from iared.backbones.kernels import cpu_kernels
 from iared.backbones.tokens import apply_keep, to_grid
-from iared.backbones.vit import Block
 from iared.evaluation.flops import count_flops, vit_macs
 from iared.reduction.evit import EViTBlock, cls_attentiveness, default_stages, evit_keep, fuse_inattentive, keep_count
 
-from helpers import TinyData, model_file, peaked, tiny, tiny_classifier, write_png
+from helpers import TinyData, assert_block_swap_round_trip, model_file, peaked, tiny, tiny_classifier, write_png
 
 
 # -- the math ---------------------------------------------------------------------------
@@ -258,15 +257,7 @@ def test_knob_attach_detach_and_model_file(tmp_path):
             m.policy.keep_rate = bad
     with pytest.raises(ValueError):
         iared.patch(copy.deepcopy(m), policy="evit", stages=[6])
-    patched = m(x)
-    path = tmp_path / "evit.safetensors"
-    iared.save_model(m, path, arch="vit_custom")
-    loaded = iared.load_model(path)
-    assert loaded.policy.settings == m.policy.settings
-    assert torch.equal(loaded(x), patched)
-    iared.unpatch(m)
-    assert all(type(b) is Block for b in m.blocks)
-    assert torch.equal(m(x), ref)
+    assert_block_swap_round_trip(m, x, ref, tmp_path / "evit.safetensors")
 
 
 def test_without_fusion_drops_the_inattentive_tokens():
