@@ -7,6 +7,8 @@
     logits, info = model(images, return_info=True)               # info.stages[j].scores: heatmaps
 
     iared.patch(model, policy=iared.load_policy("iared_vit_tiny.safetensors"))  # trained interpreters
+    iared.patch(model, "ats", budget=0.7)                        # every policy: one budget,
+    model.policy.budget = 0.5                                    # settable after patching
 
     model = iared.patch(timm_or_hf_vit, policy="ats")            # a model you hold: converted (a new object)
     original = iared.unpatch(model)                              # and given back

@@ -3,7 +3,7 @@
 1. *backbone*: train a small plain ViT from scratch (`training.backbone.train_backbone`);
 2. *iared*: train IA-RED² with D = 3 groups by the curriculum of Algorithm 1
    (`training.curriculum.train_iared`);
-3. *sweep*: evaluate every method over a range of its budget knob (`evaluation.run.run_eval`)
+3. *sweep*: evaluate every method over a range of its budget (`commands.sweep.budget_sweep`)
    to draw accuracy against GFLOPs;
 4. *matched*: evaluate `original, iared, ats, topk, random, attention` with each baseline's
    budget set to match IA-RED²'s GFLOPs (interpolated on the sweep), with throughput and
