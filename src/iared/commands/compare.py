@@ -57,8 +57,8 @@ def compare_methods(rows: Iterable[tuple[str, nn.Module]], loader: Iterable, flo
             log(f"{label:>16s}  top-1 {top1}  {r['gflops_per_img']:.4f} GFLOPs  keep {r['keep_ratio']:.3f}")
         if speed_batches:
             timed[label] = (model, {})
-    counts = list(repeats) if len(repeats) == len(speed_batches) else [repeats[0]] * len(speed_batches)
-    for i, (images, n_rounds) in enumerate(zip(speed_batches, counts)):
+    rounds = list(repeats) if len(repeats) == len(speed_batches) else [repeats[0]] * len(speed_batches)
+    for i, (images, n_rounds) in enumerate(zip(speed_batches, rounds)):
         key = "img_per_s" if i == 0 else f"img_per_s_b{images.shape[0]}"
         speeds = interleaved_throughput(timed, images, warmup=warmup, repeats=n_rounds)
         for label, rate in speeds.items():

@@ -33,9 +33,9 @@ from torch import nn
 from ..backbones.kernels import resolve_kernels
 from ..errors import UserError
 from ..evaluation.throughput import interleaved_throughput, steady_allocator
+from ..evaluation.segmentation import segmentation_metrics_for
 from ..fileio import write_json
 from ..models import check_data_fits, load_model_file, with_policy
-from ..evaluation.segmentation import segmentation_metrics_for
 from ..reduction.interpreter import has_interpreters
 from ..reduction.policy import budget_setting
 from .compare import compare_methods, relative_to_original
@@ -289,10 +289,7 @@ def _eval_record(cfg: EvalConfig, allocator: str, results: dict[str, Any], flops
                  speed_images: Optional[torch.Tensor]) -> dict[str, Any]:
     """The result file: where the numbers come from, how they were measured, and the rows."""
     return {
-        "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
-        "command": cfg.command, "split": cfg.split,
-        "device": cfg.device, "threads": torch.get_num_threads(), "kernels": resolve_kernels("auto", cfg.device),
-        "allocator": allocator,
+        **_provenance(cfg, allocator),
         "notes": {
             "gflops_per_img": f"multiply-adds / 1e9 per image, counted one image at a time on the first "
                               f"{int(flops_images.shape[0])} images",
@@ -305,6 +302,13 @@ def _eval_record(cfg: EvalConfig, allocator: str, results: dict[str, Any], flops
         },
         "methods": results,
     }
+
+
+def _provenance(cfg: EvalConfig, allocator: str) -> dict[str, Any]:
+    """What every result file of `iared eval` records first: its inputs, command and machine."""
+    return {"data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
+            "command": cfg.command, "split": cfg.split, "device": cfg.device, "threads": torch.get_num_threads(),
+            "kernels": resolve_kernels("auto", cfg.device), "allocator": allocator}
 
 
 def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Sequence[MethodSpec],
@@ -339,9 +343,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
         row["clips_per_s"] = speeds.get(label)
     relative_to_original(rows, "gflops_per_clip", "clips_per_s")
     out = {
-        "data": cfg.data, "checkpoint": cfg.checkpoint, "backbone": cfg.backbone or cfg.checkpoint,
-        "command": cfg.command, "split": cfg.split, "device": cfg.device, "threads": torch.get_num_threads(),
-        "kernels": resolve_kernels("auto", cfg.device), "allocator": allocator,
+        **_provenance(cfg, allocator),
         "notes": {"clip1_err": "top-1 error (%) of the centre view", "video1_err":
                   "top-1 error (%) of the softmax averaged over left, centre and right views",
                   "clips_per_s": f"median of {cfg.throughput_repeats} forwards of the same centre-view clips, "

@@ -1,7 +1,7 @@
 """`iared bench speed`: every method on one backbone with random weights, budgets matched.
 
 Every method is calibrated to keep about the same share of patch tokens
-(`calibrate_iared`, `calibrate_knob`), its GFLOPs counted, and all are timed in
+(`iared.reduction.budgets.calibrate_knob`), its GFLOPs counted, and all are timed in
 interleaved rounds on one batch, so a busy machine's load hits them alike.
 """
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..backbones.kernels import cpu_kernels, resolve_kernels
 from ..errors import UserError
 from ..evaluation.throughput import device_name, interleaved_times, steady_allocator, synthetic_images
-from ..reduction.budgets import calibrate_iared, calibrate_knob, mean_keep
+from ..reduction.budgets import calibrate_knob, mean_keep
 
 
 # The image methods users compare; `methods=("all",)` adds every other registered policy (the ATS
@@ -68,10 +68,7 @@ def _build_methods(model: nn.Module, names: list[str], calib: Tensor, keep_ratio
         try:
             policy = build_policy(name, model).to(calib.device, calib.dtype)  # the backbone's dtype
             patch(model, policy)
-            if name == "iared":
-                calibrate_iared(model, calib, keep_ratio)
-            else:
-                calibrate_knob(model, calib, keep_ratio)
+            calibrate_knob(model, calib, keep_ratio)
             methods[name] = policy
         except (ValueError, TypeError, RuntimeError) as e:  # e.g. a video-only policy
             log(f"skipping {name}: {e}")

@@ -16,12 +16,13 @@ at different depths (once at the input, per group, per block) are comparable.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..backbones.tokens import ReductionInfo
+from .interpreter import has_interpreters
 
 
 def mean_keep(info: ReductionInfo, num_prefix: int) -> Tensor:
@@ -99,8 +100,9 @@ def calibrate_thresholds(model: nn.Module, images: Tensor, keep: Union[float, Se
 
 @torch.inference_mode()
 def calibrate_knob(model: nn.Module, images: Tensor, keep_ratio: float, steps: int = 6,
-                   tol: float = 0.01) -> Optional[float]:
-    """Bisect a policy's budget (`rho`, `keep_ratio`, ...) until the keep ratio is near the target.
+                   tol: float = 0.01) -> Any:
+    """Bisect a policy's budget (`rho`, `keep_ratio`, ...) until the keep ratio is near the target;
+    IA-RED²'s thresholds are set by `calibrate_iared` instead.
 
     ToMe's `r` (tokens merged per block) is an integer that keeps less as it grows: it is
     bisected over 0..grid_size // 2 (past that every block merges all it may) and set to
@@ -114,11 +116,12 @@ def calibrate_knob(model: nn.Module, images: Tensor, keep_ratio: float, steps: i
         tol: stop when the keep ratio is within `tol` of the target (a float knob).
 
     Returns:
-        The budget set on the policy, or None when the policy has no scalar budget
-        that keeps more as it grows (IA-RED²'s thresholds: `calibrate_iared`).
+        The budget set on the policy, or None when the policy has no budget.
     """
     policy = model.policy
-    if getattr(policy, "budget_setting", None) in (None, "threshold"):
+    if has_interpreters(model):
+        return calibrate_iared(model, images, keep_ratio)
+    if getattr(policy, "budget_setting", None) is None:
         return None
     P = model.num_prefix_tokens
 
