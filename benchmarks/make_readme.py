@@ -357,10 +357,11 @@ def summary_demo(results: Path) -> str:
              fmt(r.get("flops_ratio"), 2), fmt(r.get("speedup"), 2)] for k, r in m.items()]
     o, i = m["original"], m["iared"]
     others = [r["top1"] for k, r in m.items() if k not in ("original", "iared")]
-    return "\n\n".join([
-        table(["`make demo`", "top-1 (%)", "± s.e.", "fewer GFLOPs", "speedup"], rows),
+    # The demo's own generated conclusion, when the run recorded one (its first three sentences).
+    text = " ".join(d["conclusion"][:3]) if d.get("conclusion") else (
         f"IA-RED² at {i['flops_ratio']:.1f}x fewer GFLOPs: {i['top1'] - o['top1']:+.1f} points against the backbone; "
-        f"the baselines at its cost {min(others) - o['top1']:+.1f} to {max(others) - o['top1']:+.1f}."])
+        f"the baselines at its cost {min(others) - o['top1']:+.1f} to {max(others) - o['top1']:+.1f}.")
+    return "\n\n".join([table(["`make demo`", "top-1 (%)", "± s.e.", "fewer GFLOPs", "speedup"], rows), text])
 
 
 def summary_speed(results: Path) -> str:

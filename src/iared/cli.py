@@ -89,6 +89,8 @@ def _training(p: argparse.ArgumentParser) -> None:
                    help="stop each epoch after N batches (tiny runs and tests)")
     p.add_argument("--workers", type=_nonneg_int, default=0, help="data-loading worker processes")
     p.add_argument("--val-size", type=_positive_int, default=None, help="validate on the first N items")
+    p.add_argument("--val-every", type=_positive_int, default=1,
+                   help="validate every N epochs and at the end of each stage (default 1)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=_positive_int, default=None, help="blocks (vit_custom default 6)")
     p.add_argument("--heads", type=_positive_int, default=None, help="attention heads (vit_custom default 4)")
     p.add_argument("--patch-size", type=_positive_int, default=None, help="patch side (vit_custom default 4)")
+    p.add_argument("--patch-overlap", type=_nonneg_int, default=None,
+                   help="pixels each patch's kernel sees beyond the patch on every side (vit_custom default 0)")
     p.add_argument("--weight-decay", type=_NON_NEGATIVE, default=0.05, help="AdamW weight decay (default 0.05)")
     p.add_argument("--warmup-epochs", type=_NON_NEGATIVE, default=0.3, help="linear warmup (default 0.3 epochs)")
     p.add_argument("--label-smoothing", type=_number(0.0, 1.0, open_hi=True), default=0.1, help="default 0.1")
@@ -267,12 +271,13 @@ def _cmd_train_backbone(args) -> int:
 
     options = BackboneOptions(
         data=args.data, arch=args.arch, out=args.out, embed_dim=args.embed_dim, depth=args.depth,
-        num_heads=args.heads, patch_size=args.patch_size,
+        num_heads=args.heads, patch_size=args.patch_size, patch_overlap=args.patch_overlap,
         epochs=args.epochs if args.epochs is not None else 10.0,
         batch_size=args.batch_size or 128, lr=args.lr if args.lr is not None else 1e-3,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         clutter_ramp=_int_list(args.clutter_ramp, "--clutter-ramp"), hflip=args.hflip, init=args.init,
-        limit_batches=args.limit_batches, val_size=args.val_size, checkpoint_every=args.checkpoint_every,
+        limit_batches=args.limit_batches, val_size=args.val_size, val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
         workers=args.workers, seed=args.seed, device=args.device, resume=args.resume,
         progress=not args.no_progress)
     summary = train_backbone(options)
@@ -294,7 +299,8 @@ def _cmd_train(args) -> int:
         tau=args.tau, target=args.target, lr=args.lr if args.lr is not None else 4e-5, finetune_lr=args.finetune_lr,
         optimizer=args.optimizer,
         batch_size=args.batch_size or 64, label_smoothing=args.label_smoothing,
-        limit_batches=args.limit_batches, val_size=args.val_size, checkpoint_every=args.checkpoint_every,
+        limit_batches=args.limit_batches, val_size=args.val_size, val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
         workers=args.workers, seed=args.seed, device=args.device, resume=args.resume,
         progress=not args.no_progress)
     summary = train_iared(options)

@@ -56,3 +56,30 @@ def test_distilled_averages_heads():
     feats = m.norm(t.x)
     expected = (m.head(feats[:, 0]) + m.head_dist(feats[:, 1])) / 2
     assert torch.allclose(m(x), expected)
+
+
+def test_overlapping_patches_keep_the_grid_and_every_execution_path(tmp_path):
+    import iared
+    from iared.backbones.kernels import cpu_kernels
+
+    torch.manual_seed(0)
+    m = create_model("vit_custom", img_size=24, patch_size=6, in_chans=1, embed_dim=16, depth=2, num_heads=2,
+                     num_classes=3, patch_overlap=2).eval()
+    assert m.patch_embed.grid_size == (4, 4) and m.patch_embed.proj.weight.shape == (16, 1, 10, 10)
+    x = torch.randn(2, 1, 24, 24)
+    # token (0, 1) sees pixels rows -2..7, columns 4..13 of the zero-padded image
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    w, b = m.patch_embed.proj.weight, m.patch_embed.proj.bias
+    expect = torch.einsum("bchw,dchw->bd", padded[:, :, 0:10, 6:16], w) + b
+    torch.testing.assert_close(m.patch_embed(x)[:, 1], expect, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        ref = m(x)
+        with cpu_kernels(m):  # the packed patch embedding only serves non-overlapping patches
+            torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    iared.save_model(m, tmp_path / "m.safetensors", arch="vit_custom")
+    back = iared.load_model(tmp_path / "m.safetensors").eval()
+    assert back.config.patch_overlap == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(back(x), ref)
+    with pytest.raises(ValueError, match="overlap"):
+        create_model("vit_custom", img_size=24, patch_size=6, embed_dim=8, depth=1, num_heads=2, patch_overlap=-1)

@@ -87,6 +87,47 @@ def test_pngs_are_real_images(demo_out):
 
 
 @pytest.mark.slow
+def test_report_opens_with_the_generated_conclusion(demo_out):
+    text = (demo_out / "report.md").read_text()
+    r = json.loads((demo_out / "results.json").read_text())
+    assert text.splitlines()[2] == " ".join(r["conclusion"])
+    for name in MATCHED_METHODS:  # every accuracy in the method table carries its standard error
+        assert isinstance(r["methods"][name]["top1_se"], NUMBER)
+    assert "± s.e." in text and " ± " in text
+
+
+def test_conclusion_from_hand_made_numbers():
+    from iared.commands.demo import conclusion
+
+    def row(top1, gflops, speedup, keep=1.0, n=1000, **kw):
+        return {"top1": top1, "top1_se": (top1 * (100 - top1) / n) ** 0.5, "gflops_per_img": gflops,
+                "speedup": speedup, "keep_ratio": keep, "n_images": n, **kw}
+
+    results = {
+        "methods": {"original": row(90.0, 0.02, 1.0), "iared": row(89.0, 0.01, 1.6, keep=0.25),
+                    "ats": row(70.0, 0.01, 1.3, keep=0.0625, keep_ratio_per_stage=[0.25, 0.125, 0.0625],
+                               stage_blocks=[2, 3, 4], policy={"rho": 0.2, "K": None, "min_k": 8}),
+                    "random": row(50.0, 0.01, 1.9), "attention": row(60.0, 0.0103, 1.8),
+                    "topk": row(80.0, 0.015, 1.4)},
+        "training": {"backbone": {"size": {"depth": 6, "embed_dim": 64}, "wall_s": 180.0},
+                     "iared": {"groups": 3, "wall_s": 120.0}},
+        "speed_batch": 64, "threads": 2,
+    }
+    first, second, third, ats = conclusion(results, num_patches=64)
+    assert "90.0 ± 0.9 % test top-1 (1000 canvases)" in first and "at 89.0 ± 1.0 % (-1.0 points)" in first
+    assert "in 3.0 min" in first and "in 2.0 min" in first
+    assert "keeps 25 % of the patch tokens" in second and "2.00× fewer GFLOPs and 1.60×" in second
+    # gaps to IA-RED² at equal cost (within 5 %), and apart those that could not get as cheap;
+    # the s.e. from the largest baseline s.e. (random's 1.58) with IA-RED²'s 0.99
+    assert third.startswith("At IA-RED²'s GFLOPs the baselines fall behind it by ATS 19.0, random 39.0 and "
+                            "attention 29.0 points; top-K cannot get that cheap within the swept budgets and, "
+                            "at 1.50× its GFLOPs, still fall 9.0 points behind (")
+    assert "about 1.9)" in third
+    # K = round(0.2 * 65) = 13 samples; 0.25 * 64 = 16 distinct tokens, then 8, then 4
+    assert "K = 13 samples" in ats and "16.0, 8.0, 4.0 distinct patch tokens in blocks 2, 3, 4" in ats
+
+
+@pytest.mark.slow
 def test_second_run_reuses_trained_models(demo_out, capsys):
     before = {p: p.stat().st_mtime_ns for p in (demo_out / "backbone" / "model.safetensors",
                                                  demo_out / "iared" / "model.safetensors")}

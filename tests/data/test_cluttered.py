@@ -56,6 +56,24 @@ def test_digit_splits_partition():
     assert items.shape == (1797, 24, 24) and items.dtype == np.uint8 and items.max() == 255
 
 
+def test_eval_splits_repeat_each_digit_on_distinct_canvases():
+    from iared.data.cluttered import DIGITS_EVAL_REPEATS
+
+    test = build_dataset("cluttered-digits", "test")
+    n = len(test.items)
+    assert (n, len(test)) == (180, 180 * DIGITS_EVAL_REPEATS) and len(build_dataset("cluttered-digits", "train")) == 1437
+    for i in (0, 57):
+        copies = [test.generate(i + r * n) for r in range(DIGITS_EVAL_REPEATS)]
+        assert len({c.tobytes() for c, _, _ in copies}) == DIGITS_EVAL_REPEATS   # other position and clutter
+        assert {label for _, _, label in copies} == {int(test.labels[i])}
+        assert {int(m.sum()) for _, m, _ in copies} == {int((test.items[i] > MASK_THRESHOLD).sum())}
+    # the first N canvases are the one-canvas-per-digit split
+    single = build_dataset("cluttered-digits", "test", repeats=1)
+    assert len(single) == n and single.generate(3)[0].tobytes() == test.generate(3)[0].tobytes()
+    with pytest.raises(DataError, match="repeats"):
+        build_dataset("cluttered-digits", "test", repeats=0)
+
+
 def test_clutter_comes_from_other_items_and_never_covers_the_item():
     item = np.zeros((16, 16), np.uint8)
     item[4:12, 4:12] = 100          # item 0: a 100-valued square on a dark background

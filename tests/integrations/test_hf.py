@@ -150,6 +150,9 @@ def test_to_hf_of_a_native_model():
     with pytest.raises(ValueError, match="distillation token"):
         to_hf(iared.create_model("vit_custom", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4,
                                  distilled=True))
+    with pytest.raises(ValueError, match="overlapping patches"):
+        to_hf(iared.create_model("vit_custom", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4,
+                                 patch_overlap=2))
     with pytest.raises(ValueError, match="differs"):
         to_hf(ours, _hf())  # 10 labels vs 5
 

@@ -157,6 +157,9 @@ def test_to_timm_of_a_native_model():
         assert (model(x) - ours(x)).abs().max().item() <= ATOL
     with pytest.raises(ValueError, match="two-layer head"):
         to_timm(iared.create_model("vit_mnist_patch7_28"))
+    with pytest.raises(ValueError, match="overlapping patches"):
+        to_timm(iared.create_model("vit_custom", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4,
+                                   patch_overlap=2))
     with pytest.raises(TypeError, match="iared VisionTransformer"):
         to_timm(model)
 

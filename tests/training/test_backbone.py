@@ -27,6 +27,20 @@ def test_train_backbone_tiny(tmp_path):
     assert 0 <= metrics["val"]["top1"] <= 100 and metrics["history"]["stages"][0]["epochs"][0]["steps"] == 2
 
 
+def test_train_backbone_overlap_and_val_every(tmp_path):
+    out = tmp_path / "bb"
+    rc = main(["train-backbone", "--data", DATA, "--arch", "vit_custom", "--out", str(out), "--embed-dim", "16",
+               "--depth", "2", "--heads", "2", "--patch-size", "8", "--patch-overlap", "2", "--epochs", "3",
+               "--limit-batches", "1", "--batch-size", "8", "--val-size", "8", "--val-every", "2", "--device", "cpu",
+               "--no-progress"])
+    assert rc == 0
+    model = iared.load_model(out / "model.safetensors")
+    assert model.config.patch_overlap == 2 and model.patch_embed.proj.kernel_size == (12, 12)
+    epochs = json.loads((out / "metrics.json").read_text())["history"]["stages"][0]["epochs"]
+    # validated after epoch 2 (every 2nd) and after the last, not after the first
+    assert ["val" in e for e in epochs] == [False, True, True]
+
+
 def test_train_backbone_init_from_model_file(tmp_path, backbone, capsys):
     common = ["train-backbone", "--data", DATA, "--arch", "vit_custom", "--embed-dim", "16", "--depth", "2",
               "--heads", "2", "--epochs", "1", "--limit-batches", "1", "--batch-size", "4", "--val-size", "4",

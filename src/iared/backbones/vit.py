@@ -30,9 +30,17 @@ def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
 
 
 class PatchEmbed(nn.Module):
-    """Image (B, C, H, W) to patch tokens (B, N, D) by a strided convolution."""
+    """Image (B, C, H, W) to patch tokens (B, N, D) by a strided convolution.
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+    `overlap` > 0 widens each patch's kernel by that many pixels on every side (zero padding
+    at the image border), keeping the grid: overlapping patch embedding (as in PVTv2 or
+    CvT). Token i still sits on patch i, so heatmaps and token dropping are unchanged; a
+    small ViT trained from scratch on objects at arbitrary pixel offsets learns far faster
+    with it, because a patch's features no longer depend on where the patch grid cuts the
+    object. timm's ViTs use 0.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, overlap: int = 0):
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
@@ -43,7 +51,10 @@ class PatchEmbed(nn.Module):
                              f"{self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        if overlap < 0:
+            raise ValueError(f"patch overlap must be >= 0, got {overlap}")
+        kernel = (self.patch_size[0] + 2 * overlap, self.patch_size[1] + 2 * overlap)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel, stride=self.patch_size, padding=overlap)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.proj.in_channels, *self.img_size):
@@ -199,6 +210,7 @@ class ViTConfig:
     head_hidden: int = 0           # >0: two-layer head Linear-GELU-Linear (foreign checkpoints)
     attn_scale: Optional[float] = None  # None: head_dim**-0.5 as in timm
     norm_eps: float = 1e-6         # LayerNorm epsilon (timm ViT: 1e-6)
+    patch_overlap: int = 0         # pixels each patch kernel sees beyond its patch on every side (timm: 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -226,7 +238,7 @@ class VisionTransformer(nn.Module):
         self.config = config
         c = config
         self.num_prefix_tokens = 2 if c.distilled else 1
-        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim, c.patch_overlap)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim)) if c.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, c.embed_dim))

@@ -50,6 +50,7 @@ class DemoSchedule:
     depth: int                              # blocks (divisible by `groups`)
     num_heads: int                          # attention heads
     patch_size: int                         # 48 / patch_size patches per side
+    patch_overlap: int                      # pixels each patch kernel sees beyond its patch
     backbone_epochs: float                  # plain ViT training length
     backbone_lr: float                      # its AdamW peak learning rate
     clutter_ramp: tuple[int, ...]           # clutter fragments in the first backbone epochs
@@ -61,7 +62,8 @@ class DemoSchedule:
     tau: float                              # Eq. 2 penalty of a wrong prediction
     batch_size: int                         # training batch size
     limit_batches: Optional[int]            # cap on steps per epoch (tiny runs)
-    val_size: Optional[int]                 # validation images after each training epoch (None: all 180)
+    val_size: Optional[int]                 # validation images (None: all)
+    val_every: int                          # validate every N training epochs (and at each stage's end)
     eval_images: Optional[int]              # test images evaluated (None: the whole test split)
     flops_images: int                       # images whose FLOPs are counted (one at a time)
     speed_batch: int                        # batch size of the throughput measurement
@@ -73,19 +75,20 @@ class DemoSchedule:
 # demo's training budget"); tau = 4 chosen on the validation split among 1, 2 and 4.
 # Patch 6 gives an 8x8 grid (64 tokens): fine enough for heatmaps, cheap enough to train.
 FULL = DemoSchedule(
-    embed_dim=64, depth=6, num_heads=4, patch_size=6, backbone_epochs=60.0, backbone_lr=1e-3,
+    embed_dim=64, depth=6, num_heads=4, patch_size=6, patch_overlap=2, backbone_epochs=90.0, backbone_lr=1e-3,
     clutter_ramp=(0,) * 10 + (2,) * 10 + (4,) * 10, groups=3, iared_epochs=20.0, schedule=(1.0, 1.0),
-    iared_lr=1e-3, finetune_lr=1e-4, tau=4.0, batch_size=64, limit_batches=None, val_size=None, eval_images=None,
-    flops_images=16, speed_batch=64,
+    iared_lr=1e-3, finetune_lr=1e-4, tau=4.0, batch_size=64, limit_batches=None, val_size=None, val_every=10,
+    eval_images=None, flops_images=16, speed_batch=64,
     sweep={"iared": (0.3, 0.4, 0.6, 0.7, 0.8), "ats": (0.2, 0.4, 0.6, 0.8), "topk": (0.2, 0.4, 0.6, 0.8),
-           "random": (0.2, 0.4, 0.6, 0.8), "attention": (0.2, 0.4, 0.6, 0.8)},
+           "random": (0.1, 0.2, 0.4, 0.6, 0.8), "attention": (0.1, 0.2, 0.4, 0.6, 0.8)},
     figure_images=4,
 )
 
 QUICK = DemoSchedule(
-    embed_dim=32, depth=3, num_heads=2, patch_size=6, backbone_epochs=1.0, backbone_lr=1e-3,
+    embed_dim=32, depth=3, num_heads=2, patch_size=6, patch_overlap=2, backbone_epochs=1.0, backbone_lr=1e-3,
     clutter_ramp=(), groups=3, iared_epochs=1.0, schedule=(1.0, 0.0), iared_lr=1e-3, finetune_lr=1e-4,
-    tau=1.0, batch_size=32, limit_batches=3, val_size=32, eval_images=32, flops_images=2, speed_batch=16,
+    tau=1.0, batch_size=32, limit_batches=3, val_size=32, val_every=1, eval_images=32, flops_images=2,
+    speed_batch=16,
     sweep={"iared": (0.3, 0.7), "ats": (0.3, 0.7), "topk": (0.3, 0.7), "random": (0.3, 0.7),
            "attention": (0.3, 0.7)},
     figure_images=2,
@@ -155,10 +158,10 @@ def _train_backbone(folder: Path, sched: DemoSchedule, options: DemoOptions, log
 
     bopts = BackboneOptions(
         data=DATA, arch="vit_custom", out=str(folder), embed_dim=sched.embed_dim, depth=sched.depth,
-        num_heads=sched.num_heads, patch_size=sched.patch_size, epochs=sched.backbone_epochs,
-        batch_size=sched.batch_size, lr=sched.backbone_lr, clutter_ramp=sched.clutter_ramp,
-        limit_batches=sched.limit_batches, val_size=sched.val_size, checkpoint_every=50, seed=options.seed,
-        device=options.device, resume=True, progress=options.progress)
+        num_heads=sched.num_heads, patch_size=sched.patch_size, patch_overlap=sched.patch_overlap,
+        epochs=sched.backbone_epochs, batch_size=sched.batch_size, lr=sched.backbone_lr, clutter_ramp=sched.clutter_ramp,
+        limit_batches=sched.limit_batches, val_size=sched.val_size, val_every=sched.val_every, checkpoint_every=50,
+        seed=options.seed, device=options.device, resume=True, progress=options.progress)
     settings = {k: v for k, v in dataclasses.asdict(bopts).items() if k not in ("out", "progress", "resume")}
     path = folder / "model.safetensors"
     if _stage_ready(folder, settings):
@@ -181,8 +184,8 @@ def _train_iared(folder: Path, backbone: Path, sched: DemoSchedule, options: Dem
         data=DATA, checkpoint=str(backbone), out=str(folder), groups=sched.groups, epochs=sched.iared_epochs,
         schedule=sched.schedule, finetune=sched.schedule[1] > 0, tau=sched.tau, lr=sched.iared_lr,
         finetune_lr=sched.finetune_lr, batch_size=sched.batch_size, limit_batches=sched.limit_batches,
-        val_size=sched.val_size, checkpoint_every=50, seed=options.seed, device=options.device, resume=True,
-        progress=options.progress)
+        val_size=sched.val_size, val_every=sched.val_every, checkpoint_every=50, seed=options.seed,
+        device=options.device, resume=True, progress=options.progress)
     settings = {k: v for k, v in dataclasses.asdict(topts).items()
                 if k not in ("out", "progress", "resume", "checkpoint")}
     path = folder / "model.safetensors"
@@ -314,7 +317,8 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = lambda s: print(
     results["sweep"] = sweep
     results["training"] = {
         "backbone": {"arch": "vit_custom", "size": {"embed_dim": sched.embed_dim, "depth": sched.depth,
-                                                     "num_heads": sched.num_heads, "patch_size": sched.patch_size},
+                                                     "num_heads": sched.num_heads, "patch_size": sched.patch_size,
+                                                     "patch_overlap": sched.patch_overlap},
                      "val": bb_summary.get("val"), "wall_s": bb_summary.get("session_wall_s")},
         "iared": {"groups": ia_summary.get("groups"), "val": ia_summary.get("val"),
                   "backbone_val": ia_summary.get("backbone_val"), "per_stage": ia_summary.get("per_stage"),
@@ -324,24 +328,103 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = lambda s: print(
     results["wall_s"] = time.time() - t0
     results["stage_wall_s"] = wall
     results["figures"] = [name for _, name in figures]
+    results["speed_batch"] = sched.speed_batch
+    results["conclusion"] = conclusion(results, (48 // sched.patch_size) ** 2)
     write_json(out / "results.json", results)
 
     write_report(out / "report.md", results, title=f"iared demo: IA-RED² on {DATA}",
-                 intro=_intro(sched, options), sweep=sweep, figures=figures, training=results["training"],
-                 notes=_notes(results))
+                 lead=" ".join(results["conclusion"]), intro=_intro(sched, options), sweep=sweep, figures=figures,
+                 training=results["training"], notes=_notes(results))
+    log("\n" + "\n".join(results["conclusion"]) + "\n")
     log(f"[demo] done in {results['wall_s'] / 60:.1f} min: {out / 'results.json'}, {out / 'report.md'}")
     return results
 
 
 def _intro(sched: DemoSchedule, options: DemoOptions) -> str:
     n_tokens = (48 // sched.patch_size) ** 2
+    k = sched.patch_size + 2 * sched.patch_overlap
     return (f"A {sched.depth}-block ViT (width {sched.embed_dim}, {sched.num_heads} heads, {n_tokens} patch tokens "
-            f"of {sched.patch_size}×{sched.patch_size}) trained from scratch on cluttered-digits (scikit-learn's "
+            f"of {sched.patch_size}×{sched.patch_size}, each embedded from the {k}×{k} pixels around it) trained from scratch on cluttered-digits (scikit-learn's "
             f"handwritten digits at random positions on a 48×48 canvas with clutter cut from other digits), then "
             f"IA-RED² with D = {sched.groups} groups trained by Algorithm 1. Test split"
             + (f", first {sched.eval_images} images" if sched.eval_images else "") + "."
             + (" **Quick schedule: tiny model, a few steps: the numbers show the pipeline, not the method.**"
                if options.quick else ""))
+
+
+BASELINE_NAMES = {"ats": "ATS", "topk": "top-K", "random": "random", "attention": "attention"}
+
+
+def conclusion(results: dict[str, Any], num_patches: int) -> list[str]:
+    """The report's opening sentences, generated from a demo's results.
+
+    What was trained and how well it reads the digits, IA-RED²'s accuracy and measured
+    speed against the backbone, how far each baseline falls at the same cost, and what
+    ATS's samples do on this model (distinct tokens per stage from its keep ratios).
+
+    Args:
+        results: the demo's results ("methods" at matched cost, "training").
+        num_patches: patch tokens of the unreduced model.
+
+    Returns:
+        Sentences, in order (the ATS one only when ATS was evaluated).
+    """
+    m, bb = results["methods"], results["training"]["backbone"]
+    o, i = m["original"], m["iared"]
+    size = bb["size"]
+    out = [f"A {size['depth']}-block ViT (width {size['embed_dim']}, {num_patches} patch tokens) trained from "
+           f"scratch in {bb['wall_s'] / 60:.1f} min reads the cluttered digits at {_acc(o)} test top-1 "
+           f"({o['n_images']} canvases), and IA-RED² with D = {results['training']['iared']['groups']} groups, "
+           f"trained from it by Algorithm 1 in {results['training']['iared']['wall_s'] / 60:.1f} min, at "
+           f"{_acc(i)} ({i['top1'] - o['top1']:+.1f} points).",
+           f"IA-RED² keeps {100 * i['keep_ratio']:.0f} % of the patch tokens after its last group, for "
+           f"{o['gflops_per_img'] / i['gflops_per_img']:.2f}× fewer GFLOPs and {i['speedup']:.2f}× the backbone's "
+           f"measured throughput (batch {results.get('speed_batch', '?')}, {results.get('threads', '?')} CPU threads)."]
+    names = [n for n in BASELINE_NAMES if n in m]
+    if names:
+        gap = {n: f"{i['top1'] - m[n]['top1']:.1f}" for n in names}
+        dearer = [n for n in names if m[n]["gflops_per_img"] > 1.05 * i["gflops_per_img"]]
+        matched = [n for n in names if n not in dearer]
+        parts = []
+        if matched:
+            parts.append(f"At IA-RED²'s GFLOPs the baselines fall behind it by "
+                         f"{_join([f'{BASELINE_NAMES[n]} {gap[n]}' for n in matched])} points")
+        if dearer:
+            ratios = _join([f"{m[n]['gflops_per_img'] / i['gflops_per_img']:.2f}×" for n in dearer])
+            parts.append(f"{_join([BASELINE_NAMES[n] for n in dearer])} cannot get that cheap within the swept "
+                         f"budgets and, at {ratios} its GFLOPs, still fall {_join([gap[n] for n in dearer])} points "
+                         "behind")
+        se_diff = (i["top1_se"] ** 2 + max(m[n]["top1_se"] for n in names) ** 2) ** 0.5
+        text = "; ".join(parts)
+        out.append(f"{text[0].upper()}{text[1:]} (the standard error of such a difference is about {se_diff:.1f}).")
+    if "ats" in m and m["ats"].get("keep_ratio_per_stage"):
+        a = m["ats"]
+        k = _ats_samples(a, num_patches)
+        hits = [r * num_patches for r in a["keep_ratio_per_stage"]]
+        out.append(f"ATS draws K = {k} samples per stage but they land on only "
+                   f"{', '.join(f'{h:.1f}' for h in hits)} distinct patch tokens in blocks "
+                   f"{', '.join(str(b) for b in a.get('stage_blocks', []))}: this backbone's class-token attention "
+                   f"sits on a few tokens, so inverse-transform sampling draws the same ones again and again, and "
+                   f"raising ρ adds few new tokens (its sweep below).")
+    return out
+
+
+def _join(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _acc(row: dict[str, Any]) -> str:
+    return f"{row['top1']:.1f} ± {row['top1_se']:.1f} %"
+
+
+def _ats_samples(row: dict[str, Any], num_patches: int) -> Any:
+    from ..reduction.ats import budget_k
+
+    pol = row.get("policy") or {}
+    if pol.get("K") is not None:
+        return pol["K"]
+    return budget_k(num_patches + 1, pol.get("rho"), None, pol.get("min_k", 8))
 
 
 def _notes(results: dict[str, Any]) -> list[str]:

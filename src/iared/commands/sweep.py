@@ -44,7 +44,7 @@ def sweep_points(methods: dict[str, dict[str, Any]]) -> dict[str, list[dict[str,
         methods: the "methods" of a `run_eval` result, keyed by method label.
 
     Returns:
-        method name -> points {"budget": {knob: value} or None, "top1", "top5",
+        method name -> points {"budget": {knob: value} or None, "top1", "top1_se", "top5",
         "gflops_per_img", "keep_ratio"} (order of the input).
     """
     out: dict[str, list[dict[str, Any]]] = {}
@@ -54,7 +54,8 @@ def sweep_points(methods: dict[str, dict[str, Any]]) -> dict[str, list[dict[str,
         budget = {setting: float(knob)} if knob else (
             {setting: (m.get("policy") or {}).get(setting)} if setting else None)
         out.setdefault(name, []).append({
-            "budget": budget, "top1": m["top1"], "top5": m["top5"], "gflops_per_img": m["gflops_per_img"],
+            "budget": budget, "top1": m["top1"], "top1_se": m.get("top1_se"), "top5": m["top5"],
+            "gflops_per_img": m["gflops_per_img"],
             "keep_ratio": m["keep_ratio"],
         })
     return out

@@ -111,9 +111,9 @@ def sweep_table(sweep: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     rows = []
     for name, points in sweep.items():
         for p in points:
-            rows.append([name, fmt(p.get("budget"), 3), fmt(p.get("top1")), fmt(p.get("gflops_per_img"), 4),
-                         fmt(p.get("keep_ratio"), 3)])
-    return md_table(["method", "budget", "top-1 %", "GFLOPs/img", "keep ratio"], rows)
+            rows.append([name, fmt(p.get("budget"), 3), fmt(p.get("top1")), fmt(p.get("top1_se")),
+                         fmt(p.get("gflops_per_img"), 4), fmt(p.get("keep_ratio"), 3)])
+    return md_table(["method", "budget", "top-1 %", "± s.e.", "GFLOPs/img", "keep ratio"], rows)
 
 
 # -- the trade-off plot -------------------------------------------------------------------
@@ -174,7 +174,7 @@ def save_tradeoff_plot(sweep: Mapping[str, Sequence[Mapping[str, Any]]], path: U
 # -- report.md --------------------------------------------------------------------------
 
 
-def render_report(results: Mapping[str, Any], *, title: str = "iared demo", intro: str = "",
+def render_report(results: Mapping[str, Any], *, title: str = "iared demo", lead: str = "", intro: str = "",
                   sweep: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None,
                   figures: Sequence[tuple[str, str]] = (), training: Optional[Mapping[str, Any]] = None,
                   notes: Sequence[str] = ()) -> str:
@@ -183,7 +183,8 @@ def render_report(results: Mapping[str, Any], *, title: str = "iared demo", intr
     Args:
         results: a results dict in the layout of docs/results-format.md ("methods", optional "segmentation").
         title: the H1 title.
-        intro: a paragraph under the title.
+        lead: the conclusion, first under the title.
+        intro: a paragraph after it (what was run).
         sweep: method -> budget sweep points (tabulated in full).
         figures: (caption, relative PNG path) pairs, embedded in order.
         training: optional {"backbone": {...}, "iared": {...}} summaries to show.
@@ -193,6 +194,8 @@ def render_report(results: Mapping[str, Any], *, title: str = "iared demo", intr
         The markdown text.
     """
     parts = [f"# {title}"]
+    if lead:
+        parts.append(lead)
     if intro:
         parts.append(intro)
     meta = [f"- data: `{results.get('data', '?')}`", f"- checkpoint: `{results.get('checkpoint', '?')}`"]
@@ -218,19 +221,31 @@ def render_report(results: Mapping[str, Any], *, title: str = "iared demo", intr
     return "\n\n".join(parts) + "\n"
 
 
+def _val_top1(val: Optional[Mapping[str, Any]]) -> str:
+    """"84.21 ± 1.11 % (n = 1080)" from a training summary's validation metrics."""
+    val = val or {}
+    top1, n = val.get("top1"), val.get("n")
+    if not isinstance(top1, (int, float)) or not n:
+        return f"{fmt(top1)} %"
+    from .accuracy import standard_error
+
+    return f"{fmt(top1)} ± {fmt(standard_error(top1, n))} % (n = {n})"
+
+
 def _training_text(training: Mapping[str, Any]) -> str:
     lines = []
     bb = training.get("backbone") or {}
     if bb:
         lines.append(f"- backbone: {bb.get('arch', '?')} {fmt(bb.get('size'))}, val top-1 "
-                     f"{fmt((bb.get('val') or {}).get('top1'))} %, {fmt(bb.get('wall_s', 0) / 60, 1)} min")
+                     f"{_val_top1(bb.get('val'))}, {fmt(bb.get('wall_s', 0) / 60, 1)} min")
     ia = training.get("iared") or {}
     if ia:
-        lines.append(f"- IA-RED² (D = {ia.get('groups', '?')}): val top-1 {fmt((ia.get('val') or {}).get('top1'))} %, "
+        lines.append(f"- IA-RED² (D = {ia.get('groups', '?')}): val top-1 {_val_top1(ia.get('val'))}, "
                      f"keep per group {fmt((ia.get('val') or {}).get('keep_ratio_per_group'), 3)}, "
                      f"{fmt(ia.get('wall_s', 0) / 60, 1)} min")
         for st in ia.get("per_stage") or []:
-            lines.append(f"  - after {st.get('stage')}: val top-1 {fmt(st.get('val_top1'))} %, keep per group "
+            same_val = {"top1": st.get("val_top1"), "n": (ia.get("val") or {}).get("n")}
+            lines.append(f"  - after {st.get('stage')}: val top-1 {_val_top1(same_val)}, keep per group "
                          f"{fmt(st.get('keep_ratio_per_group'), 3)}")
     return "\n".join(lines)
 

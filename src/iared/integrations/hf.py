@@ -207,6 +207,8 @@ def _new_hf(config: ViTConfig) -> nn.Module:
         problems.append("a distillation token")
     if c.head_hidden > 0:
         problems.append("a two-layer head (head_hidden)")
+    if c.patch_overlap:
+        problems.append(f"overlapping patches (patch_overlap={c.patch_overlap})")
     if not c.final_norm:
         problems.append("no final norm (final_norm=False)")
     if c.attn_scale is not None and abs(c.attn_scale - (c.embed_dim // c.num_heads) ** -0.5) > 1e-12:

@@ -261,6 +261,8 @@ def _timm_kwargs(c: ViTConfig) -> dict:
     problems = []
     if c.head_hidden > 0:
         problems.append("a two-layer head (head_hidden)")
+    if c.patch_overlap:
+        problems.append(f"overlapping patches (patch_overlap={c.patch_overlap})")
     if c.attn_scale is not None and abs(c.attn_scale - (c.embed_dim // c.num_heads) ** -0.5) > 1e-12:
         problems.append(f"attention scale {c.attn_scale} (timm: head_dim**-0.5)")
     if c.distilled and c.num_classes <= 0:

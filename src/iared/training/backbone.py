@@ -44,6 +44,7 @@ class BackboneOptions:
     depth: Optional[int] = None            # number of blocks (vit_custom default 6)
     num_heads: Optional[int] = None        # attention heads (vit_custom default 4)
     patch_size: Optional[int] = None       # patch side in pixels (vit_custom default 4)
+    patch_overlap: Optional[int] = None    # pixels each patch kernel sees beyond its patch (vit_custom default 0)
     init: Optional[str] = None             # start from this model file's weights (same architecture)
     epochs: float = 10.0                   # training length in epochs
     batch_size: int = 128                  # images per step and process
@@ -55,6 +56,7 @@ class BackboneOptions:
     hflip: bool = False                    # random horizontal flips (mirror-symmetric classes only)
     limit_batches: Optional[int] = None    # stop each epoch after N steps (tiny runs, tests)
     val_size: Optional[int] = None         # validate on the first N validation items (None: all)
+    val_every: int = 1                     # validate every N epochs (and after the last)
     checkpoint_every: int = 100            # steps between checkpoints
     workers: int = 0                       # DataLoader worker processes
     seed: int = 0                          # initialisation, data order, generated data
@@ -63,11 +65,12 @@ class BackboneOptions:
     progress: bool = True                  # tqdm progress bars
 
 
-VIT_CUSTOM_DEFAULTS = {"embed_dim": 64, "depth": 6, "num_heads": 4, "patch_size": 4}
+VIT_CUSTOM_DEFAULTS = {"embed_dim": 64, "depth": 6, "num_heads": 4, "patch_size": 4, "patch_overlap": 0}
 
 
 def build_backbone(arch: str, info: Any, embed_dim: Optional[int] = None, depth: Optional[int] = None,
-                   num_heads: Optional[int] = None, patch_size: Optional[int] = None) -> tuple[nn.Module, dict[str, Any]]:
+                   num_heads: Optional[int] = None, patch_size: Optional[int] = None,
+                   patch_overlap: Optional[int] = None) -> tuple[nn.Module, dict[str, Any]]:
     """A randomly initialised registry model sized for the data (`info`: a `DataInfo`).
 
     Returns:
@@ -79,7 +82,8 @@ def build_backbone(arch: str, info: Any, embed_dim: Optional[int] = None, depth:
     """
     if arch not in list_models():
         raise UserError(f"unknown --arch {arch!r}; available: {', '.join(list_models())}")
-    sizes = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "patch_size": patch_size}
+    sizes = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "patch_size": patch_size,
+             "patch_overlap": patch_overlap}
     if arch == "vit_custom":
         sizes = {k: (v if v is not None else VIT_CUSTOM_DEFAULTS[k]) for k, v in sizes.items()}
     sizes = {k: v for k, v in sizes.items() if v is not None}
@@ -169,7 +173,7 @@ def _train_backbone(options: BackboneOptions, dist_info: DistInfo) -> dict[str, 
         val = load_data(options.data, "val", options.seed)
         torch.manual_seed(options.seed)
         model, overrides = build_backbone(options.arch, train.info, options.embed_dim, options.depth,
-                                          options.num_heads, options.patch_size)
+                                          options.num_heads, options.patch_size, options.patch_overlap)
         if options.init:
             _load_init(model, options.init)
         if dist_info.is_main:

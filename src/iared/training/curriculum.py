@@ -77,6 +77,7 @@ class TrainOptions:
     label_smoothing: float = 0.0           # cross-entropy label smoothing when fine-tuning
     limit_batches: Optional[int] = None    # stop each epoch after N steps (tiny runs, tests)
     val_size: Optional[int] = None         # validate on the first N validation items (None: all)
+    val_every: int = 1                     # validate every N epochs (and at the end of each stage)
     checkpoint_every: int = 100            # steps between checkpoints
     workers: int = 0                       # DataLoader worker processes
     seed: int = 0                          # data order, Bernoulli draws, interpreter initialisation

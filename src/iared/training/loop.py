@@ -106,6 +106,7 @@ class LoopOptions:
     device: str = "cpu"                   # "cpu" or "cuda"
     checkpoint_every: int = 100           # steps between checkpoints (0: epoch ends only)
     val_size: Optional[int] = None        # evaluate on the first N validation items (None: all)
+    val_every: int = 1                    # validate every N epochs and at the end of each stage
     eval_batch_size: int = 128            # images per evaluation batch
     progress: bool = True                 # tqdm bars (rank 0 only)
 
@@ -443,14 +444,14 @@ def _run_epoch(run: _Run, si: int, stage: Stage, epoch: int, data: Dataset, opti
         dist_info=dist_info, grad_clip=stage.grad_clip, sums=sums, on_step=on_step, progress=bar)
     record: dict[str, Any] = {"epoch": epoch, "steps": steps, "train": train_metrics,
                               "train_wall_s": time.time() - t_epoch}
-    if run.val_data is not None:
+    last = epoch == n_epochs - 1
+    if run.val_data is not None and (last or (epoch + 1) % options.val_every == 0):
         record["val"] = evaluate(run.model, run.val_data, batch_size=options.eval_batch_size, device=run.device,
                                  mode=stage.eval_mode, limit=options.val_size, dist_info=dist_info,
                                  workers=options.workers, progress=options.progress and dist_info.is_main)
     history["stages"][si]["epochs"].append(record)
     if dist_info.is_main:
         run.log(_epoch_line(stage.name, epoch, n_epochs, record))
-    last = epoch == n_epochs - 1
     nxt = ({"stage": si + 1, "epoch": 0, "step": 0} if last else {"stage": si, "epoch": epoch + 1, "step": 0})
     nxt["global_step"] = _global_step(history, base + steps, si)
     _save(run.model, None if last else optimizer, nxt, history, {}, run.run_config, options, dist_info)

@@ -90,7 +90,7 @@ def with_teacher_labels(teacher: nn.Module) -> Callable:
 
 
 # Settings that may change between a run and its resumption (where and how it runs, not what).
-_NOT_RUN_CONFIG = ("out", "resume", "workers", "progress", "device", "val_size", "checkpoint_every")
+_NOT_RUN_CONFIG = ("out", "resume", "workers", "progress", "device", "val_size", "val_every", "checkpoint_every")
 
 
 def loop_settings(options: Any, world_size: int) -> tuple[LoopOptions, dict[str, Any]]:
@@ -99,7 +99,7 @@ def loop_settings(options: Any, world_size: int) -> tuple[LoopOptions, dict[str,
     loop = LoopOptions(out=options.out, batch_size=options.batch_size, limit_batches=options.limit_batches,
                        workers=options.workers, seed=options.seed, device=options.device,
                        checkpoint_every=options.checkpoint_every, val_size=options.val_size,
-                       progress=options.progress)
+                       val_every=options.val_every, progress=options.progress)
     run_config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()
                   if k not in _NOT_RUN_CONFIG}
     run_config["world_size"] = world_size
