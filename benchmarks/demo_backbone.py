@@ -36,7 +36,7 @@ def train_command(out: Path, overlap: int, epochs: int) -> list[str]:
     return [sys.executable, "-m", "iared.cli", "train-backbone", "--data", "cluttered-digits", "--arch", "vit_custom",
             "--out", str(out), "--embed-dim", "64", "--depth", "6", "--heads", "4", "--patch-size", "6",
             "--patch-overlap", str(overlap), "--epochs", str(epochs), "--batch-size", "64", "--lr", "1e-3",
-            "--clutter-ramp", RAMP, "--checkpoint-every", "50", "--seed", "0", "--device", "cpu", "--no-progress"]
+            "--clutter-ramp", RAMP, "--val-every", "10", "--checkpoint-every", "50", "--seed", "0", "--device", "cpu", "--no-progress"]
 
 
 def top1(model_path: Path, split: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ Markers filled (NAME: source files):
     perturbation       imagenet_perturbation.json (benchmarks/imagenet_iared.py)
     moving_fashion     moving_fashion.json
     pruning            pruning.json
+    demo_backbone      demo_backbone.json      (benchmarks/demo_backbone.py)
     fuzz               fuzz.json               (benchmarks/fuzz.py)
 
 and, in the top-level README.md, one short table each (SUMMARIES): summary-imagenet,
@@ -304,7 +305,20 @@ def render_fuzz(results: Path) -> str:
                         table(["target", "inputs", "seconds", "failures found", "fixed"], rows)])
 
 
+def render_demo_backbone(results: Path) -> str:
+    name = "demo_backbone.json"
+    d = _load(results / name)
+    if d is None:
+        return NOT_RUN
+    rows = [[k, str(v["patch_overlap"]), str(v["epochs"]), f"{fmt(v['val']['top1'])} ± {fmt(v['val']['top1_se'])}",
+             f"{fmt(v['test']['top1'])} ± {fmt(v['test']['top1_se'])}", fmt(v["train_wall_s"] / 60, 1)]
+            for k, v in d["variants"].items()]
+    return "\n\n".join([command_line(d, name), table(
+        ["variant", "patch overlap", "epochs", "val top-1 %", "test top-1 %", "train min"], rows)])
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "demo_backbone": render_demo_backbone,
     "fuzz": render_fuzz,
     "speed": render_speed,
     "threshold_sweep": render_trade_off("threshold_sweep.json"),

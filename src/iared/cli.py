@@ -266,6 +266,13 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
         raise UserError(f"{flag} expects comma-separated integers, got {text!r}") from None
 
 
+def _run_flags(args) -> dict:
+    """The options every training command shares (`_common`, `_training`, `--resume`)."""
+    return dict(limit_batches=args.limit_batches, val_size=args.val_size, val_every=args.val_every,
+                checkpoint_every=args.checkpoint_every, workers=args.workers, seed=args.seed, device=args.device,
+                resume=args.resume, progress=not args.no_progress)
+
+
 def _cmd_train_backbone(args) -> int:
     from .training.backbone import BackboneOptions, train_backbone
 
@@ -276,10 +283,7 @@ def _cmd_train_backbone(args) -> int:
         batch_size=args.batch_size or 128, lr=args.lr if args.lr is not None else 1e-3,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         clutter_ramp=_int_list(args.clutter_ramp, "--clutter-ramp"), hflip=args.hflip, init=args.init,
-        limit_batches=args.limit_batches, val_size=args.val_size, val_every=args.val_every,
-        checkpoint_every=args.checkpoint_every,
-        workers=args.workers, seed=args.seed, device=args.device, resume=args.resume,
-        progress=not args.no_progress)
+        **_run_flags(args))
     summary = train_backbone(options)
     if summary.get("val"):
         print(f"val top1 {summary['val']['top1']:.2f} -> {options.out}/model.safetensors")
@@ -299,10 +303,7 @@ def _cmd_train(args) -> int:
         tau=args.tau, target=args.target, lr=args.lr if args.lr is not None else 4e-5, finetune_lr=args.finetune_lr,
         optimizer=args.optimizer,
         batch_size=args.batch_size or 64, label_smoothing=args.label_smoothing,
-        limit_batches=args.limit_batches, val_size=args.val_size, val_every=args.val_every,
-        checkpoint_every=args.checkpoint_every,
-        workers=args.workers, seed=args.seed, device=args.device, resume=args.resume,
-        progress=not args.no_progress)
+        **_run_flags(args))
     summary = train_iared(options)
     if summary.get("val"):
         v = summary["val"]

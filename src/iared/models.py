@@ -18,6 +18,7 @@ from .backbones.checkpoint import (CheckpointError, PathLike, load_into, read_ch
                                    read_preprocess, save_safetensors)
 from .backbones.registry import create_model, list_models
 from .patch import patch
+from .reduction.policy import build_policy
 from .reduction.interpreter import has_interpreters
 
 FORMAT_VERSION = 1
@@ -81,7 +82,9 @@ def load_model(path: PathLike, map_location: str = "cpu") -> nn.Module:
         model = create_model(meta["arch"], **meta["config"])
         if meta.get("policy"):
             cfg = dict(meta["policy"])
-            patch(model, policy=cfg.pop("name"), **cfg)
+            # Built, then attached as a module: its weights load below, so `patch`'s warning
+            # about a default budget that drops nothing (fresh interpreters) does not apply.
+            patch(model, build_policy(cfg.pop("name"), model, **cfg))
         data = dict(meta.get("data") or {})
         means = {k: tuple(float(v) for v in data[k]) for k in ("mean", "std") if data.get(k) is not None}
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:

@@ -67,3 +67,17 @@ def test_untrained_interpreters_warn_and_indeed_keep_every_token():
     with torch.no_grad():
         model.policy.interpreters[0].q.bias[0] += 1.0  # no longer the constant start
     assert model.policy.drops_nothing() is None
+
+
+def test_loading_a_model_file_never_warns_about_the_fresh_policy_it_replaces(tmp_path):
+    model = tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        iared.patch(model, "iared", groups=3)
+    iared.save_model(model, tmp_path / "m.safetensors", arch="vit_custom")
+    sys.modules["iared.patch"]._WARNED.discard("iared")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its interpreters are built fresh, then the file's weights load
+        back = iared.load_model(tmp_path / "m.safetensors")
+    assert type(back.policy).__name__ == type(model.policy).__name__
+    assert "iared" not in sys.modules["iared.patch"]._WARNED  # a later inert patch still warns
