@@ -343,7 +343,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = lambda s: print(
 def _intro(sched: DemoSchedule, options: DemoOptions) -> str:
     n_tokens = (48 // sched.patch_size) ** 2
     k = sched.patch_size + 2 * sched.patch_overlap
-    return (f"A {sched.depth}-block ViT (width {sched.embed_dim}, {sched.num_heads} heads, {n_tokens} patch tokens "
+    return (f"Setup: a {sched.depth}-block ViT (width {sched.embed_dim}, {sched.num_heads} heads, {n_tokens} patch tokens "
             f"of {sched.patch_size}×{sched.patch_size}, each embedded from the {k}×{k} pixels around it) trained from scratch on cluttered-digits (scikit-learn's "
             f"handwritten digits at random positions on a 48×48 canvas with clutter cut from other digits), then "
             f"IA-RED² with D = {sched.groups} groups trained by Algorithm 1. Test split"
