@@ -341,7 +341,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
 
 MATCHED = ("1.3x", "1.5x", "2.0x")
 NAMES = {"iared": "IA-RED²", "ats": "ATS", "topk": "top-K", "random": "random", "attention": "attention",
-         "tome": "ToMe", "evit": "EViT", "tempdiff": "temporal difference", "ours": "IA-RED²"}
+         "tome": "ToMe", "evit": "EViT", "tempdiff": "temporal difference", "ours": "IA-RED²", "timm": "timm"}
 
 
 def summary_imagenet(results: Path) -> str:
@@ -379,18 +379,23 @@ def summary_demo(results: Path) -> str:
 
 
 def summary_speed(results: Path) -> str:
-    docs = [(b, _load(results / f"speed_deit_small_patch16_224_b{b}.json")) for b in (64, 1)]
-    docs = [(b, d) for b, d in docs if d is not None]
+    docs = [(label, b, _load(results / f"speed_{arch}_b{b}.json"))
+            for label, arch in (("ViT-Tiny", "vit_tiny_patch16_224"), ("DeiT-S", "deit_small_patch16_224"))
+            for b in (64, 1)]
+    docs = [(label, b, d) for label, b, d in docs if d is not None]
     if not docs:
         return NOT_RUN
-    names = [k for k in docs[0][1]["methods"] if k != "original"]
-    rows = [[f"DeiT-S, batch {b}", *(fmt(d["methods"][k]["of_limit"], 2) if k in d["methods"] else "-"
-                                     for k in names)] for b, d in docs]
+    names = []
+    for _, _, d in docs:
+        names += [k for k in d["methods"] if k != "original" and k not in names]
+    rows = [[f"{label}, batch {b}", *(fmt(d["methods"][k]["of_limit"], 2) if k in d["methods"] else "–"
+                                      for k in names)] for label, b, d in docs]
     return "\n\n".join([
         table(["measured speedup / FLOPs ratio", *(NAMES.get(k, k) for k in names)], rows),
-        f"Every method calibrated to keep 60 % of the tokens ({docs[0][1]['device_name']}, "
-        f"{docs[0][1]['threads']} threads): near the FLOPs ratio at batch 64, a fixed cost per block "
-        f"and per stage below it at batch 1."])
+        f"Every method calibrated to keep 60 % of the tokens ({docs[0][2]['device_name']}, "
+        f"{docs[0][2]['threads']} threads): near the FLOPs ratio at batch 64 on DeiT-S, a fixed cost per block "
+        f"and per stage below it at batch 1 and on the narrower ViT-Tiny. The timm column is timm's own "
+        f"unreduced model on the same weights, timed in the same rounds: its speed over ours."])
 
 
 def summary_video(results: Path) -> str:

@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--keep-ratio", type=float, default=0.6,
                    help="budget: every method keeps about this share of patch tokens per block (default 0.6)")
     b.add_argument("--methods", default=None,
-                   help="comma-separated, or 'all' for every policy (default: original,iared,ats,topk,random,attention)")
+                   help="comma-separated, or 'all' for every policy (default: original,timm,iared,ats,topk,random,"
+                        "attention,tome,evit; timm: timm's own model on the same weights, unreduced)")
     b.add_argument("--warmup", type=int, default=2, help="untimed forwards per method (default 2)")
     b.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed rounds, each timing every method once; the median is reported (default: "
@@ -410,9 +411,9 @@ def _cmd_bench_speed(args) -> int:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         if not methods:
             raise UserError(f"--methods names no method: {args.methods!r}")
-        unknown = [m for m in methods if m not in ("original", "all") and m not in available_policies()]
+        unknown = [m for m in methods if m not in ("original", "timm", "all") and m not in available_policies()]
         if unknown:
-            raise UserError(f"unknown method(s) {', '.join(unknown)}; available: original, "
+            raise UserError(f"unknown method(s) {', '.join(unknown)}; available: original, timm, "
                             f"{', '.join(available_policies())}")
     _check_output_file(args.json)  # last: a bad flag leaves no folder behind
     cfg = SpeedConfig(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, keep_ratio=args.keep_ratio,

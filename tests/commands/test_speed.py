@@ -44,6 +44,18 @@ def test_bench_speed_layout_and_ratios():
     assert rows["iared"]["reduction_gflops_per_img"] > 0  # the interpreters' own cost is counted
 
 
+def test_bench_speed_times_timms_own_model_beside_ours():
+    pytest.importorskip("timm")
+    cfg = SpeedConfig(arch=TINY, batch_size=2, methods=("original", "timm", "random"), warmup=0, repeats=2,
+                      calib_images=2, flops_images=2, command="test")
+    rows = bench_speed(cfg, log=lambda line: None)["methods"]
+    assert list(rows) == ["original", "timm", "random"]
+    t = rows["timm"]
+    assert t["gflops_per_img"] == rows["original"]["gflops_per_img"] and t["keep_ratio"] == 1.0
+    assert t["flops_ratio"] == 1.0 and len(t["times_s"]) == 2 and t["img_per_s"] > 0
+    assert t["of_limit"] == pytest.approx(t["speedup"])  # its speed relative to our unreduced model
+
+
 def test_cli_bench_speed_writes_json(tmp_path):
     path = tmp_path / "speed.json"
     rc = main(["bench", "speed", "--arch", TINY, "--batch-size", "2", "--json", str(path), "--methods",

@@ -26,6 +26,9 @@ from ..reduction.budgets import calibrate_knob, mean_keep
 # The image methods users compare; `methods=("all",)` adds every other registered policy (the ATS
 # ablations), at the cost of a longer run.
 DEFAULT_METHODS = ("iared", "ats", "topk", "random", "attention", "tome", "evit")
+# Not a policy: timm's own VisionTransformer around the same weights, unreduced and as timm runs
+# it, timed in the same rounds, so "is our unreduced backbone as fast as timm's" has one answer.
+TIMM = "timm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # `iared bench speed --dtype`
 MIN_ROUNDS, MAX_ROUNDS = 5, 1000  # automatic timing rounds of `bench_speed`
 
@@ -112,11 +115,15 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
     kernels = resolve_kernels(cfg.kernels, cfg.device, DTYPES[cfg.dtype])
     load_before = os.getloadavg()[0]
     log(f"calibrating budgets to keep ratio {cfg.keep_ratio} on {cfg.calib_images} images")
-    methods = _build_methods(model, names, calib, cfg.keep_ratio, log)
+    reference = _timm_reference(model, log) if TIMM in names else None
+    methods = _build_methods(model, [n for n in names if n != TIMM], calib, cfg.keep_ratio, log)
     if not methods:
         raise UserError(f"none of the methods {', '.join(names)} runs on {cfg.arch} (see the lines above)")
     costs = _count_costs(model, methods, images, cfg.flops_images)
-    times = _time_methods(model, methods, images, kernels, cfg)
+    if reference is not None:  # timm's model does the unreduced model's work
+        costs = {**{k: v for k, v in costs.items() if k == "original"}, TIMM: dict(costs["original"]),
+                 **{k: v for k, v in costs.items() if k != "original"}}
+    times = _time_methods(model, methods, images, kernels, cfg, reference)
     load_after = os.getloadavg()[0]
     return {"arch": cfg.arch, "img_size": model.patch_embed.img_size[0], "batch_size": cfg.batch_size,
             "device": cfg.device, "threads": torch.get_num_threads(), "dtype": cfg.dtype, "kernels": kernels,
@@ -146,10 +153,21 @@ def _method_names(cfg: SpeedConfig) -> list[str]:
     from ..reduction.policy import available_policies
 
     if cfg.methods is None:  # the image methods that are registered
-        return ["original"] + [m for m in DEFAULT_METHODS if m in available_policies()]
+        return ["original", TIMM] + [m for m in DEFAULT_METHODS if m in available_policies()]
     if tuple(cfg.methods) == ("all",):
-        return ["original"] + available_policies()
+        return ["original", TIMM] + available_policies()
     return list(cfg.methods)
+
+
+def _timm_reference(model: nn.Module, log) -> Optional[nn.Module]:
+    """timm's `VisionTransformer` sharing `model`'s weights, or None (with a line) where it cannot be."""
+    try:
+        from ..integrations.timm import to_timm
+
+        return to_timm(model).eval()
+    except (ImportError, ValueError, TypeError) as e:
+        log(f"skipping {TIMM}: {e}")
+        return None
 
 
 def _count_costs(model: nn.Module, methods: dict[str, Optional[nn.Module]], images: Tensor,
@@ -195,12 +213,14 @@ def _count_costs(model: nn.Module, methods: dict[str, Optional[nn.Module]], imag
 
 
 def _time_methods(model: nn.Module, methods: dict[str, Optional[nn.Module]], images: Tensor, kernels: str,
-                  cfg: SpeedConfig) -> dict[str, list[float]]:
-    """Seconds per forward of every method, in interleaved rounds (`interleaved_times`).
+                  cfg: SpeedConfig, reference: Optional[nn.Module] = None) -> dict[str, list[float]]:
+    """Seconds per forward of every method (and of timm's `reference`), in interleaved rounds
+    (`interleaved_times`).
 
     One backbone serves every method (each round patches and unpatches each policy), its
     weights and each policy's packed once: attaching a policy keeps the backbone's
-    modules, so their packed forwards stay valid across patch/unpatch.
+    modules, so their packed forwards stay valid across patch/unpatch. timm's model runs
+    as timm runs it (its own modules, never packed).
     """
     from ..patch import patch, unpatch
 
@@ -218,9 +238,11 @@ def _time_methods(model: nn.Module, methods: dict[str, Optional[nn.Module]], ima
     with torch.inference_mode(), contextlib.ExitStack() as packed:
         for module in [model, *(p for p in methods.values() if p is not None)]:
             packed.enter_context(cpu_kernels(module, kernels))
-        return interleaved_times({name: forward(policy) for name, policy in methods.items()}, images.device,
-                                 cfg.warmup, lambda done, times: _more_rounds(done, times, cfg),
-                                 progress=f"timing {len(methods)} methods")
+        runs = {name: forward(policy) for name, policy in methods.items()}
+        if reference is not None:
+            runs[TIMM] = lambda: reference(images)
+        return interleaved_times(runs, images.device, cfg.warmup, lambda done, times: _more_rounds(done, times, cfg),
+                                 progress=f"timing {len(runs)} methods")
 
 
 def _rows(costs: dict[str, dict[str, Any]], times: dict[str, list[float]], batch_size: int
