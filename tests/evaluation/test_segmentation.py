@@ -128,3 +128,28 @@ def test_meter_over_batches_and_upsampling():
     perfect = SegmentationMeter()
     perfect.update(masks.float(), masks)
     assert all(v == pytest.approx(100.0) for v in perfect.compute().values())
+
+
+def test_one_pass_over_the_data_for_several_models_equals_one_pass_each():
+    import iared
+    from iared.evaluation.segmentation import segmentation_metrics_for
+
+    torch.manual_seed(0)
+    base = iared.create_model("vit_custom", img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=2,
+                              num_heads=2, num_classes=3).eval()
+    other = iared.create_model("vit_custom", img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=2,
+                               num_heads=2, num_classes=3).eval()
+    batches = [{"image": torch.randn(3, 1, 16, 16), "mask": torch.rand(3, 16, 16) > 0.6} for _ in range(2)]
+
+    class Counted(list):
+        reads = 0
+
+        def __iter__(self):
+            Counted.reads += 1
+            return super().__iter__()
+
+    loader = Counted(batches)
+    together = segmentation_metrics_for(base, loader, {"rollout": base, "attention": other}, "cpu", None)
+    assert Counted.reads == 1
+    assert together == {**segmentation_metrics_for(base, batches, ["rollout"], "cpu", None),
+                        **segmentation_metrics_for(other, batches, ["attention"], "cpu", None)}

@@ -376,19 +376,17 @@ def _method_model(cfg: EvalConfig, model: nn.Module, base: nn.Module, spec: Meth
 
 
 def _segmentation(cfg: EvalConfig, model: nn.Module, base: nn.Module, ds) -> dict[str, Any]:
-    loader = _loader(cfg, ds)
-    out: dict[str, Any] = {}
+    explained: dict[str, nn.Module] = {}
     if has_interpreters(model):
         m = copy.deepcopy(model).to(cfg.device).eval()
         if cfg.threshold is not None:
             m.policy.threshold = cfg.threshold
         # "iared": the paper's heatmap (second group); each group's scores as well.
-        groups = [f"iared@group={j}" for j in range(m.policy.groups)]
-        out.update(segmentation_metrics_for(m, loader, ["iared", *groups], cfg.device, cfg.limit_batches))
+        explained.update({name: m for name in ["iared", *(f"iared@group={j}" for j in range(m.policy.groups))]})
     b = base.to(cfg.device).eval()
-    out.update(segmentation_metrics_for(b, loader, ["attention", "rollout", "gradcam", "chefer"], cfg.device,
-                                        cfg.limit_batches))
-    return out
+    explained.update({name: b for name in ("attention", "rollout", "gradcam", "chefer")})
+    # One pass over the data for every explainer: decoding the images is the slow part on photos.
+    return segmentation_metrics_for(b, _loader(cfg, ds), explained, cfg.device, cfg.limit_batches)
 
 
 def load_backbone_for_eval(cfg: EvalConfig, model: nn.Module) -> nn.Module:

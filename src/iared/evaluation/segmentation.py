@@ -21,7 +21,7 @@ All metrics are percentages, 0-100, as in the papers.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -230,29 +230,32 @@ class SegmentationMeter:
         return out
 
 
-def segmentation_metrics_for(model: nn.Module, loader, methods: Sequence[str], device: str,
-                             limit_batches: Optional[int]) -> dict[str, dict[str, float]]:
+def segmentation_metrics_for(model: nn.Module, loader, methods: Union[Sequence[str], Mapping[str, nn.Module]],
+                             device: str, limit_batches: Optional[int]) -> dict[str, dict[str, float]]:
     """Heatmap segmentation metrics ("segmentation" of docs/results-format.md) of each explainer.
 
     Args:
         model: the checkpoint's model (its IA-RED² policy is used for "iared"; the other
             explainers read the backbone's attention and never call the policy).
-        loader: yields dicts with "image" and "mask".
+        loader: yields dicts with "image" and "mask"; read once, whatever the methods.
         methods: explainers as `iared.evaluation.heatmaps.explain_spec` reads them, e.g.
-            "rollout", "attention@block=6" or "iared@group=0" (0-based).
+            "rollout", "attention@block=6" or "iared@group=0" (0-based), all explaining
+            `model`; or a mapping explainer -> the model it explains (IA-RED² and the
+            baselines' backbone in one pass over the data).
         device: where to run.
         limit_batches: stop after this many batches.
 
     Returns:
         {method: {"pixel_acc", "mAcc", "mIoU", "mAP"}} in percent.
     """
-    h, w = model.patch_embed.grid_size
-    meters = {m: SegmentationMeter() for m in methods}
+    explained = dict(methods) if isinstance(methods, Mapping) else {m: model for m in methods}
+    meters = {m: SegmentationMeter() for m in explained}
     for i, batch in enumerate(loader):
         if limit_batches is not None and i >= limit_batches:
             break
         images, masks = batch["image"].to(device), batch["mask"]
         for name, meter in meters.items():
-            heat = explain_spec(model, images, name)
-            meter.update(heat.detach().float().reshape(-1, h, w).cpu(), masks)
+            m = explained[name]
+            heat = explain_spec(m, images, name)
+            meter.update(heat.detach().float().reshape(-1, *m.patch_embed.grid_size).cpu(), masks)
     return {name: meter.compute() for name, meter in meters.items()}
