@@ -125,6 +125,9 @@ def test_conclusion_from_hand_made_numbers():
     assert "about 1.9)" in third
     # K = round(0.2 * 65) = 13 samples; 0.25 * 64 = 16 distinct tokens, then 8, then 4
     assert "K = 13 samples" in ats and "16.0, 8.0, 4.0 distinct patch tokens in blocks 2, 3, 4" in ats
+    assert "draws the same ones again" in ats  # 4 distinct tokens from 13 samples
+    results["methods"]["ats"]["keep_ratio_per_stage"] = [0.2, 0.19, 0.18]  # 12.8, 12.2, 11.5 of 13
+    assert "seldom repeat" in conclusion(results, num_patches=64)[3]
 
 
 @pytest.mark.slow
