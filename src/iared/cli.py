@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weights, activations and inputs of every method (default float32)")
     b.add_argument("--flops-images", type=_positive_int, default=2, help="images counted exactly for GFLOPs")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     _common(b)
     b.set_defaults(func=_cmd_bench_speed)
     return parser
@@ -420,7 +421,8 @@ def _cmd_bench_speed(args) -> int:
                       methods=methods, warmup=max(args.warmup, 0), repeats=args.repeats, min_time_s=args.min_time,
                       calib_images=args.calib_images, flops_images=args.flops_images, threads=args.threads,
                       kernels=args.kernels, dtype=args.dtype, allocator=args.allocator,
-                      device=args.device, seed=args.seed, command=_command_line(args))
+                      device=args.device, seed=args.seed, progress=not args.no_progress,
+                      command=_command_line(args))
     out = bench_speed(cfg, log=lambda line: print(f"iared bench speed: {line}", file=sys.stderr))
     print(f"{out['arch']} {out['img_size']}px batch {out['batch_size']} on {out['device']}, {out['threads']} threads, "
           f"{out['dtype']}, {out['kernels']} kernels, allocator {out['allocator']}")

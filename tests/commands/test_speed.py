@@ -68,6 +68,15 @@ def test_cli_bench_speed_writes_json(tmp_path):
     assert set(d["methods"]) == {"original", "random"}
 
 
+def test_cli_bench_speed_no_progress_prints_no_bar(tmp_path, capsys):
+    rc = main(["bench", "speed", "--arch", TINY, "--batch-size", "2", "--json", str(tmp_path / "s.json"),
+               "--methods", "original,random", "--warmup", "0", "--repeats", "1", "--calib-images", "2",
+               "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "FLOPs" not in err and "timing" not in err and "\r" not in err
+
+
 def test_timing_rounds_fixed_or_until_every_method_has_its_time():
     from iared.commands.speed import MAX_ROUNDS, MIN_ROUNDS, _more_rounds
 

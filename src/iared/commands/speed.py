@@ -54,6 +54,7 @@ class SpeedConfig:
     allocator: str = "steady"          # "steady": `steady_allocator()` first; "system": as the process found it
     device: str = "cpu"
     seed: int = 0
+    progress: bool = True              # progress bars on stderr
     command: str = ""                  # the exact command line, stored in the JSON
 
 
@@ -119,7 +120,7 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
     methods = _build_methods(model, [n for n in names if n != TIMM], calib, cfg.keep_ratio, log)
     if not methods:
         raise UserError(f"none of the methods {', '.join(names)} runs on {cfg.arch} (see the lines above)")
-    costs = _count_costs(model, methods, images, cfg.flops_images)
+    costs = _count_costs(model, methods, images, cfg.flops_images, cfg.progress)
     if reference is not None:  # timm's model does the unreduced model's work
         costs = {**{k: v for k, v in costs.items() if k == "original"}, TIMM: dict(costs["original"]),
                  **{k: v for k, v in costs.items() if k != "original"}}
@@ -171,7 +172,7 @@ def _timm_reference(model: nn.Module, log) -> Optional[nn.Module]:
 
 
 def _count_costs(model: nn.Module, methods: dict[str, Optional[nn.Module]], images: Tensor,
-                 flops_images: int) -> dict[str, dict[str, Any]]:
+                 flops_images: int, progress: bool = True) -> dict[str, dict[str, Any]]:
     """GFLOPs per image and keep ratios of every method on the timed batch.
 
     The blocks' multiply-adds follow from each image's token counts (`vit_macs`); what
@@ -188,7 +189,7 @@ def _count_costs(model: nn.Module, methods: dict[str, Optional[nn.Module]], imag
     results: dict[str, dict[str, Any]] = {}
     # no_grad, not inference_mode: FlopCounterMode's module tracker needs autograd tensors.
     with torch.no_grad():
-        for name, policy in tqdm(methods.items(), desc="FLOPs", file=sys.stderr, leave=False):
+        for name, policy in tqdm(methods.items(), desc="FLOPs", file=sys.stderr, leave=False, disable=not progress):
             if policy is not None:
                 patch(model, policy)
             try:
@@ -242,7 +243,7 @@ def _time_methods(model: nn.Module, methods: dict[str, Optional[nn.Module]], ima
         if reference is not None:
             runs[TIMM] = lambda: reference(images)
         return interleaved_times(runs, images.device, cfg.warmup, lambda done, times: _more_rounds(done, times, cfg),
-                                 progress=f"timing {len(runs)} methods")
+                                 progress=f"timing {len(runs)} methods" if cfg.progress else None)
 
 
 def _rows(costs: dict[str, dict[str, Any]], times: dict[str, list[float]], batch_size: int
