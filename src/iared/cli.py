@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .errors import ErrorOnOtherRank, UserError, prints_here
+from .errors import ErrorOnOtherRank, UserError, prints_here, report, set_program
 
 
 def _device(name: Optional[str]) -> str:
@@ -100,6 +100,12 @@ class _Parser(argparse.ArgumentParser):
     instead of the whole usage text; sub-command parsers inherit it."""
 
     def error(self, message: str):
+        if not prints_here():
+            # Under torchrun every rank meets the mistake; rank 0 says it. Leave it a moment to,
+            # as torchrun stops the other ranks as soon as one exits.
+            import time
+
+            time.sleep(1.0)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if prints_here() else None)
 
 
@@ -439,12 +445,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the "command" key of result files
     name = " ".join(filter(None, ["iared", args.command, getattr(args, "bench", None)]))  # as argparse names it
+    set_program(name)
     try:
         args.device = _device(getattr(args, "device", None))
         return int(args.func(args) or 0)
     except UserError as e:
-        if prints_here() and not isinstance(e, ErrorOnOtherRank):
-            print(f"{name}: error: {e}", file=sys.stderr)
+        if prints_here() and not isinstance(e, ErrorOnOtherRank) and not e.reported:
+            report(str(e))
         return 2
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import ErrorOnOtherRank, UserError
+from ..errors import ErrorOnOtherRank, UserError, report
 
 T = TypeVar("T")
 
@@ -128,7 +128,13 @@ def agree(info: DistInfo, fn: Callable[[], T]) -> T:
         dist.all_gather_object(messages, None if error is None else str(error))
         first = next((m for m in messages if m is not None), None)
         if first is not None:
-            raise UserError(first) if info.is_main else ErrorOnOtherRank(first)
+            err = UserError(first) if info.is_main else ErrorOnOtherRank(first)
+            if info.is_main:
+                report(first)
+                err.reported = True
+            # No rank exits (and has torchrun stop the others) before rank 0 has said why.
+            dist.barrier()
+            raise err
     if error is not None:
         raise error
     return result
