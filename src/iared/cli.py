@@ -101,8 +101,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if not prints_here():
-            # Under torchrun every rank meets the mistake; rank 0 says it. Leave it a moment to,
-            # as torchrun stops the other ranks as soon as one exits.
+            # Under torchrun every rank meets the mistake and rank 0 says it; torchrun stops the
+            # other ranks as soon as one exits, so give rank 0 a moment to print first.
             import time
 
             time.sleep(1.0)

@@ -70,6 +70,11 @@ class DemoSchedule:
     sweep: dict[str, tuple[float, ...]]     # method -> budget values of the trade-off sweep
     figure_images: int                      # examples in the heatmap figures
 
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of the demo's model on the 48x48 canvas."""
+        return (48 // self.patch_size) ** 2
+
 
 # About 6.5 minutes on 2 cores; the backbone recipe (overlapping patches, 90 epochs) and the
 # budget are measured in docs/performance.md. tau = 4 chosen on the validation split among 1, 2
@@ -329,7 +334,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = lambda s: print(
     results["stage_wall_s"] = wall
     results["figures"] = [name for _, name in figures]
     results["speed_batch"] = sched.speed_batch
-    results["conclusion"] = conclusion(results, (48 // sched.patch_size) ** 2)
+    results["conclusion"] = conclusion(results, sched.num_patches)
     write_json(out / "results.json", results)
 
     write_report(out / "report.md", results, title=f"iared demo: IA-RED² on {DATA}",
@@ -341,10 +346,10 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = lambda s: print(
 
 
 def _intro(sched: DemoSchedule, options: DemoOptions) -> str:
-    n_tokens = (48 // sched.patch_size) ** 2
     k = sched.patch_size + 2 * sched.patch_overlap
-    return (f"Setup: a {sched.depth}-block ViT (width {sched.embed_dim}, {sched.num_heads} heads, {n_tokens} patch tokens "
-            f"of {sched.patch_size}×{sched.patch_size}, each embedded from the {k}×{k} pixels around it) trained from scratch on cluttered-digits (scikit-learn's "
+    return (f"Setup: a {sched.depth}-block ViT (width {sched.embed_dim}, {sched.num_heads} heads, "
+            f"{sched.num_patches} patch tokens of {sched.patch_size}×{sched.patch_size}, each embedded from the "
+            f"{k}×{k} pixels around it) trained from scratch on cluttered-digits (scikit-learn's "
             f"handwritten digits at random positions on a 48×48 canvas with clutter cut from other digits), then "
             f"IA-RED² with D = {sched.groups} groups trained by Algorithm 1. Test split"
             + (f", first {sched.eval_images} images" if sched.eval_images else "") + "."

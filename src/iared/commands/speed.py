@@ -121,9 +121,9 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
     if not methods:
         raise UserError(f"none of the methods {', '.join(names)} runs on {cfg.arch} (see the lines above)")
     costs = _count_costs(model, methods, images, cfg.flops_images, cfg.progress)
-    if reference is not None:  # timm's model does the unreduced model's work
-        costs = {**{k: v for k, v in costs.items() if k == "original"}, TIMM: dict(costs["original"]),
-                 **{k: v for k, v in costs.items() if k != "original"}}
+    if reference is not None:  # timm's model does the unreduced model's work; its row follows the original's
+        original = costs.pop("original")
+        costs = {"original": original, TIMM: dict(original), **costs}
     times = _time_methods(model, methods, images, kernels, cfg, reference)
     load_after = os.getloadavg()[0]
     return {"arch": cfg.arch, "img_size": model.patch_embed.img_size[0], "batch_size": cfg.batch_size,

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from matplotlib.figure import Figure
 
+from .accuracy import standard_error
 from .figures import save_figure
 from ..fileio import atomic_write
 
@@ -227,8 +228,6 @@ def _val_top1(val: Optional[Mapping[str, Any]]) -> str:
     top1, n = val.get("top1"), val.get("n")
     if not isinstance(top1, (int, float)) or not n:
         return f"{fmt(top1)} %"
-    from .accuracy import standard_error
-
     return f"{fmt(top1)} ± {fmt(standard_error(top1, n))} % (n = {n})"
 
 
