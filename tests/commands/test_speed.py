@@ -54,6 +54,10 @@ def test_bench_speed_times_timms_own_model_beside_ours():
     assert t["gflops_per_img"] == rows["original"]["gflops_per_img"] and t["keep_ratio"] == 1.0
     assert t["flops_ratio"] == 1.0 and len(t["times_s"]) == 2 and t["img_per_s"] > 0
     assert t["of_limit"] == pytest.approx(t["speedup"])  # its speed relative to our unreduced model
+    # asked for without "original", it brings the unreduced model it is compared with
+    alone = SpeedConfig(arch=TINY, batch_size=2, methods=("timm",), warmup=0, repeats=1, calib_images=2,
+                        flops_images=2, command="test")
+    assert list(bench_speed(alone, log=lambda line: None)["methods"]) == ["original", "timm"]
 
 
 def test_cli_bench_speed_writes_json(tmp_path):

@@ -157,7 +157,10 @@ def _method_names(cfg: SpeedConfig) -> list[str]:
         return ["original", TIMM] + [m for m in DEFAULT_METHODS if m in available_policies()]
     if tuple(cfg.methods) == ("all",):
         return ["original", TIMM] + available_policies()
-    return list(cfg.methods)
+    names = list(cfg.methods)
+    if TIMM in names and "original" not in names:  # timm's row is measured against our unreduced model
+        names.insert(0, "original")
+    return names
 
 
 def _timm_reference(model: nn.Module, log) -> Optional[nn.Module]:
