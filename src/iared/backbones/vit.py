@@ -96,10 +96,22 @@ class Attention(nn.Module):
         return logits.softmax(dim=-1)
 
     def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        return self.attend(x, attention_mask(valid))[0]
+
+    def attend(self, x: Tensor, attn_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward` with any SDPA mask (bool or additive), also returning q and k.
+
+        For the policies that score tokens from the attention they run (EViT, ToMe).
+
+        Returns:
+            The output after `proj` (B, L, D), and q, k, each (B, H, L, hd).
+        """
         B, L, D = x.shape
         q, k, v = self.qkv_heads(x)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(valid), scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # an additive mask must match q's dtype (autocast)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D)), q, k
 
     def forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
         """Attention on packed tokens: `forward` for the valid tokens only.

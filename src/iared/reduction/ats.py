@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from ..backbones.tokens import StageRecord
 from ..backbones.vit import Block
 from ..backbones.tokens import Tokens, apply_keep, attention_mask
-from .policy import BlockSwapPolicy, register_policy
+from .policy import BlockSwapPolicy, register_policy, stage_blocks
 
 # -- the math, as pure functions --------------------------------------------------------
 
@@ -231,14 +231,10 @@ class ATSBlock(Block):
         self-attention score) and the value norms, and scores the patch tokens (Eq. 3);
       * samples K' <= K tokens by inverse transform sampling (or top-K) (Eq. 4-5);
       * the attention output, projection, residual and FFN are computed for CLS and the
-        sampled tokens only, all tokens still serving as keys and values (Eq. 6);
-      * returns ``(tokens, StageRecord)`` instead of tokens.
-
-    Set by `ATSPolicy.attach`: `ats` (the shared `ATSSettings`) and `ats_index`.
+        sampled tokens only, all tokens still serving as keys and values (Eq. 6).
     """
 
-    ats: ATSSettings
-    ats_index: int
+    ats: ATSSettings  # `ats_index`, `ats_grid` too: see `BlockSwapPolicy`
 
     def forward(self, tokens: Tokens) -> tuple[Tokens, StageRecord]:  # type: ignore[override]
         """Score the tokens, sample K' of them and run the block on those rows only (Eq. 3-6).
@@ -403,10 +399,9 @@ def _first_sampled_takes_cls_place(chosen: Tensor, x: Tensor, q: Tensor, P: int)
 
 
 class ATSPolicy(BlockSwapPolicy):
-    """Attaches ATS to stage blocks of a ViT; the work happens in the swapped-in blocks.
+    """The Adaptive Token Sampler in the stage blocks (`ATSBlock`), training-free.
 
-    Change the budget after patching with ``model.policy.budget = 0.7`` (rho; the blocks
-    share the settings object).
+    The budget is rho: ``model.policy.budget = 0.7`` after patching.
 
     Args:
         depth: the backbone's depth (for the default stages).
@@ -430,11 +425,7 @@ class ATSPolicy(BlockSwapPolicy):
                  K: Optional[Union[int, Sequence[int]]] = None, min_k: int = 8, score: str = "cls",
                  select: str = "sample", enforce_cls: bool = True, compound: bool = False):
         super().__init__()
-        if isinstance(stages, int):  # "stages=3": one stage
-            stages = [stages]
-        stages = sorted(int(s) for s in (default_stages(depth) if stages is None else stages))
-        if not stages or stages[0] < 0 or stages[-1] >= depth:
-            raise ValueError(f"ATS stages {stages} must be block indices in 0..{depth - 1}")
+        stages = stage_blocks(default_stages(depth) if stages is None else stages, depth, "ATS")
         if isinstance(K, (list, tuple)):
             K = [int(k) for k in K]
             if len(K) != len(stages):
@@ -464,10 +455,6 @@ class ATSPolicy(BlockSwapPolicy):
         if s.select == "topk" and s.K is None and s.rho >= 1:
             return f"top-K at rho = {s.rho:g} keeps K >= N tokens, all of them; set a budget below 1"
         return None
-
-    def attach(self, model: nn.Module) -> None:
-        """Swap the class of the stage blocks to `ATSBlock` (see `BlockSwapPolicy`)."""
-        self.swap_blocks(model, self.settings.stages)
 
 
 def _checked_rho(value: float) -> float:

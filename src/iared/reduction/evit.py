@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from ..backbones.tokens import StageRecord
 from ..backbones.vit import Block
 from ..backbones.tokens import Tokens, apply_keep, attention_mask
-from .policy import BlockSwapPolicy, register_policy, shared_setting
+from .policy import BlockSwapPolicy, register_policy, shared_setting, stage_blocks
 
 DEFAULT_KEEP_RATE = 0.7  # the paper's main DeiT setting
 
@@ -159,27 +159,19 @@ class EViTBlock(Block):
       * computes q, k, v itself to read the CLS row of the attention (the output is the
         same `scaled_dot_product_attention` call as `Attention.forward`);
       * after the attention residual, keeps the top ceil(rho * N) patch tokens by CLS
-        attentiveness and appends one fused token (`fuse_inattentive`);
-      * the FFN and its residual run on CLS + kept + fused tokens only;
-      * returns ``(tokens, StageRecord)`` instead of tokens.
-
-    Set by `EViTPolicy.attach`: `evit` (the shared `EViTSettings`), `evit_index` and
-    `evit_grid` (the patch grid size, the `pos` of a fused token).
+        attentiveness and appends one fused token (`fuse_inattentive`, at `pos` = `evit_grid`);
+      * the FFN and its residual run on CLS + kept + fused tokens only.
     """
 
-    evit: EViTSettings
-    evit_index: int
-    evit_grid: int
+    evit: EViTSettings  # `evit_index`, `evit_grid` too: see `BlockSwapPolicy`
 
     def forward(self, tokens: Tokens) -> tuple[Tokens, StageRecord]:  # type: ignore[override]
         cfg = self.evit
         x, P, valid = tokens.x, tokens.num_prefix, tokens.valid
-        B, L, D = x.shape
-        attn = self.attn
-        q, k, v = attn.qkv_heads(self.norm1(x))                          # each (B, H, L, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(valid), scale=attn.scale)
-        h = x + attn.proj(out.transpose(1, 2).reshape(B, L, D))          # Block's values, bit for bit
-        scores = cls_attentiveness(q, k, attn.scale, P, valid)           # (B, N)
+        B, L, _ = x.shape
+        out, q, k = self.attn.attend(self.norm1(x), attention_mask(valid))
+        h = x + out                                                      # Block's values, bit for bit
+        scores = cls_attentiveness(q, k, self.attn.scale, P, valid)      # (B, N)
 
         entering = None if valid is None else tokens.patch_valid         # None: all (the record makes it)
         keep = evit_keep(scores, cfg.keep_rate, entering)
@@ -220,10 +212,9 @@ class EViTBlock(Block):
 
 
 class EViTPolicy(BlockSwapPolicy):
-    """Attaches EViT to stage blocks of a ViT; the work happens in the swapped-in blocks.
+    """EViT in the stage blocks (`EViTBlock`): keep the attentive tokens, fuse the rest.
 
-    Change the budget after patching with ``model.policy.budget = 0.5`` (rho; the blocks
-    share the settings object).
+    The budget is keep_rate: ``model.policy.budget = 0.5`` after patching.
 
     Args:
         depth: the backbone's depth (for the default stages).
@@ -240,16 +231,10 @@ class EViTPolicy(BlockSwapPolicy):
     def __init__(self, depth: int, stages: Optional[Sequence[int]] = None, keep_rate: float = DEFAULT_KEEP_RATE,
                  fuse_token: bool = True):
         super().__init__()
-        stages = sorted({int(s) for s in (default_stages(depth) if stages is None else stages)})
-        if not stages or stages[0] < 0 or stages[-1] >= depth:
-            raise ValueError(f"EViT stages {stages} must be block indices in 0..{depth - 1}")
+        stages = stage_blocks(default_stages(depth) if stages is None else stages, depth, "EViT")
         self.settings = EViTSettings(stages=stages, keep_rate=_checked_rate(keep_rate), fuse_token=bool(fuse_token))
 
     keep_rate = shared_setting("keep_rate", lambda value: _checked_rate(value))  # rho, the budget
-
-    def attach(self, model: nn.Module) -> None:
-        """Swap the class of the stage blocks to `EViTBlock` (see `BlockSwapPolicy`)."""
-        self.swap_blocks(model, self.settings.stages)
 
 
 def _checked_rate(value: float) -> float:

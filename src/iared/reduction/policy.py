@@ -30,7 +30,7 @@ and `iared eval --methods ats` find them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 from torch import nn
 
@@ -78,6 +78,7 @@ class BlockSwapPolicy(TokenPolicy):
     (a subclass of the backbone's `Block`: same object, same weights, as ToMe patches
     timm's blocks) and gives each the policy's shared `settings` as `<key>`, its index as
     `<key>_index` and the model's grid size as `<key>_grid`; `detach_from` undoes it.
+    The swapped-in block's `forward` returns ``(tokens, StageRecord)`` instead of tokens.
     Nothing happens in front of blocks.
 
     Subclasses set `block_class`, `key` and `settings`, and call `swap_blocks` in `attach`.
@@ -113,11 +114,23 @@ class BlockSwapPolicy(TokenPolicy):
                 for name in (self.key, f"{self.key}_index", f"{self.key}_grid"):
                     blk.__dict__.pop(name, None)
 
+    def attach(self, model: nn.Module) -> None:
+        """Swap the class of the blocks listed in `settings.stages`."""
+        self.swap_blocks(model, self.settings.stages)
+
     def acts_before(self, index: int) -> bool:
         return False  # the swapped blocks act inside
 
     def forward(self, index: int, tokens: Any, model: nn.Module, mode: Any = None):
         return tokens, None
+
+
+def stage_blocks(stages: Union[int, Sequence[int]], depth: int, method: str) -> list[int]:
+    """The sorted, distinct block indices of `stages` (one int: one stage), each in 0..depth-1."""
+    stages = sorted({int(s) for s in ([stages] if isinstance(stages, int) else stages)})
+    if not stages or stages[0] < 0 or stages[-1] >= depth:
+        raise ValueError(f"{method} stages {stages} must be block indices in 0..{depth - 1}")
+    return stages
 
 
 def shared_setting(name: str, check: Callable[[Any], Any] = lambda value: value) -> property:

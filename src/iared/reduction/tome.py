@@ -226,25 +226,18 @@ class ToMeBlock(Block):
         `Tokens.size`;
       * the merged-away tokens are removed (compact) or marked invalid (mask) by
         `apply_keep`, and the MLP runs on what remains;
-      * with `trace_source`, `Tokens.owner` follows the merges (`merge_owner`);
-      * returns ``(tokens, StageRecord)`` instead of tokens.
-
-    Set by `ToMePolicy.attach`: `tome` (the shared `ToMeSettings`), `tome_index`, `tome_grid`.
+      * with `trace_source`, `Tokens.owner` follows the merges (`merge_owner`).
     """
 
-    tome: ToMeSettings
-    tome_index: int
-    tome_grid: int
+    tome: ToMeSettings  # `tome_index`, `tome_grid` too: see `BlockSwapPolicy`
 
     def forward(self, tokens: Tokens) -> tuple[Tokens, StageRecord]:  # type: ignore[override]
-        cfg = self.tome
         x, P, valid = tokens.x, tokens.num_prefix, tokens.valid
-        B, L, D = x.shape
-        attn = self.attn
-        q, k, v = attn.qkv_heads(self.norm1(x))                                 # each (B, H, L, hd)
-        mask = proportional_bias(tokens.size if cfg.prop_attn else None, valid, q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
-        x = x + attn.proj(out.transpose(1, 2).reshape(B, L, D))
+        B, L, _ = x.shape
+        cfg = self.tome
+        mask = proportional_bias(tokens.size if cfg.prop_attn else None, valid, x.dtype)
+        out, _, k = self.attn.attend(self.norm1(x), mask)                        # k: (B, H, L, hd)
+        x = x + out
 
         plan = bipartite_soft_matching(k.mean(dim=1), cfg.r, P, valid)
         entering = None if valid is None else tokens.patch_valid                # None: all (the record makes it)
