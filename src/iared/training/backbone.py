@@ -26,11 +26,9 @@ from torch.utils.data import Dataset
 
 from ..backbones.registry import create_model, list_models
 from ..errors import UserError
-from ..fileio import write_json
-from ..models import save_model
-from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_for, distributed
+from .distributed import DistInfo, agree, broadcast_parameters, device_for, run_training
 from .loop import Stage, run_stages
-from .setup import check_output_dir, data_info_dict, load_data, loop_settings
+from .setup import check_output_dir, data_info_dict, finish_run, load_data, loop_settings
 
 
 @dataclass(frozen=True)
@@ -63,6 +61,13 @@ class BackboneOptions:
     device: str = "cpu"                    # "cpu" or "cuda"
     resume: bool = False                   # continue the run in `out`
     progress: bool = True                  # tqdm progress bars
+
+    def check(self) -> None:
+        """Raise `UserError` on a setting no run can use (before any process starts)."""
+        if not self.epochs > 0 or not self.lr > 0:
+            raise UserError(f"--epochs and --lr must be positive, got {self.epochs} and {self.lr}")
+        if self.clutter_ramp and any(k < 0 for k in self.clutter_ramp):
+            raise UserError("--clutter-ramp takes non-negative fragment counts")
 
 
 VIT_CUSTOM_DEFAULTS = {"embed_dim": 64, "depth": 6, "num_heads": 4, "patch_size": 4, "patch_overlap": 0}
@@ -147,26 +152,8 @@ def _epoch_data(options: BackboneOptions, train: Dataset):
     return data_for
 
 
-def train_backbone(options: BackboneOptions) -> dict[str, Any]:
-    """Train a plain ViT; write `out/model.safetensors` and `out/metrics.json` (rank 0).
-
-    Returns:
-        The metrics summary (also written to metrics.json).
-
-    Raises:
-        UserError: bad data, arch, sizes or output folder (before any training).
-    """
-    if not options.epochs > 0 or not options.lr > 0:
-        raise UserError(f"--epochs and --lr must be positive, got {options.epochs} and {options.lr}")
-    if options.clutter_ramp and any(k < 0 for k in options.clutter_ramp):
-        raise UserError("--clutter-ramp takes non-negative fragment counts")
-    with distributed(options.device) as dist_info:
-        return _train_backbone(options, dist_info)
-
-
 def _train_backbone(options: BackboneOptions, dist_info: DistInfo) -> dict[str, Any]:
     t0 = time.time()
-    out = Path(options.out)
 
     def prepare():
         train = load_data(options.data, "train", options.seed)
@@ -177,7 +164,7 @@ def _train_backbone(options: BackboneOptions, dist_info: DistInfo) -> dict[str, 
         if options.init:
             _load_init(model, options.init)
         if dist_info.is_main:
-            check_output_dir(out)  # last: a bad argument leaves no empty folder behind
+            check_output_dir(Path(options.out))  # last: a bad argument leaves no empty folder behind
         return train, val, model, overrides
 
     train, val, model, overrides = agree(dist_info, prepare)
@@ -200,16 +187,27 @@ def _train_backbone(options: BackboneOptions, dist_info: DistInfo) -> dict[str, 
     )
     history = run_stages(model, [stage], val, loop, dist_info=dist_info, resume=options.resume, run_config=run_config)
 
-    summary: dict[str, Any] = {}
-    if dist_info.is_main:
+    def describe():
         final = history["stages"][-1]["epochs"][-1]
         summary = {
             "command": "train-backbone", "data": options.data, "arch": options.arch, "overrides": overrides,
             "val": final.get("val"), "history": history, "options": {**dataclasses.asdict(options)},
             "session_wall_s": time.time() - t0,
         }
-        save_model(model.cpu(), out / "model.safetensors", arch=options.arch, data=data_info_dict(options.data, info),
-                   extra={"trained_by": "iared train-backbone", "val_top1": (final.get("val") or {}).get("top1")})
-        write_json(out / "metrics.json", summary)
-    barrier(dist_info)
-    return summary
+        return summary, {"arch": options.arch, "data": data_info_dict(options.data, info),
+                         "extra": {"trained_by": "iared train-backbone",
+                                   "val_top1": (final.get("val") or {}).get("top1")}}
+
+    return finish_run(model, options.out, dist_info, describe)
+
+
+def train_backbone(options: BackboneOptions) -> dict[str, Any]:
+    """Train a plain ViT; write `out/model.safetensors` and `out/metrics.json` (rank 0).
+
+    Returns:
+        The metrics summary (also written to metrics.json).
+
+    Raises:
+        UserError: bad data, arch, sizes or output folder (before any training).
+    """
+    return run_training(_train_backbone, options)

@@ -40,16 +40,15 @@ from torch.utils.data import Dataset
 from ..backbones.checkpoint import CheckpointError, load_pretrained, read_checkpoint, read_metadata
 from ..backbones.registry import list_models
 from ..errors import UserError
-from ..fileio import write_json
-from ..models import check_data_fits, load_model_file, read_model_meta, save_model
+from ..models import check_data_fits, load_model_file, read_model_meta
 from ..patch import patch
 from ..reduction.interpreter import IARedPolicy
 from .backbone import build_backbone
-from .distributed import DistInfo, agree, barrier, broadcast_parameters, device_for, distributed
+from .distributed import DistInfo, agree, broadcast_parameters, device_for, run_training
 from .finetune import finetune_step
 from .loop import Stage, evaluate, run_stages
 from .reinforce import group_modes, reinforce_step
-from .setup import check_output_dir, data_info_dict, load_data, loop_settings, relabel, with_teacher_labels
+from .setup import check_output_dir, data_info_dict, finish_run, load_data, loop_settings, relabel, with_teacher_labels
 
 
 TARGETS = ("label", "agreement")
@@ -84,6 +83,17 @@ class TrainOptions:
     device: str = "cpu"                    # "cpu" or "cuda"
     resume: bool = False                   # continue the run in `out`
     progress: bool = True                  # tqdm progress bars
+
+    def check(self) -> None:
+        """Raise `UserError` on a setting no run can use (before any process starts)."""
+        if self.groups < 1:
+            raise UserError("--groups must be at least 1")
+        if len(self.schedule) != 2 or min(self.schedule) < 0 or sum(self.schedule) <= 0:
+            raise UserError("--schedule must be two non-negative numbers E_p:E_b, not both zero")
+        if self.target not in TARGETS:
+            raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.epochs <= 0 or self.policy_epochs <= 0:
+            raise UserError("--epochs and the policy part of --schedule must be positive")
 
     @property
     def policy_epochs(self) -> float:
@@ -193,31 +203,8 @@ def build_stages(model: nn.Module, train: Dataset, options: TrainOptions,
     return stages
 
 
-def train_iared(options: TrainOptions) -> dict[str, Any]:
-    """Run Algorithm 1; write `out/model.safetensors` and `out/metrics.json` (rank 0).
-
-    Returns:
-        The summary written to metrics.json: per-stage validation accuracy and keep
-        ratio per group, and the backbone's accuracy before training.
-
-    Raises:
-        UserError: bad data, backbone, groups or output folder (before any training).
-    """
-    if options.groups < 1:
-        raise UserError("--groups must be at least 1")
-    if len(options.schedule) != 2 or min(options.schedule) < 0 or sum(options.schedule) <= 0:
-        raise UserError("--schedule must be two non-negative numbers E_p:E_b, not both zero")
-    if options.target not in TARGETS:
-        raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {options.target!r}")
-    if options.epochs <= 0 or options.policy_epochs <= 0:
-        raise UserError("--epochs and the policy part of --schedule must be positive")
-    with distributed(options.device) as dist_info:
-        return _train_iared(options, dist_info)
-
-
 def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
     t0 = time.time()
-    out = Path(options.out)
 
     def prepare():
         model, arch, data_meta, train, val = load_backbone(options.checkpoint, options.arch, options.data,
@@ -228,7 +215,7 @@ def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
         if depth % options.groups:
             raise UserError(f"--groups {options.groups} does not divide the backbone's depth {depth}")
         if dist_info.is_main:
-            check_output_dir(out)
+            check_output_dir(Path(options.out))
         return train, val, model, arch, data_meta
 
     train, val, model, arch, data_meta = agree(dist_info, prepare)
@@ -249,8 +236,7 @@ def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
     stages = build_stages(model, train, options, teacher)
     history = run_stages(model, stages, val, loop, dist_info=dist_info, resume=options.resume, run_config=run_config)
 
-    summary: dict[str, Any] = {}
-    if dist_info.is_main:
+    def describe():
         per_stage = [{"stage": st["name"], **st["extra"], "val_top1": st["epochs"][-1]["val"]["top1"],
                       "keep_ratio_per_group": st["epochs"][-1]["val"]["keep_ratio_per_group"]}
                      for st in history["stages"]]
@@ -260,10 +246,21 @@ def _train_iared(options: TrainOptions, dist_info: DistInfo) -> dict[str, Any]:
             "groups": options.groups, "backbone_val": before, "val": final, "per_stage": per_stage,
             "history": history, "options": dataclasses.asdict(options), "session_wall_s": time.time() - t0,
         }
-        save_model(model.cpu(), out / "model.safetensors", arch=arch,
-                   data=data_meta or data_info_dict(options.data, train.info),
-                   extra={"trained_by": "iared train", "val_top1": final["top1"],
-                          "keep_ratio_per_group": final["keep_ratio_per_group"]})
-        write_json(out / "metrics.json", summary)
-    barrier(dist_info)
-    return summary
+        return summary, {"arch": arch, "data": data_meta or data_info_dict(options.data, train.info),
+                         "extra": {"trained_by": "iared train", "val_top1": final["top1"],
+                                   "keep_ratio_per_group": final["keep_ratio_per_group"]}}
+
+    return finish_run(model, options.out, dist_info, describe)
+
+
+def train_iared(options: TrainOptions) -> dict[str, Any]:
+    """Run Algorithm 1; write `out/model.safetensors` and `out/metrics.json` (rank 0).
+
+    Returns:
+        The summary written to metrics.json: per-stage validation accuracy and keep
+        ratio per group, and the backbone's accuracy before training.
+
+    Raises:
+        UserError: bad data, backbone, groups or output folder (before any training).
+    """
+    return run_training(_train_iared, options)

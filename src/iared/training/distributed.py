@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..errors import ErrorOnOtherRank, UserError, report
 
 T = TypeVar("T")
+O = TypeVar("O")  # an options dataclass with `check()` and `device`
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,14 @@ def distributed(device: str) -> Iterator[DistInfo]:
         yield info
     finally:
         cleanup(info)
+
+
+def run_training(train: Callable[[O, DistInfo], T], options: O) -> T:
+    """`options.check()` (a bad setting fails before any process group exists), then
+    `train(options, dist_info)` inside `distributed(options.device)`."""
+    options.check()  # type: ignore[attr-defined]
+    with distributed(options.device) as info:  # type: ignore[attr-defined]
+        return train(options, info)
 
 
 def agree(info: DistInfo, fn: Callable[[], T]) -> T:

@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..fileio import check_writable
+from ..fileio import check_writable, write_json
+from ..models import save_model
+from .distributed import DistInfo, barrier
 from .loop import LoopOptions
 
 
@@ -37,6 +39,20 @@ def check_output_dir(out: Path) -> None:
         check_writable(out)
     except OSError as e:
         raise UserError(f"output folder {out} is not writable: {e.strerror or e}") from None
+
+
+def finish_run(model: nn.Module, out: str, dist_info: DistInfo,
+               describe: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """End a training run: on rank 0, `describe()` gives (summary, `save_model`'s keyword
+    arguments) and writes `out/model.safetensors` and `out/metrics.json`; every rank waits
+    for that and returns the summary (empty off rank 0)."""
+    summary: dict[str, Any] = {}
+    if dist_info.is_main:
+        summary, model_meta = describe()
+        save_model(model.cpu(), Path(out) / "model.safetensors", **model_meta)
+        write_json(Path(out) / "metrics.json", summary)
+    barrier(dist_info)
+    return summary
 
 
 def data_info_dict(spec: str, info: Any) -> dict[str, Any]:
