@@ -13,7 +13,7 @@ from pathlib import Path
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -80,6 +80,16 @@ def check_split(split: str) -> str:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     return split
+
+
+def existing_path(kind: str, path: Union[str, Path], folder: bool = True) -> Path:
+    """`path` as a `Path` if it exists (and is a folder, with `folder`), else a `DataError`."""
+    p = Path(path)
+    if folder and not p.is_dir():
+        raise DataError(f"{kind}: not a directory: {path}")
+    if not p.exists():
+        raise DataError(f"{kind}: path does not exist: {path}")
+    return p
 
 
 def carve_split(n: int, split: str, seed: int, val_size: int) -> np.ndarray:

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import DataError, DataInfo, check_split
+from .base import DataError, DataInfo, check_split, existing_path
 from .idx import FASHION_CLASSES, default_fashion_dir, load_idx_split
 
 MASK_THRESHOLD = 25          # uint8 item intensity above which a pixel belongs to the item (~0.1)
@@ -278,8 +278,7 @@ def cluttered_fashion(path: Optional[str] = None, split: str = "train", seed: in
     if path is None:
         raise DataError("cluttered-fashion needs the Fashion-MNIST idx files: use cluttered-fashion:DIR "
                         "(or install the Debian package dataset-fashion-mnist)")
-    if not os.path.isdir(path):
-        raise DataError(f"cluttered-fashion: not a directory: {path}")
+    existing_path("cluttered-fashion", path)
     items, labels = load_idx_split(path, split, split_seed, val_size=FASHION_VAL_SIZE)
     return ClutteredDataset(items, labels, split, seed, kind="cluttered-fashion",
                             class_names=FASHION_CLASSES, **kw)

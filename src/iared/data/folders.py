@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import DataError, DataInfo, SkipBadMixin, carve_split, check_split, normalize, read_table
+from .base import (DataError, DataInfo, SkipBadMixin, carve_split, check_split, existing_path, normalize,
+                   read_table)
 from .images import FILTERS, ImageError, load_image, resize_center_crop, to_tensor
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -176,9 +177,7 @@ def cifar10(path: str, split: str = "train", split_seed: int = 0, img_size: Opti
         An `ImageFileDataset`.
     """
     check_split(split)
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"cifar10: path does not exist: {path}")
+    p = existing_path("cifar10", path, folder=False)  # a zip or a folder
     entries, zip_path = _find_cifar_entries(p, _split_dir_name(split))
     class_names = tuple(sorted({c for _, c in entries}))
     if split != "test":
@@ -325,12 +324,10 @@ def imagefolder(path: str, split: str = "test", split_seed: int = 0, img_size: i
         val_fraction: share carved out as "val" when there is no `val/` folder.
 
     Returns:
-        An `ImageFileDataset`.
+        An `ImageFileDataset`, labelled as described above.
     """
     check_split(split)
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"imagefolder: not a directory: {path}")
+    root = existing_path("imagefolder", path)
     carve, indexed = False, False
     index = None
     if (root / "classes.tsv").is_file():

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from .base import DataError, DataInfo, check_split, read_table
+from .base import DataError, DataInfo, check_split, existing_path, read_table
 from .idx import default_fashion_dir, load_idx_split
 
 
@@ -277,8 +277,7 @@ def moving_fashion(path: Optional[str] = None, split: str = "train", seed: int =
     path = path or default_fashion_dir()
     if path is None:
         raise DataError("moving-fashion needs the Fashion-MNIST idx files: use moving-fashion:DIR")
-    if not os.path.isdir(path):
-        raise DataError(f"moving-fashion: not a directory: {path}")
+    existing_path("moving-fashion", path)
     items = _fashion_items(str(path), split, split_seed, int(kw.get("item_size", 20)))
     return MovingFashionDataset(items, split, seed, **kw)
 
