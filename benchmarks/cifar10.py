@@ -23,7 +23,6 @@ reused and the training stages resume from their checkpoints.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import shlex
 import sys
@@ -34,7 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from iared.commands.sweep import budget_sweep, matched_eval
+from iared.commands.sweep import budget_sweep, matched_eval, matched_headline
 from iared.evaluation.report import save_tradeoff_plot
 from iared.commands.eval import EvalConfig
 from iared.fileio import write_json
@@ -147,12 +146,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "methods": results["methods"], "matched_to": results["matched_to"], "notes": results.get("notes"),
         "sweep": sweep, "train_wall_s": t_train, "wall_s": time.time() - t0,
     }
-    write_json(json_path, doc)
-    if json_path != out / "results.json":
-        write_json(out / "results.json", copy.deepcopy(doc))
-    o, i = doc["methods"]["original"], doc["methods"]["iared"]
-    log(f"done in {doc['wall_s'] / 60:.1f} min -> {json_path}: original {o['top1']:.2f}, IA-RED² {i['top1']:.2f} "
-        f"at {o['gflops_per_img'] / i['gflops_per_img']:.2f}x fewer GFLOPs")
+    for path in dict.fromkeys([json_path, out / "results.json"]):  # the run folder keeps a copy
+        write_json(path, doc)
+    log(f"done in {doc['wall_s'] / 60:.1f} min -> {json_path}: {matched_headline(doc['methods'])}")
     return 0
 
 

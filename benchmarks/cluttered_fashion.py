@@ -26,7 +26,6 @@ so an interrupted run is continued by running the same command again.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -41,7 +40,7 @@ import torch
 
 from iared.data import build_dataset
 from iared.commands.eval import EvalConfig, run_eval
-from iared.commands.sweep import budget_sweep, matched_eval
+from iared.commands.sweep import budget_sweep, matched_eval, matched_headline
 from iared.evaluation.report import save_tradeoff_plot
 from iared.evaluation.segmentation import segmentation_metrics_for
 from iared.fileio import write_json
@@ -218,12 +217,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Stages reused from an earlier run of the command: their own recorded training time.
         "reused_stages": {str(p): recorded_train_s(p) for p in reused},
     }
-    write_json(json_path, doc)
-    if json_path != out / "results.json":
-        write_json(out / "results.json", copy.deepcopy(doc))
-    o, i = doc["methods"]["original"], doc["methods"]["iared"]
-    log(f"done in {doc['wall_s'] / 60:.1f} min -> {json_path}: original {o['top1']:.2f}, IA-RED² {i['top1']:.2f} "
-        f"at {o['gflops_per_img'] / i['gflops_per_img']:.2f}x fewer GFLOPs; targets: {doc['targets']}")
+    for path in dict.fromkeys([json_path, out / "results.json"]):  # the run folder keeps a copy
+        write_json(path, doc)
+    log(f"done in {doc['wall_s'] / 60:.1f} min -> {json_path}: {matched_headline(doc['methods'])}; "
+        f"targets: {doc['targets']}")
     return 0
 
 

@@ -86,6 +86,13 @@ def budget_sweep(base: Any, budgets: dict[str, Sequence[float]]
     return sweep, default
 
 
+def matched_headline(methods: dict[str, dict[str, Any]]) -> str:
+    """A matched-cost result in a line: the backbone's and IA-RED²'s top-1 and the GFLOPs ratio."""
+    o, i = methods["original"], methods["iared"]
+    return (f"original {o['top1']:.2f}, IA-RED² {i['top1']:.2f} "
+            f"at {o['gflops_per_img'] / i['gflops_per_img']:.2f}x fewer GFLOPs")
+
+
 def matched_eval(base: Any, sweep: dict[str, list[dict[str, Any]]], target: float,
                  methods: Sequence[str] = MATCHED_METHODS, segmentation: bool = True) -> dict[str, Any]:
     """`methods` with every baseline's budget set to cost `target` GFLOPs, timed, as `iared eval` results.
