@@ -104,6 +104,11 @@ def scale_preset(base: Preset, budget_minutes: float, data: str) -> Preset:
                      "policy_steps": max(1, policy_steps)})
 
 
+def recorded_preset(results: dict[str, Any]) -> Preset:
+    """The `Preset` a results JSON of this script was trained with."""
+    return Preset(**{**results["preset"], "clutter_ramp": tuple(results["preset"]["clutter_ramp"])})
+
+
 def heatmap_figure(model, test, n: int, path: Path) -> None:
     """Per-frame IA-RED² scores and kept tokens, and temporal-difference scores, for `n` clips."""
     import matplotlib
@@ -218,6 +223,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="small fixed-size smoke run (~10-15 min on 2 busy cores)")
     g.add_argument("--budget-minutes", type=float, default=None, help="fit training to this wall-clock budget")
+    g.add_argument("--preset-from", default=None, metavar="JSON",
+                   help="train with the exact preset (sizes, step counts) of an earlier results JSON: "
+                        "the way to reproduce a --budget-minutes run, whose step counts depend on the machine")
     p.add_argument("--keep-ratio", type=float, default=None, help="baselines' keep ratio (default: IA-RED²'s)")
     p.add_argument("--ours-keep-ratio", type=float, default=None,
                    help="also report IA-RED² with its threshold set on validation clips to keep this share "
@@ -242,13 +250,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.eval_only:
         try:
             trained = json.loads((out / "results.json").read_text())
-            preset = Preset(**{**trained["preset"], "clutter_ramp": tuple(trained["preset"]["clutter_ramp"])})
+            preset = recorded_preset(trained)
         except (OSError, ValueError, KeyError, TypeError) as e:
             p.error(f"--eval-only needs a finished run in {out} (its results.json): {e}")
         return evaluate_and_report(args, data, out, preset, trained=trained)
     preset = QUICK if args.quick else FULL
     if args.budget_minutes is not None:
         preset = scale_preset(FULL, args.budget_minutes, data)
+    if args.preset_from is not None:
+        try:
+            preset = recorded_preset(json.loads(Path(args.preset_from).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--preset-from {args.preset_from}: no results JSON with a preset ({e})")
     out.mkdir(parents=True, exist_ok=True)
     print(f"preset: {preset}", file=sys.stderr, flush=True)
 
