@@ -24,11 +24,14 @@ the figure beside it (`moving_fashion_heatmaps.png`).
 one training step, so the run fits the budget on the machine it runs on; `--quick`
 uses a smaller model and a fixed small number of steps (a smoke run, about 10-15 minutes
 on 2 busy CPU cores). Budgets are split 60 % backbone, 25 % IA-RED², 15 % evaluation.
+`--preset-from JSON` trains with the sizes and step counts recorded in a results JSON:
+the command that reproduces a `--budget-minutes` run on another machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
@@ -44,9 +47,9 @@ import iared
 from iared.backbones.jointst import frame_maps
 from iared.data import build_dataset
 from iared.data.video import MOTION_NAMES
-from iared.evaluation.throughput import interleaved_throughput, steady_allocator
+from iared.commands.eval import EvalConfig, MethodSpec, run_video_eval
+from iared.evaluation.throughput import steady_allocator
 from iared.reduction.budgets import calibrate_iared
-from iared.evaluation.video import evaluate_video
 from iared.reduction.video_baselines import temporal_difference_scores
 from iared.training.backbone import BackboneOptions, train_backbone
 from iared.training.curriculum import TrainOptions, train_iared
@@ -156,63 +159,41 @@ def heatmap_figure(model, test, n: int, path: Path) -> None:
     plt.close(fig)
 
 
-def evaluate_all(backbone_path: Path, iared_path: Path, test, preset: Preset,
-                 keep_ratio: Optional[float], val=None, ours_keep: Optional[float] = None) -> dict[str, Any]:
-    """Table 3's rows; baselines at IA-RED²'s measured keep ratio unless `keep_ratio` is given.
+def evaluate_all(backbone_path: Path, iared_path: Path, test, preset: Preset, keep_ratio: Optional[float],
+                 allocator: str, val=None, ours_keep: Optional[float] = None) -> dict[str, Any]:
+    """Table 3's rows (`iared.commands.eval.run_video_eval`); the baselines at IA-RED²'s
+    keep ratio on the test clips unless `keep_ratio` is given.
 
     With `ours_keep`, a second IA-RED² row "ours@<ours_keep>" runs the same trained model
     with its interpreter threshold raised so that it keeps `ours_keep` of the tokens on
     the *validation* clips `val` (the `ours_keep` quantile of their scores; the test clips
     are not looked at), and the baselines are matched to that row's keep ratio instead.
-
-    Errors, FLOPs and keep ratios per method first; then the speeds of all methods,
-    timed round-robin on the same batch (`interleaved_throughput`) so that a busy
-    machine's changing load does not favour whichever method ran in a quiet minute.
+    All methods are timed round-robin on the same clips.
     """
-    kw = dict(batch_size=16, speed_repeats=0, flops_clips=8, progress=True)
-    rows: dict[str, Any] = {}
-    models: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
-    ours = iared.load_model(iared_path)
-    rows["ours"] = evaluate_video(ours, test, mode="greedy", **kw)
-    models["ours"] = (ours, {"mode": "greedy"})
-    matched = "ours"
+    ours, base = iared.load_model(iared_path), iared.load_model(backbone_path)
+    cfg = EvalConfig(data="moving-fashion", checkpoint=str(iared_path), batch_size=preset.speed_batch,
+                     flops_images=8, throughput_repeats=9, allocator="system")
+    specs = [MethodSpec("ours", "iared")]
     if ours_keep is not None:
-        matched = f"ours@{ours_keep:g}"
-        op = iared.load_model(iared_path)
         val_clips = torch.stack([val[i]["video"][1] for i in range(min(256, len(val)))])
-        threshold = calibrate_iared(op, val_clips, ours_keep)
-        print(f"evaluating {matched} (threshold {threshold[0]:.4f} from {len(val_clips)} val clips)",
-              file=sys.stderr, flush=True)
-        rows[matched] = evaluate_video(op, test, mode="greedy", **kw)
-        rows[matched]["settings"] = {"threshold": threshold[0], "val_keep_target": ours_keep}
-        models[matched] = (op, {"mode": "greedy"})
-    r = keep_ratio if keep_ratio is not None else max(rows[matched]["keep_ratio"], 1.0 / ours.grid_size)
-    n_keep = max(1, round(r * ours.grid_size))
-    methods = {
-        "original": None,
-        "random": ("random", {"keep_ratio": r}),
-        "attention": ("attention", {"keep_ratio": r}),
-        "tempdiff": ("tempdiff", {"keep_ratio": r}),
-        # ATS in the first block, with the same number of patch tokens as budget (K counts
-        # patch tokens; CLS is always kept on top).
-        "ats": ("ats", {"stages": [0], "K": n_keep}),
-    }
-    for name, spec in methods.items():
-        model = iared.load_model(backbone_path)
-        if spec is not None:
-            iared.patch(model, spec[0], **spec[1])
-        print(f"evaluating {name}", file=sys.stderr, flush=True)
-        rows[name] = evaluate_video(model, test, **kw)
-        if spec is not None:
-            rows[name]["settings"] = spec[1]
-        models[name] = (model, {})
-    clips = torch.stack([test[i]["video"][1] for i in range(min(preset.speed_batch, len(test)))])
-    speeds = interleaved_throughput(models, clips, warmup=2, repeats=9)
-    for name, row in rows.items():
-        row["clips_per_s"] = speeds[name]
-        row["speedup"] = speeds[name] / speeds["original"]
-    order = ["original", "random", "attention", "tempdiff", "ats", "ours"] + ([matched] if matched != "ours" else [])
-    return {k: rows[k] for k in order}
+        threshold = calibrate_iared(iared.load_model(iared_path), val_clips, ours_keep)[0]
+        print(f"ours@{ours_keep:g}: threshold {threshold:.4f} from {len(val_clips)} val clips", file=sys.stderr)
+        specs.append(MethodSpec(f"ours@{ours_keep:g}", "iared", {"threshold": threshold}))
+    if keep_ratio is None:  # IA-RED²'s keep ratio on the test clips, the baselines' budget
+        measured = run_video_eval(dataclasses.replace(cfg, throughput=False), ours, base, specs[-1:], dataset=test)
+        keep_ratio = max(measured["methods"][specs[-1].label]["keep_ratio"], 1.0 / ours.grid_size)
+    # ATS in the first block with as many patch tokens as budget (K counts patch tokens; CLS is kept on top).
+    n_keep = max(1, round(keep_ratio * ours.grid_size))
+    baselines = [MethodSpec(name, name, {"keep_ratio": keep_ratio}) for name in ("random", "attention", "tempdiff")]
+    specs = [MethodSpec("original", "original"), *baselines, MethodSpec("ats", "ats", {"stages": [0], "K": n_keep}),
+             *specs]
+    rows = run_video_eval(cfg, ours, base, specs, allocator, dataset=test)["methods"]
+    for spec in specs:
+        if spec.settings:
+            rows[spec.label]["settings"] = dict(spec.settings)
+    if ours_keep is not None:
+        rows[specs[-1].label]["settings"]["val_keep_target"] = ours_keep
+    return rows
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -304,7 +285,7 @@ def evaluate_and_report(args, data: str, out: Path, preset: Preset, trained: dic
     t_ev = time.time()
     val = build_dataset(data, "val", seed=args.seed, views=3, limit=preset.val_size) if args.ours_keep_ratio else None
     methods = evaluate_all(out / "backbone" / "model.safetensors", out / "iared" / "model.safetensors", test,
-                           preset, args.keep_ratio, val=val, ours_keep=args.ours_keep_ratio)
+                           preset, args.keep_ratio, allocator, val=val, ours_keep=args.ours_keep_ratio)
     t_ev = time.time() - t_ev
     ours = iared.load_model(out / "iared" / "model.safetensors")
     heatmap_figure(ours, test, 3, out / "heatmaps.png")

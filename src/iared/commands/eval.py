@@ -312,10 +312,11 @@ def _provenance(cfg: EvalConfig, allocator: str) -> dict[str, Any]:
 
 
 def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Sequence[MethodSpec],
-                   allocator: str = "system") -> dict[str, Any]:
+                   allocator: str = "system", dataset: Optional[Any] = None) -> dict[str, Any]:
     """`run_eval` on video data: the paper's Table 3 row per method (the video keys of docs/results-format.md).
 
-    `allocator` is what `run_eval` set up before timing, recorded in the result.
+    `allocator` is what `run_eval` set up before timing, recorded in the result;
+    `dataset` (three views per video) replaces the one `cfg.data` describes.
 
     Three views per video (left, centre, right crops): clip-1 error on the centre view,
     video-1 error on the three averaged; clips/s of every method timed round-robin on
@@ -323,7 +324,7 @@ def run_video_eval(cfg: EvalConfig, model: nn.Module, base: nn.Module, specs: Se
     """
     from ..evaluation.video import CENTRE_VIEW, evaluate_video
 
-    ds = _dataset(cfg, model, views=3, num_frames=model.num_frames)
+    ds = _dataset(cfg, model, views=3, num_frames=model.num_frames) if dataset is None else dataset
     limit = None if cfg.limit_batches is None else cfg.limit_batches * cfg.batch_size
     rows: dict[str, Any] = {}
     timed: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
