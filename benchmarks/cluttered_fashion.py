@@ -121,14 +121,13 @@ def segmentation_tables(model_path: Path, backbone_path: Path, data: str, n_imag
     ds = build_dataset(data, "test", mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     subset = torch.utils.data.Subset(ds, range(min(n_images, len(ds))))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
-    table1 = segmentation_metrics_for(model, loader, ["iared"], device, None)
-    table1.update(segmentation_metrics_for(backbone, loader, [m for m in TABLE1_METHODS if m != "iared"], device, None))
     blocks = [b for b in (0, 1, 2) if b < len(backbone.blocks)]
-    table5 = segmentation_metrics_for(backbone, loader, [f"attention@block={b}" for b in blocks], device, None)
-    groups = segmentation_metrics_for(model, loader, [f"iared@group={g}" for g in range(model.policy.groups)],
-                                      device, None)
-    return (table1, {str(b): table5[f"attention@block={b}"] for b in blocks},
-            {str(g + 1): groups[f"iared@group={g}"] for g in range(model.policy.groups)})
+    explained = {**{m: model if m == "iared" else backbone for m in TABLE1_METHODS},
+                 **{f"attention@block={b}": backbone for b in blocks},
+                 **{f"iared@group={g}": model for g in range(model.policy.groups)}}
+    found = segmentation_metrics_for(model, loader, explained, device, None)  # one pass over the images
+    return ({m: found[m] for m in TABLE1_METHODS}, {str(b): found[f"attention@block={b}"] for b in blocks},
+            {str(g + 1): found[f"iared@group={g}"] for g in range(model.policy.groups)})
 
 
 def spec_targets(methods: dict[str, Any], seg: dict[str, Any]) -> dict[str, bool]:

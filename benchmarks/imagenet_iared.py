@@ -245,18 +245,20 @@ def davis_stage(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(ds, batch_size=32)
     depth = len(base.blocks)
     table: dict[str, Any] = {}
-    for name in VARIANTS:
+    for name in VARIANTS:  # one pass each: the same explainer names, three models
         model = variant_model(runs, name)
         found = segmentation_metrics_for(model, loader, [f"iared@group={j}" for j in range(3)], "cpu", None)
         table.update({f"iared_{name}@group{j + 1}": v for j, v in enumerate(found.values())})
         log(f"davis: iared_{name} done")
-    blocks = segmentation_metrics_for(base, loader, [f"attention@block={b}" for b in range(depth)], "cpu", None)
-    log("davis: raw attention of every block done")
-    others = segmentation_metrics_for(base, loader, ["rollout", "gradcam", "chefer"], "cpu", None)
+    others = ("rollout", "gradcam", "chefer")
+    found = segmentation_metrics_for(base, loader, [*(f"attention@block={b}" for b in range(depth)), *others],
+                                     "cpu", None)
+    blocks = {k: v for k, v in found.items() if k.startswith("attention@block=")}
+    log("davis: raw attention of every block, rollout, GradCAM, Chefer done")
     best = max(range(depth), key=lambda b: blocks[f"attention@block={b}"]["mIoU"])
     table["attention@block1"] = blocks["attention@block=1"]
     table[f"attention@best (block {best})"] = blocks[f"attention@block={best}"]
-    table.update(others)
+    table.update({m: found[m] for m in others})
     n_fg = sum(float(ds[i]["mask"].float().mean()) for i in range(len(ds))) / len(ds)
     return {"data": DAVIS, "n_images": len(ds), "segmentation": table,
             "attention_by_block": {str(b): blocks[f"attention@block={b}"] for b in range(depth)},
