@@ -115,3 +115,32 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path):
         assert not any("/iared/" in line and line.strip().startswith("File ") for line in r.stderr.splitlines()), \
             r.stderr[-3000:]
     assert not (tmp_path / "o").exists()
+
+
+CRASHING_RANK = textwrap.dedent('''
+    from iared.training.distributed import agree, cleanup, init_distributed
+
+    info = init_distributed("cpu")
+
+    def prepare():
+        if info.rank == 1:
+            raise KeyError("a bug on rank 1")
+        return "ready"
+
+    try:
+        agree(info, prepare)
+    except Exception as e:
+        print(f"RANK {info.rank} RAISED {type(e).__name__}: {e}", flush=True)
+    cleanup(info)
+''')
+
+
+def test_a_crash_on_one_rank_stops_every_rank(tmp_path):
+    """A bug (not a user error) in one rank's set-up: that rank re-raises it, the others
+    learn of it from `agree` instead of waiting for the rank forever."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_RANK)
+    r = _launch([str(script)], tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RANK 1 RAISED KeyError: 'a bug on rank 1'" in r.stdout
+    assert "RANK 0 RAISED RuntimeError: rank 1 failed while setting up: KeyError('a bug on rank 1')" in r.stdout

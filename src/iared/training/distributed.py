@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -126,16 +126,27 @@ def agree(info: DistInfo, fn: Callable[[], T]) -> T:
     first failing rank's message (the CLI prints it once), the others an
     `ErrorOnOtherRank` the CLI does not print. So no rank is left waiting in a collective
     call for a rank that gave up, and a user error under torchrun is one line, exit 2.
+    Any other exception (a bug) is re-raised where it happened, and the other ranks
+    raise a `RuntimeError` naming that rank instead of waiting for it.
     """
-    error = None
+    error: Optional[UserError] = None
+    crash: Optional[Exception] = None
     try:
         result = fn()
     except UserError as e:
         error = e
+    except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
+        crash = e
     if info.enabled:
-        messages: list = [None] * info.world_size
-        dist.all_gather_object(messages, None if error is None else str(error))
-        first = next((m for m in messages if m is not None), None)
+        verdicts: list = [None] * info.world_size
+        mine = ("user", str(error)) if error is not None else ("crash", repr(crash)) if crash is not None else None
+        dist.all_gather_object(verdicts, mine)
+        if crash is not None:
+            raise crash
+        crashed = next(((rank, v[1]) for rank, v in enumerate(verdicts) if v and v[0] == "crash"), None)
+        if crashed is not None:
+            raise RuntimeError(f"rank {crashed[0]} failed while setting up: {crashed[1]}")
+        first = next((v[1] for v in verdicts if v), None)
         if first is not None:
             err = UserError(first) if info.is_main else ErrorOnOtherRank(first)
             if info.is_main:
@@ -146,4 +157,6 @@ def agree(info: DistInfo, fn: Callable[[], T]) -> T:
             raise err
     if error is not None:
         raise error
+    if crash is not None:
+        raise crash
     return result
