@@ -51,7 +51,9 @@ NOT_RUN = "not run yet"
 
 def command_line(doc: dict[str, Any], name: str) -> str:
     cmd = doc.get("command")
-    return f"Made by `{cmd}` (`benchmarks/results/{name}`)." if cmd else f"From `benchmarks/results/{name}`."
+    trained = doc.get("trained_by") or doc.get("training_command")
+    made = f"Made by `{cmd}` (`benchmarks/results/{name}`)." if cmd else f"From `benchmarks/results/{name}`."
+    return f"Models trained by `{trained}`. {made}" if trained and trained != cmd else made
 
 
 # -- one renderer per marker ------------------------------------------------------------------
