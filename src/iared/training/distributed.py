@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import ErrorOnOtherRank, UserError, report
 
 T = TypeVar("T")
-O = TypeVar("O")  # an options dataclass with `check()` and `device`
+OptionsT = TypeVar("OptionsT")  # an options dataclass with `check()` and `device`
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def distributed(device: str) -> Iterator[DistInfo]:
         cleanup(info)
 
 
-def run_training(train: Callable[[O, DistInfo], T], options: O) -> T:
+def run_training(train: Callable[[OptionsT, DistInfo], T], options: OptionsT) -> T:
     """`options.check()` (a bad setting fails before any process group exists), then
     `train(options, dist_info)` inside `distributed(options.device)`."""
     options.check()  # type: ignore[attr-defined]
