@@ -228,21 +228,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     data = f"moving-fashion:{args.data_dir}"
     out = Path(args.out)
-    if args.eval_only:
+    if args.eval_only or args.preset_from is not None:  # a recorded run: its results JSON gives the preset
+        flag, source = ("--eval-only", out / "results.json") if args.eval_only else ("--preset-from", args.preset_from)
         try:
-            trained = json.loads((out / "results.json").read_text())
+            trained = json.loads(Path(source).read_text())
             preset = recorded_preset(trained)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            p.error(f"--eval-only needs a finished run in {out} (its results.json): {e}")
-        return evaluate_and_report(args, data, out, preset, trained=trained)
-    preset = QUICK if args.quick else FULL
-    if args.budget_minutes is not None:
+            p.error(f"{flag} needs the results JSON of a finished run, {source}: {e}")
+        if args.eval_only:
+            return evaluate_and_report(args, data, out, preset, trained=trained)
+    elif args.budget_minutes is not None:
         preset = scale_preset(FULL, args.budget_minutes, data)
-    if args.preset_from is not None:
-        try:
-            preset = recorded_preset(json.loads(Path(args.preset_from).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            p.error(f"--preset-from {args.preset_from}: no results JSON with a preset ({e})")
+    else:
+        preset = QUICK if args.quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     print(f"preset: {preset}", file=sys.stderr, flush=True)
 
