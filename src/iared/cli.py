@@ -231,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of timed forwards per method when --repeats is not given (default 2)")
     b.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     b.add_argument("--calib-images", type=_positive_int, default=8, help="calibration batch for the budgets")
-    b.add_argument("--kernels", choices=("auto", "onednn", "aten"), default="auto",
-                   help="linear layers of every method: oneDNN with packed weights, or PyTorch's default "
-                        "(BLAS); auto: oneDNN on CPU where available")
+    b.add_argument("--kernels", choices=("auto", "native", "onednn", "aten"), default="auto",
+                   help="every method's layers: native (oneDNN linears with packed weights and each ViT "
+                        "block in one C++ call), onednn (the linears only) or aten (PyTorch's default); "
+                        "auto: the first of these that runs here")
     b.add_argument("--allocator", choices=("steady", "system"), default="steady",
                    help="steady: glibc keeps freed memory for reuse, so no method pays page faults for "
                         "fresh buffers on every forward (recorded as 'allocator'); system: leave malloc as is")

@@ -12,6 +12,7 @@ from torch import nn
 
 import iared
 from iared.backbones.kernels import cpu_kernels, onednn_available, resolve_kernels
+from iared.backbones.native import native_module
 from iared.backbones.vit import Mlp, PatchEmbed
 
 from helpers import FixedKeep, tiny_model, uneven_keeps
@@ -19,6 +20,9 @@ from helpers import FixedKeep, tiny_model, uneven_keeps
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="PyTorch's oneDNN linear ops are not available")
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_available(torch.bfloat16),
                                        reason="no oneDNN bf16 linear here (the CPU lacks native bf16)")
+
+
+FAST = "native" if onednn_available() and native_module() is not None else "onednn"  # what "auto" picks here
 
 
 def _patched(model: nn.Module) -> list[nn.Module]:
@@ -38,7 +42,7 @@ def test_packed_batch_with_uneven_counts_matches_masked_reference():
             fast = model(x, execution="compact")
             model.policy.rows = torch.tensor([1])  # the CLS-only image alone
             alone = model(x[1:2], execution="compact")
-    assert used == "onednn"
+    assert used == FAST
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(alone, ref[1:2], rtol=1e-4, atol=1e-5)
@@ -142,7 +146,7 @@ def test_resolve_kernels_names_and_devices():
         resolve_kernels("mkl")
     with pytest.raises(ValueError, match="not available on meta"):
         resolve_kernels("onednn", "meta")
-    assert resolve_kernels("auto") == ("onednn" if onednn_available() else "aten")
+    assert resolve_kernels("auto") == (FAST if onednn_available() else "aten")
 
 
 @needs_onednn
@@ -172,14 +176,14 @@ def test_bfloat16_model_runs_onednn_bf16_and_keeps_uneven_counts_exact():
         with cpu_kernels(model) as used:
             assert len(_patched(model)) > len(model.blocks)  # bf16 layers are packed too
             fast = model(x, execution="compact")
-    assert used == "onednn" and fast.dtype == torch.bfloat16
+    assert used == FAST and fast.dtype == torch.bfloat16
     # bf16 keeps 8 significant bits: paths that round in other places agree to about 1e-2
     torch.testing.assert_close(fast.float(), ref.float(), rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(fast.float(), plain.float(), rtol=3e-2, atol=3e-2)
 
 
 def test_resolve_kernels_in_bfloat16():
-    want = "onednn" if onednn_available(torch.bfloat16) else "aten"
+    want = FAST if onednn_available(torch.bfloat16) else "aten"
     assert resolve_kernels("auto", "cpu", torch.bfloat16) == want
     if want == "aten":
         with pytest.raises(ValueError, match="in bfloat16"):

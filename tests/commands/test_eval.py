@@ -64,7 +64,7 @@ def test_eval_json_layout(tiny_data, iared_file, tmp_path):
     res = json.loads(out.read_text())
     assert res["data"] == "tiny" and res["checkpoint"] == str(iared_file)
     assert res["command"].startswith("iared eval --data tiny") and "--methods" in res["command"]
-    assert res["kernels"] in ("onednn", "aten") and res["allocator"] in ("glibc, no mmap/trim", "system")
+    assert res["kernels"] in ("native", "onednn", "aten") and res["allocator"] in ("glibc, no mmap/trim", "system")
     assert list(res["methods"]) == ["original", "iared", "ats@0.5", "topk@0.5", "random@0.5", "attention"]
     for name, r in res["methods"].items():
         for key in ("top1", "top5", "gflops_per_img", "img_per_s", "keep_ratio", "flops_ratio", "speedup"):

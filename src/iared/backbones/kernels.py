@@ -11,8 +11,10 @@ Fused forms: the GELU after `Mlp.fc1` runs as oneDNN's "gelu" post-op (erf form,
 values as `nn.GELU()`); the patch embedding, a convolution whose stride equals its kernel,
 runs as one linear map over flattened patches; modules of the layers above register their
 own with `register_fusion` (IA-RED²'s interpreter: a LayerNorm and one linear with the
-sigmoid of Eq. 1 fused). At batch 1 the number of small operations is what a block's
-fixed cost is made of, so each fusion removes calls, not FLOPs.
+sigmoid of Eq. 1 fused). With "native" kernels each plain block with every token valid
+runs in one call to the C++ block (`iared.backbones.native`). At batch 1 the number of
+small operations is what a block's fixed cost is made of, so each fusion removes calls,
+not FLOPs.
 
 `cpu_kernels(model)` is a context manager for inference: it shadows the `forward` of
 each module (no state-dict or parameter change) and restores them on exit. The packed
@@ -39,8 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Kernels = Literal["auto", "onednn", "aten"]
-KERNELS = ("auto", "onednn", "aten")
+from .native import native_module
+
+Kernels = Literal["auto", "native", "onednn", "aten"]
+KERNELS = ("auto", "native", "onednn", "aten")
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,20 +68,30 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 def resolve_kernels(kernels: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
-    """The kernels a forward will really use: "onednn" or "aten".
+    """The kernels a forward will really use: "native", "onednn" or "aten".
 
-    "auto" picks oneDNN on CPU where it is available for `dtype`. Asking for "onednn"
-    where it is not (a GPU, a build without it, bfloat16 on a CPU without native bf16)
-    is an error rather than a silent fallback, so a benchmark never records kernels it
-    did not run.
+    "onednn": every linear layer through oneDNN with its weight packed once; "native":
+    that, and each plain ViT block in one call to the C++ block (`iared.backbones.native`).
+    "auto" picks the first of native, onednn, aten that runs here (on CPU for `dtype`).
+    Asking for one that cannot run (a GPU, a build without oneDNN, bfloat16 on a CPU
+    without native bf16, no C++ block) is an error rather than a silent fallback, so a
+    benchmark never records kernels it did not run.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels == "aten":
+        return "aten"
     usable = torch.device(device).type == "cpu" and onednn_available(dtype)
-    if kernels == "onednn" and not usable:
+    if kernels in ("onednn", "native") and not usable:
         where = f"{device}" if dtype == torch.float32 else f"{device} in {str(dtype).removeprefix('torch.')}"
         raise ValueError(f"oneDNN kernels are not available on {where}")
-    return "onednn" if kernels == "onednn" or (kernels == "auto" and usable) else "aten"
+    if kernels == "onednn" or not usable:
+        return "onednn" if usable else "aten"
+    if native_module() is None:
+        if kernels == "native":
+            raise ValueError("the C++ block is not available here (see the warning above)")
+        return "onednn"
+    return "native"
 
 
 def fast_path(x: Tensor, dtype: torch.dtype) -> bool:
@@ -132,6 +146,40 @@ def _patch_linear(mod: nn.Module):
     return forward
 
 
+def _is_plain_block(mod: nn.Module, packed: dict) -> bool:
+    """Our ViT `Block` exactly as defined (LayerNorms, attention, GELU MLP, every linear packed,
+    no hooks or shadowed forwards inside), the block the C++ extension computes."""
+    from .vit import Attention, Block
+
+    if type(mod) is not Block or type(mod.attn) is not Attention or not _is_gelu_mlp(mod.mlp):
+        return False
+    linears = (mod.attn.qkv, mod.attn.proj, mod.mlp.fc1, mod.mlp.fc2)
+    norms = (mod.norm1, mod.norm2)
+    inner = [m for m in mod.modules() if m is not mod and m not in linears]
+    return (all(m in packed for m in linears) and all(m.bias is not None for m in linears[1:])
+            and all(type(n) is nn.LayerNorm and n.weight is not None and n.bias is not None for n in norms)
+            and not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in inner)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in linears))
+
+
+def _native_block(mod: nn.Module, packed: dict) -> Callable:
+    attn, mlp = mod.attn, mod.mlp
+    weights = [mod.norm1.weight, mod.norm1.bias, packed[attn.qkv][0], packed[attn.proj][0], attn.proj.bias,
+               mod.norm2.weight, mod.norm2.bias, packed[mlp.fc1][0], mlp.fc1.bias, packed[mlp.fc2][0], mlp.fc2.bias]
+    native = native_module().Block([w.detach() for w in weights], packed[attn.qkv][1], attn.num_heads,
+                                   attn.scale, mod.norm1.eps, mod.norm2.eps)
+    block = type(mod)
+    dtype = attn.qkv.weight.dtype
+
+    def forward(tokens):
+        # A policy may swap the block's class while patched (ATS, EViT, ToMe): its forward rules.
+        if type(mod) is not block or tokens.valid is not None or not fast_path(tokens.x, dtype):
+            return type(mod).forward(mod, tokens)  # masks, training, other dtypes: the PyTorch block
+        return tokens.with_x(native(tokens.x))
+
+    return forward
+
+
 # Fused forms of modules defined above the backbones (the IA-RED² interpreter), registered
 # by the module that defines them, so this one imports nothing from those layers.
 _FUSIONS: dict[type, tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Callable]]] = {}
@@ -167,12 +215,13 @@ def cpu_kernels(model: nn.Module, kernels: Kernels = "auto") -> Iterator[str]:
 
     Args:
         model: any module; its `nn.Linear` layers (and our ViT's GELU MLPs, patch
-            embeddings and IA-RED² interpreters) are patched.
-        kernels: "auto" (oneDNN on CPU where available), "onednn" (required) or "aten"
-            (leave the model as it is).
+            embeddings, blocks and IA-RED² interpreters) are patched.
+        kernels: "auto" (the fastest that runs here), "native" (oneDNN linears and the
+            C++ block, required), "onednn" (oneDNN linears, required) or "aten" (leave
+            the model as it is); see `resolve_kernels`.
 
     Yields:
-        The kernels in use, "onednn" or "aten" (for result files).
+        The kernels in use, "native", "onednn" or "aten" (for result files).
     """
     first = next(model.parameters(), None)
     chosen = resolve_kernels(kernels, "cpu" if first is None else first.device,
@@ -190,6 +239,9 @@ def cpu_kernels(model: nn.Module, kernels: Kernels = "auto") -> Iterator[str]:
         for mod in model.modules():
             if _is_gelu_mlp(mod) and mod.fc1 in packed and "forward" not in vars(mod):
                 mod.forward = _fused_mlp(mod, *packed[mod.fc1])
+                patched.append((mod, "forward"))
+            elif chosen == "native" and _is_plain_block(mod, packed) and "forward" not in vars(mod):
+                mod.forward = _native_block(mod, packed)
                 patched.append((mod, "forward"))
             elif _is_patch_conv(mod) and "forward" not in vars(mod):
                 mod.forward = _patch_linear(mod)

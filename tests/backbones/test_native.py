@@ -1,0 +1,180 @@
+"""The C++ block (`iared.backbones.native`): the same values as the PyTorch block, used only
+where it computes the same thing, and a clean fallback where it cannot be built.
+
+Not timed: its speed is measured by `iared bench speed` (the JSON records "kernels": "native").
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import iared
+from iared.backbones import native
+from iared.backbones.kernels import cpu_kernels, onednn_available, resolve_kernels
+from iared.backbones.vit import Block
+
+from helpers import FixedKeep, tiny_model, uneven_keeps
+
+can_build = shutil.which("c++") is not None  # ninja comes with the package
+needs_native = pytest.mark.skipif(not (onednn_available() and native.native_module() is not None),
+                                  reason="no oneDNN or no C++ block here")
+
+
+@pytest.mark.skipif(not (can_build and onednn_available()), reason="no C++ compiler here")
+def test_builds_where_a_compiler_is():
+    assert native.native_module() is not None
+    assert resolve_kernels("auto") == resolve_kernels("native") == "native"
+
+
+def _blocks_run_natively(model) -> int:
+    return sum("forward" in vars(b) and "native" in b.forward.__qualname__ for b in model.blocks)
+
+
+@needs_native
+@pytest.mark.parametrize("distilled", [False, True])
+def test_one_image_gives_the_masked_reference_logits(distilled):
+    model = tiny_model(distilled=distilled)
+    model.policy = FixedKeep(uneven_keeps(3, model.grid_size, [0, 2, 4]))
+    model.policy.rows = torch.tensor([2])  # an image that keeps some tokens at each stage
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x, execution="mask")
+        with cpu_kernels(model, "native") as used:
+            assert used == "native" and _blocks_run_natively(model) == len(model.blocks)
+            fast, info = model(x, execution="compact", return_info=True)
+    assert info.block_tokens[0, -1] < info.block_tokens[0, 0] <= model.grid_size  # tokens really dropped
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    assert _blocks_run_natively(model) == 0
+
+
+@needs_native
+def test_padded_batches_masks_and_gradients_take_the_pytorch_block():
+    model = tiny_model()
+    B = 5
+    model.policy = FixedKeep(uneven_keeps(B, model.grid_size, [0, 3]))
+    x = torch.randn(B, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x, execution="mask")
+    with cpu_kernels(model, "native"):
+        with torch.inference_mode():
+            packed = model(x, execution="compact")   # padding: the packed PyTorch path
+            masked = model(x, execution="mask")      # attention masks: the PyTorch block
+        model.policy = None
+        y = model(x)                                 # autograd on: the PyTorch block, trainable
+        y.sum().backward()
+    torch.testing.assert_close(packed, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(masked, ref, rtol=1e-4, atol=1e-5)
+    assert model.blocks[0].mlp.fc1.weight.grad is not None
+
+
+@needs_native
+def test_blocks_with_hooks_or_other_parts_are_left_to_pytorch():
+    model = tiny_model(depth=3)
+    seen = []
+    model.blocks[0].attn.register_forward_hook(lambda *a: seen.append(1))
+    model.blocks[1].mlp.act = torch.nn.ReLU()
+    with torch.inference_mode(), cpu_kernels(model, "native"):
+        assert ["forward" in vars(b) for b in model.blocks] == [False, False, True]
+        model(torch.randn(1, 3, 32, 32))
+    assert seen == [1]
+
+
+@needs_native
+def test_block_without_qkv_bias_with_its_own_scale_and_eps():
+    torch.manual_seed(0)
+    model = tiny_model(depth=1)
+    model.blocks[0] = blk = Block(32, 4, qkv_bias=False, attn_scale=0.3, eps=1e-3).eval()
+    with torch.no_grad():
+        for norm in (blk.norm1, blk.norm2):  # not the identity LayerNorm affine
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+        with cpu_kernels(model, "native"):
+            assert _blocks_run_natively(model) == 1
+            fast = model(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unbuildable_source_warns_once_and_falls_back(tmp_path, monkeypatch):
+    bad = tmp_path / "block.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))  # never touch the real build
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "NAME", "iared_native_broken")  # torch would version the real one up
+    native.native_module.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"C\+\+ block could not be built"):
+            assert native.native_module() is None
+        assert native.native_module() is None  # cached: no second build, no second warning
+        if onednn_available():
+            assert resolve_kernels("auto") == "onednn"
+            with pytest.raises(ValueError, match=r"C\+\+ block is not available"):
+                resolve_kernels("native")
+            model = tiny_model(depth=2)
+            with torch.inference_mode(), cpu_kernels(model) as used:
+                assert used == "onednn" and _blocks_run_natively(model) == 0
+    finally:
+        native.native_module.cache_clear()
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(native.DISABLE, "0")
+    native.native_module.cache_clear()
+    try:
+        assert native.native_module() is None
+    finally:
+        native.native_module.cache_clear()
+
+
+@needs_native
+@pytest.mark.skipif(not onednn_available(torch.bfloat16), reason="no oneDNN bf16 linear here")
+def test_bfloat16_block_matches_the_pytorch_block():
+    model = tiny_model().to(torch.bfloat16)
+    x = torch.randn(1, 3, 32, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        with cpu_kernels(model, "onednn"):
+            ref = model(x)
+        with cpu_kernels(model, "native"):
+            assert _blocks_run_natively(model) == len(model.blocks)
+            fast = model(x)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, ref, rtol=0, atol=0)  # the same kernels in the same order
+
+
+# A budget that drops something on the tiny model's 64-token grid, per budget setting.
+DROPPING = {"threshold": None, "rho": 0.5, "keep_ratio": 0.5, "keep_rate": 0.5, "r": 8}
+
+
+@needs_native
+@pytest.mark.filterwarnings("ignore:policy .* drops no token")
+@pytest.mark.parametrize("name", [n for n in iared.available_policies() if n != "tempdiff"])
+def test_every_policy_patched_inside_the_kernels_gives_its_own_logits(name):
+    # `iared bench speed` enters the kernels once and patches each policy in every round: a
+    # policy that swaps block classes (ATS, EViT, ToMe) must still run its own blocks.
+    from iared.reduction.policy import budget_setting
+
+    model = tiny_model()
+    x = torch.randn(1, 3, 32, 32)
+    budget = DROPPING[budget_setting(name)]
+
+    def logits():
+        reset = getattr(model.policy, "reset", None)
+        if callable(reset):
+            reset()  # random dropping: the same draws every time
+        return model(x, execution="compact", return_info=True)
+
+    with torch.no_grad():  # not inference mode: policies built in it would hold inference tensors
+        iared.patch(model, name, budget=budget)
+        ref, ref_info = logits()
+        iared.unpatch(model)
+        with cpu_kernels(model, "native"):
+            iared.patch(model, name, budget=budget)
+            fast, info = logits()
+            iared.unpatch(model)
+    assert torch.equal(info.block_tokens, ref_info.block_tokens)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
