@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The speed benchmark: `iared bench speed` on ViT-Tiny, DeiT-S/B at 224 and DeiT-B at 384, random
-# weights, batch 1 and 64, CPU, linear layers through oneDNN (`--kernels auto`), glibc told
-# to keep freed memory (`--allocator steady`: no method pays page faults for fresh buffers).
+# weights, batch 1 and 64, CPU, linear layers through oneDNN and each block in one C++ call
+# (`--kernels auto`: "native" where the extension builds), glibc told to keep freed memory
+# (`--allocator steady`: no method pays page faults for fresh buffers).
 # Each JSON records its exact command and the 1-minute load average before/after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,9 @@ run() { echo "== $*"; $IARED bench speed "$@" $FLAGS; }
 run1() { echo "== $*"; $IARED bench speed "$@" $FLAGS_B1; }
 run1 --arch vit_tiny_patch16_224 --batch-size 1 --json $R/speed_vit_tiny_patch16_224_b1.json
 run --arch vit_tiny_patch16_224 --batch-size 64 --json $R/speed_vit_tiny_patch16_224_b64.json
+# What the C++ block buys at batch 1: the same runs with the oneDNN linears alone.
+run1 --arch vit_tiny_patch16_224 --batch-size 1 --kernels onednn --json $R/speed_vit_tiny_patch16_224_b1_onednn.json
+run1 --arch deit_small_patch16_224 --batch-size 1 --kernels onednn --json $R/speed_deit_small_patch16_224_b1_onednn.json
 run1 --arch deit_small_patch16_224 --batch-size 1 --json $R/speed_deit_small_patch16_224_b1.json
 run --arch deit_small_patch16_224 --batch-size 64 --json $R/speed_deit_small_patch16_224_b64.json
 run1 --arch deit_base_patch16_224 --batch-size 1 --json $R/speed_deit_base_patch16_224_b1.json
