@@ -127,6 +127,9 @@ def test_disabled_by_environment(monkeypatch):
     native.native_module.cache_clear()
     try:
         assert native.native_module() is None
+        if onednn_available():
+            with pytest.raises(ValueError, match="IARED_NATIVE=0 is set"):
+                resolve_kernels("native")
     finally:
         native.native_module.cache_clear()
 

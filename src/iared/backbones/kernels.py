@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .native import native_module
+from .native import native_module, unavailable_reason
 
 Kernels = Literal["auto", "native", "onednn", "aten"]
 KERNELS = ("auto", "native", "onednn", "aten")
@@ -89,7 +89,7 @@ def resolve_kernels(kernels: str, device: torch.device | str = "cpu", dtype: tor
         return "onednn" if usable else "aten"
     if native_module() is None:
         if kernels == "native":
-            raise ValueError("the C++ block is not available here (see the warning above)")
+            raise ValueError(f"the C++ block is not available: {unavailable_reason()}")
         return "onednn"
     return "native"
 

@@ -82,3 +82,9 @@ def native_module() -> Optional[ModuleType]:
                       RuntimeWarning, stacklevel=2)
         return None
 
+
+def unavailable_reason() -> str:
+    """Why `native_module()` is None, for an error message."""
+    if os.environ.get(DISABLE, "1") == "0":
+        return f"{DISABLE}=0 is set"
+    return "it could not be built (see the warning above)"
