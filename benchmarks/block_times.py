@@ -3,9 +3,10 @@
 Random weights, one image, IA-RED² calibrated to keep about 60 % of the patch tokens
 (`calibrate_knob`, as `iared bench speed`); the unreduced model and IA-RED² are timed with each
 kind of CPU kernels ("onednn": linears alone; "native": also each block in one C++ call), in
-interleaved rounds. Each block's and each policy call's time is the median over rounds of a
-wall-clock stamp around its `forward` (about 1 µs of overhead per stamp), so the table shows
-what a block costs at the token count it really runs at, caches as the forward leaves them.
+interleaved rounds (`interleaved_times`; each round patches the policy in, as `iared bench speed`
+does). Each block's and each policy call's time is the median over rounds of a wall-clock stamp
+around its `forward` (about 1 µs of overhead per stamp), so the table shows what a block costs at
+the token count it really runs at, caches as the forward leaves them.
 
     .venv/bin/python benchmarks/block_times.py --arch vit_tiny_patch16_224
 writes benchmarks/results/block_times_vit_tiny_patch16_224.json (with the command).
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 
 import iared  # noqa: E402
 from iared.backbones.kernels import cpu_kernels, resolve_kernels  # noqa: E402
-from iared.evaluation.throughput import device_name, steady_allocator  # noqa: E402
+from iared.evaluation.throughput import device_name, interleaved_times, steady_allocator  # noqa: E402
 from iared.fileio import write_json  # noqa: E402
 from iared.reduction.budgets import calibrate_knob  # noqa: E402
 
@@ -64,32 +65,42 @@ def stamping(modules: dict[str, torch.nn.Module], stamps: dict[str, list[float]]
                 mod.forward = saved[name]
 
 
+@contextlib.contextmanager
+def attached(model, policy):
+    """`model` with `policy` patched in (None: unreduced) inside the block."""
+    if policy is None:
+        yield
+        return
+    iared.patch(model, policy)
+    try:
+        yield
+    finally:
+        iared.unpatch(model)
+
+
 def measure(model, policy, image, kernels: str, rounds: int, warmup: int) -> dict[str, dict]:
     """{"original": row, "iared": row}: total, per-block and policy milliseconds, tokens per block."""
+    policies = {"original": None, "iared": policy}
+    stamps = {label: defaultdict(list) for label in policies}
+
+    def forward(label):
+        def run():
+            with attached(model, policies[label]):
+                modules = {f"block {i}": blk for i, blk in enumerate(model.blocks)}
+                if policies[label] is not None:
+                    modules["policy"] = policies[label]
+                with stamping(modules, stamps[label]):
+                    model(image, execution="compact")
+        return run
+
     rows = {}
     with torch.inference_mode(), cpu_kernels(model, kernels), cpu_kernels(policy, kernels):
-        stamps = {label: defaultdict(list) for label in ("original", "iared")}
-        for _ in range(warmup + rounds):  # interleaved: both see the machine's same spells
-            for label, st in stamps.items():
-                modules = {f"block {i}": blk for i, blk in enumerate(model.blocks)}
-                if label == "iared":
-                    iared.patch(model, policy)
-                    modules["policy"] = policy
-                try:
-                    with stamping(modules, st):
-                        t0 = time.perf_counter()
-                        model(image, execution="compact")
-                        st["total"].append(time.perf_counter() - t0)
-                finally:
-                    if label == "iared":
-                        iared.unpatch(model)
+        # Round-robin, so both see the machine's same spells; the stamps keep the warm-up calls too.
+        totals = interleaved_times({label: forward(label) for label in policies}, image.device, warmup, rounds)
         for label, st in stamps.items():
-            if label == "iared":
-                iared.patch(model, policy)
-            _, info = model(image, return_info=True, execution="compact")
-            if label == "iared":
-                iared.unpatch(model)
-            row = {"total_ms": _median_ms(st["total"], warmup), "block_tokens": info.block_tokens[0].tolist(),
+            with attached(model, policies[label]):
+                _, info = model(image, return_info=True, execution="compact")
+            row = {"total_ms": _median_ms(totals[label], 0), "block_tokens": info.block_tokens[0].tolist(),
                    "block_ms": [_median_ms(st[f"block {i}"], warmup) for i in range(len(model.blocks))]}
             if st["policy"]:
                 calls = len(st["policy"]) // (warmup + rounds)  # policy calls per forward
