@@ -103,10 +103,12 @@ def cleanup(info: DistInfo) -> None:
 
 @contextlib.contextmanager
 def distributed(device: str) -> Iterator[DistInfo]:
-    """`init_distributed` on entry, `cleanup` on exit (also when training raises)."""
+    """`init_distributed` on entry, `cleanup` on exit (also when training raises; a barrier
+    first when it did not)."""
     info = init_distributed(device)
     try:
         yield info
+        barrier(info)  # ranks that finished leave together: gloo can abort a rank whose peer tore down first
     finally:
         cleanup(info)
 
