@@ -181,3 +181,60 @@ def test_every_policy_patched_inside_the_kernels_gives_its_own_logits(name):
             iared.unpatch(model)
     assert torch.equal(info.block_tokens, ref_info.block_tokens)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def _counting_native_ats(monkeypatch) -> list[bool]:
+    """Record whether each ATS block ran in C++ (True) or fell back to its Python forward (False)."""
+    from iared.backbones import kernels
+    from iared.reduction.ats import ATSBlock
+
+    calls, native_ats = [], kernels._NATIVE_SWAPS[ATSBlock]
+
+    def counting(*args):
+        out = native_ats(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setitem(kernels._NATIVE_SWAPS, ATSBlock, counting)
+    return calls
+
+
+def _ats_runs(model, x, **settings):
+    """(onednn, native, masked reference) logits and infos of `model` under ATS with `settings`."""
+    out = {}
+    with torch.no_grad():
+        iared.patch(model, "ats", **settings)
+        out["mask"] = model(x, execution="mask", return_info=True)
+        for kernels in ("onednn", "native"):
+            with cpu_kernels(model, kernels):
+                out[kernels] = model(x, execution="compact", return_info=True)
+        iared.unpatch(model)
+    return out["onednn"], out["native"], out["mask"]
+
+
+@needs_native
+@pytest.mark.parametrize("select", ["sample", "topk"])
+@pytest.mark.parametrize("distilled", [False, True])
+def test_ats_block_in_cpp_samples_what_the_python_block_samples(monkeypatch, select, distilled):
+    model = tiny_model(distilled=distilled)
+    calls = _counting_native_ats(monkeypatch)
+    (ref, ref_info), (fast, info), (masked, _) = _ats_runs(model, torch.randn(1, 3, 32, 32), rho=0.4,
+                                                          select=select)
+    assert calls and all(calls)  # every ATS block ran in C++
+    assert info.block_tokens[0, -1] < model.grid_size + model.num_prefix_tokens  # tokens really dropped
+    assert torch.equal(fast, ref)  # the same ops in the same order
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    assert torch.equal(info.block_tokens, ref_info.block_tokens)
+    for a, b in zip(ref_info.stages, info.stages):
+        assert torch.equal(a.keep, b.keep) and torch.equal(a.scores, b.scores)
+        assert a.extras.keys() == b.extras.keys() and all(torch.equal(a.extras[k], b.extras[k]) for k in a.extras)
+
+
+@needs_native
+@pytest.mark.parametrize("variant", [{"score": "selfattn"}, {"enforce_cls": False}, {"compound": True}])
+def test_ats_variants_the_cpp_block_does_not_compute_run_in_python(monkeypatch, variant):
+    model = tiny_model()
+    calls = _counting_native_ats(monkeypatch)
+    (ref, _), (fast, _), _ = _ats_runs(model, torch.randn(1, 3, 32, 32), rho=0.4, **variant)
+    assert calls and not any(calls)
+    assert torch.equal(fast, ref)

@@ -12,7 +12,9 @@ values as `nn.GELU()`); the patch embedding, a convolution whose stride equals i
 runs as one linear map over flattened patches; modules of the layers above register their
 own with `register_fusion` (IA-RED²'s interpreter: a LayerNorm and one linear with the
 sigmoid of Eq. 1 fused). With "native" kernels each plain block with every token valid
-runs in one call to the C++ block (`iared.backbones.native`). At batch 1 the number of
+runs in one call to the C++ block (`iared.backbones.native`), and so does each block a
+policy swaps in whose class registered a native form (`register_native_swap`: ATS's
+sampling block). At batch 1 the number of
 small operations is what a block's fixed cost is made of, so each fusion removes calls,
 not FLOPs.
 
@@ -151,7 +153,8 @@ def _is_plain_block(mod: nn.Module, packed: dict) -> bool:
     no hooks or shadowed forwards inside), the block the C++ extension computes."""
     from .vit import Attention, Block
 
-    if type(mod) is not Block or type(mod.attn) is not Attention or not _is_gelu_mlp(mod.mlp):
+    if (type(mod) is not Block and type(mod) not in _NATIVE_SWAPS) or type(mod.attn) is not Attention \
+            or not _is_gelu_mlp(mod.mlp):
         return False
     linears = (mod.attn.qkv, mod.attn.proj, mod.mlp.fc1, mod.mlp.fc2)
     norms = (mod.norm1, mod.norm2)
@@ -166,18 +169,38 @@ def _native_block(mod: nn.Module, packed: dict) -> Callable:
     attn, mlp = mod.attn, mod.mlp
     weights = [mod.norm1.weight, mod.norm1.bias, packed[attn.qkv][0], packed[attn.proj][0], attn.proj.bias,
                mod.norm2.weight, mod.norm2.bias, packed[mlp.fc1][0], mlp.fc1.bias, packed[mlp.fc2][0], mlp.fc2.bias]
+    from .vit import Block
+
     native = native_module().Block([w.detach() for w in weights], packed[attn.qkv][1], attn.num_heads,
                                    attn.scale, mod.norm1.eps, mod.norm2.eps)
-    block = type(mod)
     dtype = attn.qkv.weight.dtype
 
     def forward(tokens):
-        # A policy may swap the block's class while patched (ATS, EViT, ToMe): its forward rules.
-        if type(mod) is not block or tokens.valid is not None or not fast_path(tokens.x, dtype):
-            return type(mod).forward(mod, tokens)  # masks, training, other dtypes: the PyTorch block
-        return tokens.with_x(native(tokens.x))
+        # A policy may swap the block's class while patched (ATS, EViT, ToMe): its forward
+        # rules, by its registered native form where it has one and that applies.
+        cls = type(mod)
+        if tokens.valid is None and fast_path(tokens.x, dtype):
+            if cls is Block:
+                return tokens.with_x(native(tokens.x))
+            swap = _NATIVE_SWAPS.get(cls)
+            out = None if swap is None else swap(mod, native, tokens)
+            if out is not None:
+                return out
+        return cls.forward(mod, tokens)  # masks, training, other dtypes: the PyTorch block
 
     return forward
+
+
+# Native forms of block classes a policy swaps in (ATS's sampling block), registered by the
+# module that defines them: forward(block, native, tokens) -> the block's output, or None
+# where the native form does not apply (the class's own forward runs).
+_NATIVE_SWAPS: dict[type, Callable[[nn.Module, object, object], object]] = {}
+
+
+def register_native_swap(cls: type, forward: Callable[[nn.Module, object, object], object]) -> None:
+    """Inside `cpu_kernels(kernels="native")`, run blocks of class `cls` by `forward`, given the
+    block's C++ form (`csrc/block.cpp`'s `Block`) and the tokens."""
+    _NATIVE_SWAPS[cls] = forward
 
 
 # Fused forms of modules defined above the backbones (the IA-RED² interpreter), registered

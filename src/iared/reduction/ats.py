@@ -54,16 +54,16 @@ The block modification is `ATSBlock`, a subclass of the backbone's `Block` that
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.tokens import StageRecord
+from ..backbones.kernels import register_native_swap
+from ..backbones.tokens import StageRecord, Tokens, apply_keep, attention_mask
 from ..backbones.vit import Block
-from ..backbones.tokens import Tokens, apply_keep, attention_mask
 from .policy import BlockSwapPolicy, register_policy, stage_blocks
 
 # -- the math, as pure functions --------------------------------------------------------
@@ -360,6 +360,23 @@ class ATSBlock(Block):
         if not enforce_cls:
             extras["cls_kept"] = chosen[:, 0]
         return StageRecord.on_tokens(self.ats_index, tokens, self.ats_grid, entering, keep, patch_scores, extras)
+
+
+def _native_ats(block: ATSBlock, native, tokens: Tokens) -> Optional[tuple[Tokens, StageRecord]]:
+    """`ATSBlock.forward` by the C++ block (`cpu_kernels(kernels="native")`): the same ops
+    from C++ for one image whose tokens are all valid, in compact execution, with the
+    default variant (CLS-row scores, CLS enforced, one K); None elsewhere."""
+    cfg = block.ats
+    if (tokens.x.shape[0] != 1 or tokens.execution != "compact" or tokens.size is not None or cfg.score != "cls"
+            or not cfg.enforce_cls or cfg.compound or cfg.select not in ("sample", "topk")):
+        return None
+    K, P = block._budget(tokens), tokens.num_prefix
+    x, rows, keep, scores, k_prime = native.ats(tokens.x, P, K, cfg.select == "topk")
+    new = replace(tokens, x=x, pos=tokens.pos.index_select(1, rows[P:] - P), valid=None)
+    return new, block._record(tokens, None, keep, scores, keep, K, k_prime)
+
+
+register_native_swap(ATSBlock, _native_ats)
 
 
 def _first_sampled_takes_cls_place(chosen: Tensor, x: Tensor, q: Tensor, P: int) -> tuple[Tensor, Tensor, Tensor]:

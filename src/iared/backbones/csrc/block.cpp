@@ -1,5 +1,6 @@
 // One pre-norm ViT block (LayerNorm, qkv, SDPA, proj, residual, LayerNorm, fc1+GELU, fc2,
-// residual) as a single call from Python, for inference on CPU without padding.
+// residual) as a single call from Python, for inference on CPU without padding; also the block
+// with ATS's token sampler inside its attention (`Block::ats`).
 //
 // Why: at batch 1 a narrow block (ViT-Tiny, width 192) spends a fixed ~0.25 ms in the Python
 // calls around its dozen ATen ops whatever its token count, a fifth of its whole time at 197
@@ -47,11 +48,61 @@ class Block {
     auto qkv = packed_linear(h, w_[2], qkv_bias_).view({B, L, 3, heads_, D / heads_}).permute({2, 0, 3, 1, 4});
     auto o = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], std::nullopt, 0.0, false, scale_);
     auto y = x + packed_linear(o.transpose(1, 2).reshape({B, L, D}), w_[3], w_[4]);
-    h = at::layer_norm(y, {D}, w_[5], w_[6], eps2_);
-    return y.add_(packed_linear(packed_linear(h, w_[7], w_[8], /*gelu=*/true), w_[9], w_[10]));
+    return y.add_(mlp(y));
+  }
+
+  // The block with an Adaptive Token Sampler in its attention, as `iared.reduction.ats.ATSBlock`
+  // runs it for one image with every token valid and the default variant (CLS-row scores, CLS
+  // enforced, one K): the same ATen ops in the same order, so the same values and the same
+  // sampled set. x: (1, L, D) with P prefix tokens; K: the stage's budget; topk: top-K instead
+  // of inverse transform sampling. Returns {out (1, P + K', D), rows (P + K',) kept rows of x,
+  // keep (1, N) bool, scores (1, N), K' (1,)}.
+  std::vector<at::Tensor> ats(const at::Tensor& x, int64_t P, int64_t K, bool topk) const {
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, "the ATS block takes one image (1, L, D), got ", x.sizes());
+    TORCH_CHECK(K >= 1, "K must be at least 1");
+    const int64_t L = x.size(1), D = x.size(2), N = L - P;
+    auto h = at::layer_norm(x, {D}, w_[0], w_[1], eps1_);
+    auto qkv = packed_linear(h, w_[2], qkv_bias_).reshape({1, L, 3, heads_, D / heads_}).permute({2, 0, 3, 1, 4});
+    auto heads = qkv.unbind(0);
+    const auto &q = heads[0], &k = heads[1], &v = heads[2];
+    // Eq. 3: the CLS row of the attention times the value norms, normalised per head, / H.
+    auto received = at::matmul(q.slice(2, 0, 1) * scale_, k.transpose(-2, -1)).softmax(-1).select(2, 0);
+    auto w = received.slice(-1, P) * at::linalg_vector_norm(v, 2, {-1}).slice(-1, P);                  // (1, H, N)
+    const double tiny = std::numeric_limits<float>::min();
+    auto s = (w / w.sum(-1, true).clamp_min(tiny)).sum(1);                        // (1, N)
+    auto s_total = s.sum(-1, true);
+    auto scores = at::where(s_total > 0, s / s_total.clamp_min(tiny), at::Scalar(1.0 / N));
+    at::Tensor keep;
+    if (topk) {
+      auto order = std::get<1>(scores.sort(/*stable=*/true, 1, /*descending=*/true));
+      auto rank = at::empty_like(order).scatter_(1, order, at::arange(N, order.options()).expand({1, -1}));
+      keep = rank < K;
+    } else {  // Eq. 4-5: the token whose CDF interval holds each quantile (2i - 1) / 2K
+      auto opts = x.options().dtype(at::kDouble);
+      auto quantiles = at::arange(1, 2 * K, 2, opts).div_(2 * K).expand({1, -1});
+      auto cdf = scores.to(at::kDouble).cumsum(1);
+      cdf = cdf / cdf.slice(1, N - 1).clamp_min(std::numeric_limits<double>::min());
+      auto idx = at::searchsorted(cdf, quantiles.contiguous(), /*out_int32=*/false, /*right=*/false, "left").clamp_max_(N - 1);
+      keep = at::zeros({1, N}, x.options().dtype(at::kBool)).scatter_(1, idx, true);
+    }
+    auto k_prime = keep.sum(1);
+    // Eq. 6: attention output, projection, residual and MLP for the prefix and sampled rows only.
+    auto rows = at::constant_pad_nd(keep, {P, 0}, 1).reshape(-1).nonzero().squeeze(1);
+    const int64_t Ls = rows.size(0);
+    auto qf = q.transpose(1, 2).reshape({1, L, D});
+    auto sel = at::cat({x, qf}, -1).index_select(1, rows);
+    auto xs = sel.slice(-1, 0, D), qs = sel.slice(-1, D).reshape({1, Ls, heads_, D / heads_}).transpose(1, 2);
+    auto o = at::scaled_dot_product_attention(qs, k, v, std::nullopt, 0.0, false, scale_);
+    auto y = xs + packed_linear(o.transpose(1, 2).reshape({1, Ls, D}), w_[3], w_[4]);
+    return {y + mlp(y), rows, keep, scores, k_prime};
   }
 
  private:
+  at::Tensor mlp(const at::Tensor& y) const {
+    auto h = at::layer_norm(y, {y.size(-1)}, w_[5], w_[6], eps2_);
+    return packed_linear(packed_linear(h, w_[7], w_[8], /*gelu=*/true), w_[9], w_[10]);
+  }
+
   std::vector<at::Tensor> w_;
   std::optional<at::Tensor> qkv_bias_;
   int64_t heads_;
@@ -63,5 +114,6 @@ class Block {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Block>(m, "Block")
       .def(py::init<std::vector<at::Tensor>, std::optional<at::Tensor>, int64_t, double, double, double>())
-      .def("__call__", &Block::forward);
+      .def("__call__", &Block::forward)
+      .def("ats", &Block::ats);
 }
