@@ -7,6 +7,7 @@ Not timed: its speed is measured by `iared bench speed` (the JSON records "kerne
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -238,3 +239,56 @@ def test_ats_variants_the_cpp_block_does_not_compute_run_in_python(monkeypatch, 
     (ref, _), (fast, _), _ = _ats_runs(model, torch.randn(1, 3, 32, 32), rho=0.4, **variant)
     assert calls and not any(calls)
     assert torch.equal(fast, ref)
+
+
+def _calibrated_iared(batch: int = 1):
+    """The tiny model under IA-RED², thresholds calibrated to keep about half the tokens."""
+    from iared.reduction.budgets import calibrate_knob
+
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "drops no token" until calibrated, the next lines
+        iared.patch(model, "iared")
+    with torch.no_grad():
+        calibrate_knob(model, torch.randn(8, 3, 32, 32), 0.5)
+    return model, torch.randn(batch, 3, 32, 32)
+
+
+@needs_native
+def test_iared_stage_in_cpp_keeps_what_the_python_stage_keeps():
+    model, x = _calibrated_iared()
+    with torch.inference_mode():
+        masked = model(x, execution="mask")
+        with cpu_kernels(model, "onednn"):
+            assert "forward" not in vars(model.policy)
+            ref, ref_info = model(x, execution="compact", return_info=True)
+        with cpu_kernels(model, "native"):
+            assert "forward" in vars(model.policy)
+            fast, info = model(x, execution="compact", return_info=True)
+    assert info.block_tokens[0, -1] < info.block_tokens[0, 0] < model.grid_size + 1  # dropped at every stage
+    assert torch.equal(fast, ref)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ref_info.stages, info.stages):
+        assert torch.equal(a.keep, b.keep) and torch.equal(a.scores, b.scores) and torch.equal(a.entering, b.entering)
+        assert torch.equal(a.extras["group"], b.extras["group"])
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["batch", "sample", "mask"])
+def test_iared_stages_the_cpp_stage_does_not_cover_run_in_python(monkeypatch, case):
+    from iared.reduction.interpreter import IARedPolicy
+
+    model, x = _calibrated_iared(batch=3 if case == "batch" else 1)
+    python_calls = []
+    plain = IARedPolicy.forward
+    monkeypatch.setattr(IARedPolicy, "forward", lambda *a, **k: python_calls.append(1) or plain(*a, **k))
+    kw = {"mode": "sample"} if case == "sample" else {"execution": "mask" if case == "mask" else "compact"}
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        ref = model(x, **kw)
+        with cpu_kernels(model, "native"):
+            python_calls.clear()
+            torch.manual_seed(0)
+            fast = model(x, **kw)
+    assert len(python_calls) == model.policy.groups  # every stage took the Python policy
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)

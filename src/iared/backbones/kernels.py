@@ -11,7 +11,7 @@ Fused forms: the GELU after `Mlp.fc1` runs as oneDNN's "gelu" post-op (erf form,
 values as `nn.GELU()`); the patch embedding, a convolution whose stride equals its kernel,
 runs as one linear map over flattened patches; modules of the layers above register their
 own with `register_fusion` (IA-RED²'s interpreter: a LayerNorm and one linear with the
-sigmoid of Eq. 1 fused). With "native" kernels each plain block with every token valid
+sigmoid of Eq. 1 fused; with "native" kernels its whole stage, scores to kept tokens, in C++). With "native" kernels each plain block with every token valid
 runs in one call to the C++ block (`iared.backbones.native`), and so does each block a
 policy swaps in whose class registered a native form (`register_native_swap`: ATS's
 sampling block). At batch 1 the number of
@@ -205,14 +205,14 @@ def register_native_swap(cls: type, forward: Callable[[nn.Module, object, object
 
 # Fused forms of modules defined above the backbones (the IA-RED² interpreter), registered
 # by the module that defines them, so this one imports nothing from those layers.
-_FUSIONS: dict[type, tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Callable]]] = {}
+_FUSIONS: dict[tuple[type, str], tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Callable], tuple]] = {}
 
 
 def register_fusion(cls: type, attribute: str, eligible: Callable[[nn.Module], bool],
-                    build: Callable[[nn.Module], Callable]) -> None:
-    """Inside `cpu_kernels`, shadow `attribute` of each `cls` instance with `eligible(mod)`
-    by `build(mod)` (a fused inference form; restored on exit)."""
-    _FUSIONS[cls] = (attribute, eligible, build)
+                    build: Callable[[nn.Module], Callable], kernels: tuple[str, ...] = ("onednn", "native")) -> None:
+    """Inside `cpu_kernels` with one of `kernels`, shadow `attribute` of each `cls` instance
+    with `eligible(mod)` by `build(mod)` (a fused inference form; restored on exit)."""
+    _FUSIONS[cls, attribute] = (eligible, build, kernels)
 
 
 def _is_patch_conv(mod: nn.Module) -> bool:
@@ -269,9 +269,8 @@ def cpu_kernels(model: nn.Module, kernels: Kernels = "auto") -> Iterator[str]:
             elif _is_patch_conv(mod) and "forward" not in vars(mod):
                 mod.forward = _patch_linear(mod)
                 patched.append((mod, "forward"))
-            elif type(mod) in _FUSIONS:
-                attribute, eligible, build = _FUSIONS[type(mod)]
-                if eligible(mod) and attribute not in vars(mod):
+            for (cls, attribute), (eligible, build, kinds) in _FUSIONS.items():
+                if type(mod) is cls and chosen in kinds and attribute not in vars(mod) and eligible(mod):
                     setattr(mod, attribute, build(mod))
                     patched.append((mod, attribute))
         yield chosen

@@ -31,6 +31,7 @@ Choices where the paper is silent (noted so a reader can undo them):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from ..backbones.kernels import fast_path, packable, register_fusion
+from ..backbones.native import native_module
 from ..backbones.tokens import StageRecord, Tokens, apply_keep, to_grid
 from .policy import TokenPolicy, register_policy
 
@@ -249,11 +251,15 @@ class IARedPolicy(TokenPolicy):
             keep = torch.ones_like(scores, dtype=torch.bool)
         # Tokens already dropped need no masking here: `apply_keep` leaves them dropped and
         # `to_grid` puts no invalid token on the record's grids.
-        extras = {"group": self._group_ids[j]}
+        return apply_keep(tokens, keep), self._record(index, tokens, G, keep, scores, head_logits)
+
+    def _record(self, index: int, tokens: Tokens, grid_size: int, keep: Tensor, scores: Tensor,
+                head_logits: Optional[Tensor] = None) -> StageRecord:
+        """The stage's record: the group's scores and keep mask (and per-head logits when made)."""
+        extras = {"group": self._group_ids[index // self.blocks_per_group]}
         if head_logits is not None:
-            extras["head_logits"] = to_grid(head_logits, tokens, G)
-        record = StageRecord.on_tokens(index, tokens, G, None, keep, scores, extras)  # entering: when read
-        return apply_keep(tokens, keep), record
+            extras["head_logits"] = to_grid(head_logits, tokens, grid_size)
+        return StageRecord.on_tokens(index, tokens, grid_size, None, keep, scores, extras)  # entering: when read
 
 
 def has_interpreters(model: nn.Module) -> bool:
@@ -268,16 +274,22 @@ def _build_iared(model: nn.Module, groups: int = 3, **kw) -> IARedPolicy:
 
 # -- CPU inference: `informative` fused for `iared.backbones.kernels.cpu_kernels` ----------
 
+def _scoring_map(mod: MultiHeadInterpreter) -> tuple[Tensor, Tensor, Tensor]:
+    """The policy-folded (H, D) weight packed for oneDNN, its (H,) bias and the (H,) 1/H
+    of the mean over heads: a snapshot, as the packed linears."""
+    with torch.no_grad():
+        weight, bias = mod.folded()
+        weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        return weight, bias, torch.full((mod.num_heads,), 1.0 / mod.num_heads, device=bias.device)
+
+
 def _fused_informative(mod: nn.Module):
     """`MultiHeadInterpreter.informative` in three ops: LayerNorm, the policy-folded
     linear map with oneDNN's sigmoid post-op, and the mean over heads as one `mv` with
     1/H (fewer calls than `mean`, a sum and a division). Both see the tokens as one
     (B * N, D) matrix, since `@` on a 3-d tensor would add three small operations
     around it: at batch 1 the op count is the cost (docs/performance.md)."""
-    with torch.no_grad():
-        weight, bias = mod.folded()  # (H, D), (H,): a snapshot, as the packed linears
-        weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        mean = torch.full((mod.num_heads,), 1.0 / mod.num_heads, device=bias.device)
+    weight, bias, mean = _scoring_map(mod)
     norm, plain = mod.norm, type(mod).informative.__get__(mod)
     shape, eps = tuple(norm.normalized_shape), norm.eps
 
@@ -298,3 +310,30 @@ def _fusable(mod: nn.Module) -> bool:
 
 
 register_fusion(MultiHeadInterpreter, "informative", _fusable, _fused_informative)
+
+
+def _native_stage(policy: nn.Module):
+    """`IARedPolicy.forward` with each greedy stage of one image (every token valid, compact
+    execution) in one call to the C++ extension: the same ops as the fused `informative`
+    above, the threshold and `apply_keep`, so the same scores and kept tokens."""
+    native = native_module()
+    maps = [[i.norm.weight.detach(), i.norm.bias.detach(), *_scoring_map(i)] for i in policy.interpreters]
+    eps = [i.norm.eps for i in policy.interpreters]
+
+    def forward(index: int, tokens: Tokens, model: nn.Module, mode: Any = None):
+        j = index // policy.blocks_per_group
+        if (not policy.acts_before(index) or tokens.x.shape[0] != 1 or tokens.valid is not None
+                or tokens.execution != "compact" or tokens.size is not None or not fast_path(tokens.x, torch.float32)
+                or policy.group_mode(j, mode) != "greedy"):
+            return type(policy).forward(policy, index, tokens, model, mode)
+        P = tokens.num_prefix
+        x, rows, keep, scores = native.score_and_keep(tokens.x, P, maps[j], eps[j], policy.group_threshold(j))
+        dropped = rows.numel() < tokens.x.shape[1]
+        new = replace(tokens, x=x, pos=tokens.pos.index_select(1, rows[P:] - P)) if dropped else tokens
+        return new, policy._record(index, tokens, model.grid_size, keep, scores)
+
+    return forward
+
+
+register_fusion(IARedPolicy, "forward", lambda policy: all(_fusable(i) for i in policy.interpreters), _native_stage,
+                kernels=("native",))

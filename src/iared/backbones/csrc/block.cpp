@@ -1,6 +1,7 @@
 // One pre-norm ViT block (LayerNorm, qkv, SDPA, proj, residual, LayerNorm, fc1+GELU, fc2,
 // residual) as a single call from Python, for inference on CPU without padding; also the block
-// with ATS's token sampler inside its attention (`Block::ats`).
+// with ATS's token sampler inside its attention (`Block::ats`) and IA-RED²'s policy stage
+// (`score_and_keep`).
 //
 // Why: at batch 1 a narrow block (ViT-Tiny, width 192) spends a fixed ~0.25 ms in the Python
 // calls around its dozen ATen ops whatever its token count, a fifth of its whole time at 197
@@ -17,16 +18,24 @@ using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::opt
                             c10::string_view, c10::List<std::optional<at::Scalar>>,
                             std::optional<c10::string_view>);
 
-// mkldnn::_linear_pointwise, the op `cpu_kernels` calls from Python (weight packed once).
+enum class PostOp { kNone, kGelu, kSigmoid };
+
+// mkldnn::_linear_pointwise, the op `cpu_kernels` calls from Python (weight packed once), with
+// the same post-op arguments as its Python callers.
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  bool gelu = false) {
+                         PostOp post = PostOp::kNone) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
                              .typed<LinearFn>();
-  if (gelu) {
-    return op.call(x, weight, bias, "gelu", c10::List<std::optional<at::Scalar>>(), c10::string_view("none"));  // erf GELU, as nn.GELU()
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  switch (post) {
+    case PostOp::kGelu:
+      return op.call(x, weight, bias, "gelu", no_scalars, c10::string_view("none"));  // erf GELU, as nn.GELU()
+    case PostOp::kSigmoid:
+      return op.call(x, weight, bias, "sigmoid", no_scalars, c10::string_view(""));
+    default:
+      return op.call(x, weight, bias, "none", no_scalars, std::nullopt);
   }
-  return op.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
 class Block {
@@ -100,7 +109,7 @@ class Block {
  private:
   at::Tensor mlp(const at::Tensor& y) const {
     auto h = at::layer_norm(y, {y.size(-1)}, w_[5], w_[6], eps2_);
-    return packed_linear(packed_linear(h, w_[7], w_[8], /*gelu=*/true), w_[9], w_[10]);
+    return packed_linear(packed_linear(h, w_[7], w_[8], PostOp::kGelu), w_[9], w_[10]);
   }
 
   std::vector<at::Tensor> w_;
@@ -109,6 +118,25 @@ class Block {
   double scale_, eps1_, eps2_;
 };
 
+// A policy stage that scores the patch tokens of one image (every token valid) with a linear map
+// and keeps those scoring above a threshold, as IA-RED²'s interpreter does under `cpu_kernels`
+// (`iared.reduction.interpreter`): LayerNorm, the packed linear map with the sigmoid fused, the
+// mean over its outputs (`mv` with 1/H), the threshold, then the prefix and kept rows of x.
+// map: norm.{weight,bias}, weight (packed), bias, mean. Returns {x (1, P + K, D), rows (P + K,),
+// keep (1, N), scores (1, N)}.
+std::vector<at::Tensor> score_and_keep(const at::Tensor& x, int64_t P, const std::vector<at::Tensor>& map,
+                                       double eps, double threshold) {
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, "a stage takes one image (1, L, D), got ", x.sizes());
+  TORCH_CHECK(map.size() == 5, "a scoring map takes 5 tensors, got ", map.size());
+  const int64_t D = x.size(2);
+  auto h = at::layer_norm(x.slice(1, P), {D}, map[0], map[1], eps);
+  auto probs = packed_linear(h.view({-1, D}), map[2], map[3], PostOp::kSigmoid);
+  auto scores = at::mv(probs, map[4]).view({1, -1});
+  auto keep = scores > threshold;
+  auto rows = at::constant_pad_nd(keep, {P, 0}, 1).reshape(-1).nonzero().squeeze(1);
+  return {rows.size(0) == x.size(1) ? x : x.index_select(1, rows), rows, keep, scores};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -116,4 +144,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<at::Tensor>, std::optional<at::Tensor>, int64_t, double, double, double>())
       .def("__call__", &Block::forward)
       .def("ats", &Block::ats);
+  m.def("score_and_keep", &score_and_keep);
 }
