@@ -184,27 +184,26 @@ def test_every_policy_patched_inside_the_kernels_gives_its_own_logits(name):
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
-def _counting_native_ats(monkeypatch) -> list[bool]:
-    """Record whether each ATS block ran in C++ (True) or fell back to its Python forward (False)."""
+def _counting_native(monkeypatch, block_class) -> list[bool]:
+    """Record whether each block of `block_class` ran in C++ (True) or fell back to its Python forward (False)."""
     from iared.backbones import kernels
-    from iared.reduction.ats import ATSBlock
 
-    calls, native_ats = [], kernels._NATIVE_SWAPS[ATSBlock]
+    calls, native_form = [], kernels._NATIVE_SWAPS[block_class]
 
     def counting(*args):
-        out = native_ats(*args)
+        out = native_form(*args)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setitem(kernels._NATIVE_SWAPS, ATSBlock, counting)
+    monkeypatch.setitem(kernels._NATIVE_SWAPS, block_class, counting)
     return calls
 
 
-def _ats_runs(model, x, **settings):
-    """(onednn, native, masked reference) logits and infos of `model` under ATS with `settings`."""
+def _swapped_runs(model, x, policy, **settings):
+    """(onednn, native, masked reference) logits and infos of `model` under `policy` with `settings`."""
     out = {}
     with torch.no_grad():
-        iared.patch(model, "ats", **settings)
+        iared.patch(model, policy, **settings)
         out["mask"] = model(x, execution="mask", return_info=True)
         for kernels in ("onednn", "native"):
             with cpu_kernels(model, kernels):
@@ -213,16 +212,9 @@ def _ats_runs(model, x, **settings):
     return out["onednn"], out["native"], out["mask"]
 
 
-@needs_native
-@pytest.mark.parametrize("select", ["sample", "topk"])
-@pytest.mark.parametrize("distilled", [False, True])
-def test_ats_block_in_cpp_samples_what_the_python_block_samples(monkeypatch, select, distilled):
-    model = tiny_model(distilled=distilled)
-    calls = _counting_native_ats(monkeypatch)
-    (ref, ref_info), (fast, info), (masked, _) = _ats_runs(model, torch.randn(1, 3, 32, 32), rho=0.4,
-                                                          select=select)
-    assert calls and all(calls)  # every ATS block ran in C++
-    assert info.block_tokens[0, -1] < model.grid_size + model.num_prefix_tokens  # tokens really dropped
+def _assert_same_run(onednn_run, native_run, masked_run):
+    """The native run equals the PyTorch one bit for bit, records included, and the masked reference to 1e-5."""
+    (ref, ref_info), (fast, info), (masked, _) = onednn_run, native_run, masked_run
     assert torch.equal(fast, ref)  # the same ops in the same order
     torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
     assert torch.equal(info.block_tokens, ref_info.block_tokens)
@@ -232,13 +224,55 @@ def test_ats_block_in_cpp_samples_what_the_python_block_samples(monkeypatch, sel
 
 
 @needs_native
+@pytest.mark.parametrize("select", ["sample", "topk"])
+@pytest.mark.parametrize("distilled", [False, True])
+def test_ats_block_in_cpp_samples_what_the_python_block_samples(monkeypatch, select, distilled):
+    from iared.reduction.ats import ATSBlock
+
+    model = tiny_model(distilled=distilled)
+    calls = _counting_native(monkeypatch, ATSBlock)
+    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "ats", rho=0.4, select=select)
+    assert calls and all(calls)  # every ATS block ran in C++
+    assert fast[1].block_tokens[0, -1] < model.grid_size + model.num_prefix_tokens  # tokens really dropped
+    _assert_same_run(ref, fast, masked)
+
+
+@needs_native
 @pytest.mark.parametrize("variant", [{"score": "selfattn"}, {"enforce_cls": False}, {"compound": True}])
 def test_ats_variants_the_cpp_block_does_not_compute_run_in_python(monkeypatch, variant):
+    from iared.reduction.ats import ATSBlock
+
     model = tiny_model()
-    calls = _counting_native_ats(monkeypatch)
-    (ref, _), (fast, _), _ = _ats_runs(model, torch.randn(1, 3, 32, 32), rho=0.4, **variant)
+    calls = _counting_native(monkeypatch, ATSBlock)
+    (ref, _), (fast, _), _ = _swapped_runs(model, torch.randn(1, 3, 32, 32), "ats", rho=0.4, **variant)
     assert calls and not any(calls)
     assert torch.equal(fast, ref)
+
+
+@needs_native
+@pytest.mark.parametrize("fuse_token", [True, False])
+@pytest.mark.parametrize("distilled", [False, True])
+def test_evit_block_in_cpp_keeps_and_fuses_what_the_python_block_does(monkeypatch, fuse_token, distilled):
+    from iared.reduction.evit import EViTBlock
+
+    model = tiny_model(distilled=distilled)
+    calls = _counting_native(monkeypatch, EViTBlock)
+    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "evit", keep_rate=0.6,
+                                      fuse_token=fuse_token)
+    assert calls and all(calls)
+    assert fast[1].block_tokens[0, -1] < model.grid_size  # tokens really dropped
+    _assert_same_run(ref, fast, masked)
+
+
+@needs_native
+def test_evit_stage_that_keeps_every_token_runs_in_python(monkeypatch):
+    from iared.reduction.evit import EViTBlock
+
+    model = tiny_model()
+    calls = _counting_native(monkeypatch, EViTBlock)
+    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "evit", keep_rate=1.0)
+    assert calls and not any(calls)
+    _assert_same_run(ref, fast, masked)
 
 
 def _calibrated_iared(batch: int = 1):

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.tokens import StageRecord
+from ..backbones.kernels import register_native_swap
+from ..backbones.tokens import StageRecord, Tokens, apply_keep, attention_mask
 from ..backbones.vit import Block
-from ..backbones.tokens import Tokens, apply_keep, attention_mask
 from .policy import BlockSwapPolicy, register_policy, shared_setting, stage_blocks
 
 DEFAULT_KEEP_RATE = 0.7  # the paper's main DeiT setting
@@ -168,7 +168,7 @@ class EViTBlock(Block):
     def forward(self, tokens: Tokens) -> tuple[Tokens, StageRecord]:  # type: ignore[override]
         cfg = self.evit
         x, P, valid = tokens.x, tokens.num_prefix, tokens.valid
-        B, L, _ = x.shape
+        L = x.shape[1]
         out, q, k = self.attn.attend(self.norm1(x), attention_mask(valid))
         h = x + out                                                      # Block's values, bit for bit
         scores = cls_attentiveness(q, k, self.attn.scale, P, valid)      # (B, N)
@@ -202,10 +202,32 @@ class EViTBlock(Block):
             new = apply_keep(tokens.with_x(h), keep)
         new = new.with_x(new.x + self.mlp(self.norm2(new.x)))
 
-        budgets = torch.full((B,), budget, device=x.device) if isinstance(budget, int) else budget
-        record = StageRecord.on_tokens(self.evit_index, tokens, self.evit_grid, entering, keep, scores,
-                                       {"budget": budgets})
-        return new, record
+        return new, self._record(tokens, entering, keep, scores, budget)
+
+    def _record(self, tokens: Tokens, entering: Optional[Tensor], keep: Tensor, scores: Tensor,
+                budget: Union[int, Tensor]) -> StageRecord:
+        """The stage's record: patch-token scores and keep mask, with the budget K."""
+        budgets = torch.full((tokens.x.shape[0],), budget, device=tokens.x.device) if isinstance(budget, int) else budget
+        return StageRecord.on_tokens(self.evit_index, tokens, self.evit_grid, entering, keep, scores,
+                                     {"budget": budgets})
+
+
+def _native_evit(block: EViTBlock, native, tokens: Tokens) -> Optional[tuple[Tokens, StageRecord]]:
+    """`EViTBlock.forward` by the C++ block (`cpu_kernels(kernels="native")`): the same ops
+    from C++ for one image whose tokens are all valid, in compact execution, when the stage
+    drops something; None elsewhere."""
+    cfg, P = block.evit, tokens.num_prefix
+    n = tokens.x.shape[1] - P
+    budget = keep_count(n, cfg.keep_rate)
+    if tokens.x.shape[0] != 1 or tokens.execution != "compact" or tokens.size is not None or budget >= n:
+        return None
+    x, rows, keep, scores = native.evit(tokens.x, P, budget, cfg.fuse_token)
+    pos = F.pad(tokens.pos, (0, 1), value=block.evit_grid) if cfg.fuse_token else tokens.pos
+    new = replace(tokens, x=x, pos=pos.index_select(1, rows[P:] - P), valid=None)
+    return new, block._record(tokens, None, keep, scores, budget)
+
+
+register_native_swap(EViTBlock, _native_evit)
 
 
 # -- the policy -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // One pre-norm ViT block (LayerNorm, qkv, SDPA, proj, residual, LayerNorm, fc1+GELU, fc2,
 // residual) as a single call from Python, for inference on CPU without padding; also the block
-// with ATS's token sampler inside its attention (`Block::ats`) and IA-RED²'s policy stage
-// (`score_and_keep`).
+// with ATS's token sampler (`Block::ats`) or EViT's keep-and-fuse (`Block::evit`) inside its
+// attention, and IA-RED²'s policy stage (`score_and_keep`).
 //
 // Why: at batch 1 a narrow block (ViT-Tiny, width 192) spends a fixed ~0.25 ms in the Python
 // calls around its dozen ATen ops whatever its token count, a fifth of its whole time at 197
@@ -106,6 +106,36 @@ class Block {
     return {y + mlp(y), rows, keep, scores, k_prime};
   }
 
+  // The block as `iared.reduction.evit.EViTBlock` runs it for one image with every token valid
+  // and K < N: attention, then the K patch tokens of highest CLS attention kept (and, with fuse,
+  // the others summed into one token appended after them), then the MLP on those rows only.
+  // Returns {out (1, P + K (+1), D), rows (P + K (+1),) kept rows of [x, fused], keep (1, N),
+  // scores (1, N)}.
+  std::vector<at::Tensor> evit(const at::Tensor& x, int64_t P, int64_t K, bool fuse) const {
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, "the EViT block takes one image (1, L, D), got ", x.sizes());
+    const int64_t L = x.size(1), D = x.size(2), N = L - P;
+    TORCH_CHECK(K >= 1 && K < N, "EViT's C++ block keeps 1 to N - 1 tokens, asked for ", K, " of ", N);
+    auto heads = packed_linear(at::layer_norm(x, {D}, w_[0], w_[1], eps1_), w_[2], qkv_bias_)
+                     .reshape({1, L, 3, heads_, D / heads_}).permute({2, 0, 3, 1, 4}).unbind(0);
+    const auto &q = heads[0], &k = heads[1], &v = heads[2];
+    auto o = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, false, scale_);
+    auto h = x + packed_linear(o.transpose(1, 2).reshape({1, L, D}), w_[3], w_[4]);
+    auto scores = at::matmul(q.slice(2, 0, 1) * scale_, k.transpose(-2, -1)).softmax(-1)
+                      .select(2, 0).slice(-1, P).mean(1);                             // (1, N)
+    auto top = std::get<1>(scores.sort(/*stable=*/true, 1, /*descending=*/true)).slice(1, 0, K);
+    auto keep = at::zeros({1, N}, x.options().dtype(at::kBool)).scatter_(1, top, true);
+    auto kept = keep;
+    if (fuse) {  // x_fused = sum of a_j x_j over the dropped tokens, after the kept ones
+      auto w = at::where(~keep, scores, at::Scalar(0.0)).to(h.scalar_type());
+      auto fused = at::matmul(w.unsqueeze(1), h.slice(1, P)).squeeze(1);
+      h = at::cat({h, fused.unsqueeze(1)}, 1);
+      kept = at::constant_pad_nd(keep, {0, 1}, 1);
+    }
+    auto rows = at::constant_pad_nd(kept, {P, 0}, 1).reshape(-1).nonzero().squeeze(1);
+    auto y = h.index_select(1, rows);
+    return {y + mlp(y), rows, keep, scores};
+  }
+
  private:
   at::Tensor mlp(const at::Tensor& y) const {
     auto h = at::layer_norm(y, {y.size(-1)}, w_[5], w_[6], eps2_);
@@ -143,6 +173,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Block>(m, "Block")
       .def(py::init<std::vector<at::Tensor>, std::optional<at::Tensor>, int64_t, double, double, double>())
       .def("__call__", &Block::forward)
-      .def("ats", &Block::ats);
+      .def("ats", &Block::ats)
+      .def("evit", &Block::evit);
   m.def("score_and_keep", &score_and_keep);
 }
