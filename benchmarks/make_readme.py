@@ -70,7 +70,8 @@ def render_speed(results: Path) -> str:
         arch = f"{d.get('arch', '?')} @{d.get('img_size', '?')}"
         alloc = "steady" if str(d.get("allocator", "system")).startswith("glibc") else "system"
         dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(d.get("dtype", "float32"), d.get("dtype"))
-        dev = f"{d.get('device', '?')}/{d.get('threads', '?')}/{dtype}/{d.get('kernels', 'aten')}/{alloc}"
+        where = _cpu(d["device_name"]) if d.get("device_name") else d.get("device", "?")
+        dev = f"{where}/{d.get('threads', '?')}/{dtype}/{d.get('kernels', 'aten')}/{alloc}"
         for name, m in (d.get("methods") or {}).items():
             ratio = m.get("flops_ratio")
             speed_vs_flops = m["speedup"] / ratio if ratio and m.get("speedup") is not None else None

@@ -73,7 +73,8 @@ def resolve_kernels(kernels: str, device: torch.device | str = "cpu", dtype: tor
     """The kernels a forward will really use: "native", "onednn" or "aten".
 
     "onednn": every linear layer through oneDNN with its weight packed once; "native":
-    that, and each plain ViT block in one call to the C++ block (`iared.backbones.native`).
+    that, and each plain ViT block, ATS or EViT block and IA-RED² stage of one image in
+    one call to the C++ extension (`iared.backbones.native`).
     "auto" picks the first of native, onednn, aten that runs here (on CPU for `dtype`).
     Asking for one that cannot run (a GPU, a build without oneDNN, bfloat16 on a CPU
     without native bf16, no C++ block) is an error rather than a silent fallback, so a
