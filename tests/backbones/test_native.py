@@ -219,7 +219,8 @@ def _assert_same_run(onednn_run, native_run, masked_run):
     torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
     assert torch.equal(info.block_tokens, ref_info.block_tokens)
     for a, b in zip(ref_info.stages, info.stages):
-        assert torch.equal(a.keep, b.keep) and torch.equal(a.scores, b.scores)
+        assert torch.equal(a.keep, b.keep)
+        assert (a.scores is None and b.scores is None) or torch.equal(a.scores, b.scores)  # ToMe scores nothing
         assert a.extras.keys() == b.extras.keys() and all(torch.equal(a.extras[k], b.extras[k]) for k in a.extras)
 
 
@@ -271,6 +272,32 @@ def test_evit_stage_that_keeps_every_token_runs_in_python(monkeypatch):
     model = tiny_model()
     calls = _counting_native(monkeypatch, EViTBlock)
     ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "evit", keep_rate=1.0)
+    assert calls and not any(calls)
+    _assert_same_run(ref, fast, masked)
+
+
+@needs_native
+@pytest.mark.parametrize("prop_attn", [True, False])
+@pytest.mark.parametrize("distilled", [False, True])
+def test_tome_block_in_cpp_merges_what_the_python_block_merges(monkeypatch, prop_attn, distilled):
+    from iared.reduction.tome import ToMeBlock
+
+    model = tiny_model(distilled=distilled)
+    calls = _counting_native(monkeypatch, ToMeBlock)
+    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "tome", r=6, prop_attn=prop_attn)
+    assert calls and all(calls)
+    assert fast[1].block_tokens[0, -1] == model.grid_size + model.num_prefix_tokens - 6 * (len(model.blocks) - 1)
+    _assert_same_run(ref, fast, masked)
+
+
+@needs_native
+@pytest.mark.parametrize("settings", [{"r": 0}, {"r": 6, "trace_source": True}])
+def test_tome_blocks_the_cpp_block_does_not_compute_run_in_python(monkeypatch, settings):
+    from iared.reduction.tome import ToMeBlock
+
+    model = tiny_model()
+    calls = _counting_native(monkeypatch, ToMeBlock)
+    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "tome", **settings)
     assert calls and not any(calls)
     _assert_same_run(ref, fast, masked)
 

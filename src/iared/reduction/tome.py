@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.tokens import StageRecord
+from ..backbones.kernels import register_native_swap
+from ..backbones.tokens import StageRecord, Tokens, apply_keep, attention_mask
 from ..backbones.vit import Block
-from ..backbones.tokens import Tokens, apply_keep, attention_mask
 from .policy import BlockSwapPolicy, register_policy, shared_setting
 
 # -- the math, as pure functions --------------------------------------------------------
@@ -258,12 +258,34 @@ class ToMeBlock(Block):
 
         if keep is None:
             keep = torch.ones(B, L - P, dtype=torch.bool, device=x.device)
-        extras = {"r": torch.full((B,), plan.r, device=x.device)}
+        return new, self._record(tokens, entering, keep, plan.r, owner, new)
+
+    def _record(self, tokens: Tokens, entering: Optional[Tensor], keep: Tensor, r: int,
+                owner: Optional[Tensor] = None, new: Optional[Tokens] = None) -> StageRecord:
+        """The stage's record: the keep mask (merged-away tokens False) and r, with the grid
+        cells each leaving token covers when the source is traced."""
+        extras = {"r": torch.full((tokens.x.shape[0],), r, device=tokens.x.device)}
         if owner is not None:
             extras["owner"] = owner                             # (B, G) pos of the token covering each cell
             extras["source"] = source_matrix(owner, new.pos)    # (B, N', G) over the tokens leaving the block
-        record = StageRecord.on_tokens(self.tome_index, tokens, self.tome_grid, entering, keep, None, extras)
-        return new, record
+        return StageRecord.on_tokens(self.tome_index, tokens, self.tome_grid, entering, keep, None, extras)
+
+
+def _native_tome(block: ToMeBlock, native, tokens: Tokens) -> Optional[tuple[Tokens, StageRecord]]:
+    """`ToMeBlock.forward` by the C++ block (`cpu_kernels(kernels="native")`): the same ops
+    from C++ for one image whose tokens are all valid, in compact execution, when the block
+    merges and no source is traced; None elsewhere."""
+    cfg, P = block.tome, tokens.num_prefix
+    r = max(0, min(int(cfg.r), (tokens.x.shape[1] - P) // 2))  # `bipartite_soft_matching`'s clamp
+    if (tokens.x.shape[0] != 1 or tokens.execution != "compact" or cfg.trace_source or tokens.owner is not None
+            or r == 0):
+        return None
+    x, rows, size, keep = native.tome(tokens.x, P, r, tokens.size, cfg.prop_attn)
+    new = replace(tokens, x=x, pos=tokens.pos.index_select(1, rows[P:] - P), size=size, valid=None)
+    return new, block._record(tokens, None, keep, r)
+
+
+register_native_swap(ToMeBlock, _native_tome)
 
 
 # -- the policy -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // One pre-norm ViT block (LayerNorm, qkv, SDPA, proj, residual, LayerNorm, fc1+GELU, fc2,
 // residual) as a single call from Python, for inference on CPU without padding; also the block
-// with ATS's token sampler (`Block::ats`) or EViT's keep-and-fuse (`Block::evit`) inside its
-// attention, and IA-RED²'s policy stage (`score_and_keep`).
+// with ATS's token sampler (`Block::ats`), ToMe's merging (`Block::tome`) or EViT's keep-and-fuse
+// (`Block::evit`) inside it, and IA-RED²'s policy stage (`score_and_keep`).
 //
 // Why: at batch 1 a narrow block (ViT-Tiny, width 192) spends a fixed ~0.25 ms in the Python
 // calls around its dozen ATen ops whatever its token count, a fifth of its whole time at 197
@@ -106,6 +106,47 @@ class Block {
     return {y + mlp(y), rows, keep, scores, k_prime};
   }
 
+  // The block as `iared.reduction.tome.ToMeBlock` runs it for one image with every token valid,
+  // no source tracing and 1 <= r <= (L - P) / 2: attention (with log(size) on every key's logit
+  // when size is given: proportional attention), bipartite soft matching of the keys averaged over
+  // heads, the r most similar A tokens merged into their B matches by size-weighted average and
+  // removed, then the MLP. size: (1, L) float or undefined (every token 1). Returns {out
+  // (1, L - r, D), rows (L - r,) kept rows, size (1, L - r), keep (1, N)}.
+  std::vector<at::Tensor> tome(const at::Tensor& x, int64_t P, int64_t r, const std::optional<at::Tensor>& size,
+                               bool prop_attn) const {
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, "the ToMe block takes one image (1, L, D), got ", x.sizes());
+    const int64_t L = x.size(1), D = x.size(2);
+    TORCH_CHECK(r >= 1 && r <= (L - P) / 2, "ToMe's C++ block merges 1 to (L - P) / 2 tokens, asked for ", r);
+    std::optional<at::Tensor> bias;
+    if (prop_attn && size) bias = size->log().to(x.scalar_type()).unsqueeze(1).unsqueeze(1);  // (1, 1, 1, L)
+    auto heads = packed_linear(at::layer_norm(x, {D}, w_[0], w_[1], eps1_), w_[2], qkv_bias_)
+                     .reshape({1, L, 3, heads_, D / heads_}).permute({2, 0, 3, 1, 4}).unbind(0);
+    auto o = at::scaled_dot_product_attention(heads[0], heads[1], heads[2], bias, 0.0, false, scale_);
+    auto h = x + packed_linear(o.transpose(1, 2).reshape({1, L, D}), w_[3], w_[4]);
+    // Bipartite soft matching: A = even positions, B = odd, the first P tokens protected.
+    auto metric = heads[1].mean(1);                                                  // (1, L, hd)
+    metric = metric / at::linalg_vector_norm(metric, 2, {-1}, true).clamp_min(1e-12).expand_as(metric);
+    auto scores = at::matmul(metric.slice(1, 0, L, 2), metric.slice(1, 1, L, 2).transpose(1, 2));
+    const double inf = std::numeric_limits<double>::infinity();
+    scores.slice(1, 0, (P + 1) / 2).fill_(-inf);
+    scores.slice(2, 0, P / 2).fill_(-inf);
+    auto best_match = scores.max(-1);
+    auto edges = std::get<1>(std::get<0>(best_match).sort(/*stable=*/true, -1, /*descending=*/true)).slice(1, 0, r);
+    auto src = edges * 2, dst = std::get<1>(best_match).gather(1, edges) * 2 + 1;
+    // Each A token merged into its B token by size-weighted average; only destinations change.
+    auto s = size ? *size : at::ones({1, L}, x.options().dtype(at::kFloat));
+    auto src_c = src.unsqueeze(-1).expand({-1, -1, D}), dst_c = dst.unsqueeze(-1).expand({-1, -1, D});
+    auto weighted = h * s.unsqueeze(-1);
+    auto summed = weighted.scatter_add(1, dst_c, weighted.gather(1, src_c));
+    auto total = s.scatter_add(1, dst, s.gather(1, src));
+    auto merged = summed.gather(1, dst_c) / total.gather(1, dst).unsqueeze(-1);
+    h = h.scatter(1, dst_c, merged.to(h.scalar_type()));
+    auto keep = at::ones({1, L - P}, x.options().dtype(at::kBool)).scatter_(1, src - P, false);
+    auto rows = at::constant_pad_nd(keep, {P, 0}, 1).reshape(-1).nonzero().squeeze(1);
+    auto y = h.index_select(1, rows);
+    return {y + mlp(y), rows, total.index_select(1, rows), keep};
+  }
+
   // The block as `iared.reduction.evit.EViTBlock` runs it for one image with every token valid
   // and K < N: attention, then the K patch tokens of highest CLS attention kept (and, with fuse,
   // the others summed into one token appended after them), then the MLP on those rows only.
@@ -174,6 +215,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<at::Tensor>, std::optional<at::Tensor>, int64_t, double, double, double>())
       .def("__call__", &Block::forward)
       .def("ats", &Block::ats)
-      .def("evit", &Block::evit);
+      .def("evit", &Block::evit)
+      .def("tome", &Block::tome);
   m.def("score_and_keep", &score_and_keep);
 }
