@@ -233,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib-images", type=_positive_int, default=8, help="calibration batch for the budgets")
     b.add_argument("--kernels", choices=("auto", "native", "onednn", "aten"), default="auto",
                    help="every method's layers: native (oneDNN linears with packed weights, and each ViT "
-                        "block, ATS/EViT block and IA-RED² stage of one image in one C++ call), onednn (the linears only) or aten (PyTorch's default); "
-                        "auto: the first of these that runs here")
+                        "block, ATS/EViT/ToMe block and IA-RED² stage of one image in one C++ call), "
+                        "onednn (the linears only) or aten (PyTorch's default); auto: the first of these "
+                        "that runs here")
     b.add_argument("--allocator", choices=("steady", "system"), default="steady",
                    help="steady: glibc keeps freed memory for reuse, so no method pays page faults for "
                         "fresh buffers on every forward (recorded as 'allocator'); system: leave malloc as is")

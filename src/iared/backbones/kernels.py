@@ -11,12 +11,12 @@ Fused forms: the GELU after `Mlp.fc1` runs as oneDNN's "gelu" post-op (erf form,
 values as `nn.GELU()`); the patch embedding, a convolution whose stride equals its kernel,
 runs as one linear map over flattened patches; modules of the layers above register their
 own with `register_fusion` (IA-RED²'s interpreter: a LayerNorm and one linear with the
-sigmoid of Eq. 1 fused; with "native" kernels its whole stage, scores to kept tokens, in C++). With "native" kernels each plain block with every token valid
-runs in one call to the C++ block (`iared.backbones.native`), and so does each block a
-policy swaps in whose class registered a native form (`register_native_swap`: ATS's
-sampling block). At batch 1 the number of
-small operations is what a block's fixed cost is made of, so each fusion removes calls,
-not FLOPs.
+sigmoid of Eq. 1 fused; with "native" kernels its whole stage, scores to kept tokens, in
+C++). With "native" kernels each plain block with every token valid runs in one call to
+the C++ extension (`iared.backbones.native`), and so does each block a policy swaps in
+whose class registered a native form (`register_native_swap`: ATS, EViT, ToMe). At batch 1
+the number of small operations is what a block's fixed cost is made of, so each fusion
+removes calls, not FLOPs.
 
 `cpu_kernels(model)` is a context manager for inference: it shadows the `forward` of
 each module (no state-dict or parameter change) and restores them on exit. The packed
@@ -73,8 +73,8 @@ def resolve_kernels(kernels: str, device: torch.device | str = "cpu", dtype: tor
     """The kernels a forward will really use: "native", "onednn" or "aten".
 
     "onednn": every linear layer through oneDNN with its weight packed once; "native":
-    that, and each plain ViT block, ATS or EViT block and IA-RED² stage of one image in
-    one call to the C++ extension (`iared.backbones.native`).
+    that, and each plain ViT block, ATS, EViT or ToMe block and IA-RED² stage of one image
+    in one call to the C++ extension (`iared.backbones.native`).
     "auto" picks the first of native, onednn, aten that runs here (on CPU for `dtype`).
     Asking for one that cannot run (a GPU, a build without oneDNN, bfloat16 on a CPU
     without native bf16, no C++ block) is an error rather than a silent fallback, so a
@@ -167,11 +167,11 @@ def _is_plain_block(mod: nn.Module, packed: dict) -> bool:
 
 
 def _native_block(mod: nn.Module, packed: dict) -> Callable:
+    from .vit import Block
+
     attn, mlp = mod.attn, mod.mlp
     weights = [mod.norm1.weight, mod.norm1.bias, packed[attn.qkv][0], packed[attn.proj][0], attn.proj.bias,
                mod.norm2.weight, mod.norm2.bias, packed[mlp.fc1][0], mlp.fc1.bias, packed[mlp.fc2][0], mlp.fc2.bias]
-    from .vit import Block
-
     native = native_module().Block([w.detach() for w in weights], packed[attn.qkv][1], attn.num_heads,
                                    attn.scale, mod.norm1.eps, mod.norm2.eps)
     dtype = attn.qkv.weight.dtype
@@ -192,7 +192,7 @@ def _native_block(mod: nn.Module, packed: dict) -> Callable:
     return forward
 
 
-# Native forms of block classes a policy swaps in (ATS's sampling block), registered by the
+# Native forms of block classes a policy swaps in (ATS, EViT, ToMe), registered by the
 # module that defines them: forward(block, native, tokens) -> the block's output, or None
 # where the native form does not apply (the class's own forward runs).
 _NATIVE_SWAPS: dict[type, Callable[[nn.Module, object, object], object]] = {}

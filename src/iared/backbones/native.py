@@ -4,8 +4,8 @@ Why. At batch 1 a narrow block pays a fixed cost per Python-level operation what
 token count (docs/performance.md, "The batch-1 floor"); running the block's dozen ATen ops
 from C++ removes it, with the same oneDNN kernels and so the same values as the Python
 path. `cpu_kernels` uses it for every eligible block when `kernels` is "native" (or
-"auto" where it builds), and for ATS's sampling blocks and IA-RED²'s policy stages
-(`iared.reduction.ats`, `iared.reduction.interpreter`).
+"auto" where it builds), and for the blocks of ATS, EViT and ToMe and IA-RED²'s policy stages (registered by
+those modules in `iared.reduction`).
 
 Built with `torch.utils.cpp_extension.load` the first time it is asked for (about 30 s,
 needs a C++17 compiler and ninja; `make install` builds it up front) and cached by torch

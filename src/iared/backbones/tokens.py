@@ -155,8 +155,7 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
             # views), the positions by the same rows (no masked_select, which counts the
             # mask again and syncs on it).
             size = None if tokens.size is None else tokens.size.index_select(1, rows)
-            return replace(tokens, x=x.index_select(1, rows), pos=tokens.pos.index_select(1, rows[P:] - P),
-                           valid=None, size=size)
+            return with_rows(tokens, x.index_select(1, rows), rows, size)
     else:
         counts = keep.sum(dim=1)
         k_min, k_max = (int(v) for v in torch.aminmax(counts)) if B else (0, 0)
@@ -182,6 +181,19 @@ def compact(tokens: Tokens, keep: Tensor) -> Tokens:
     prefix = torch.ones(B, P, dtype=torch.bool, device=x.device)
     return replace(tokens, x=new_x, pos=pos, valid=torch.cat([prefix, slot_valid], dim=1),
                    size=_take_rows(tokens.size, rows.reshape(-1), P + k_max))
+
+
+def with_rows(tokens: Tokens, x: Tensor, rows: Tensor, size: Optional[Tensor] = None) -> Tokens:
+    """One image's tokens cut to `rows` (its prefix rows, then the kept patch rows, in order).
+
+    Args:
+        tokens: the tokens before the cut, batch 1.
+        x: (1, len(rows), C) the rows kept (what a stage computed for them).
+        rows: (len(rows),) their indices in `tokens.x`.
+        size: (1, len(rows)) their sizes, or None (every token stands for one).
+    """
+    P = tokens.num_prefix
+    return replace(tokens, x=x, pos=tokens.pos.index_select(1, rows[P:] - P), valid=None, size=size)
 
 
 def _take_rows(size: Optional[Tensor], rows: Tensor, length: int) -> Optional[Tensor]:

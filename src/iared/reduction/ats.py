@@ -54,7 +54,7 @@ The block modification is `ATSBlock`, a subclass of the backbone's `Block` that
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.kernels import register_native_swap
-from ..backbones.tokens import StageRecord, Tokens, apply_keep, attention_mask
+from ..backbones.tokens import StageRecord, Tokens, apply_keep, attention_mask, with_rows
 from ..backbones.vit import Block
 from .policy import BlockSwapPolicy, register_policy, stage_blocks
 
@@ -372,8 +372,7 @@ def _native_ats(block: ATSBlock, native, tokens: Tokens) -> Optional[tuple[Token
         return None
     K, P = block._budget(tokens), tokens.num_prefix
     x, rows, keep, scores, k_prime = native.ats(tokens.x, P, K, cfg.select == "topk")
-    new = replace(tokens, x=x, pos=tokens.pos.index_select(1, rows[P:] - P), valid=None)
-    return new, block._record(tokens, None, keep, scores, keep, K, k_prime)
+    return with_rows(tokens, x, rows), block._record(tokens, None, keep, scores, keep, K, k_prime)
 
 
 register_native_swap(ATSBlock, _native_ats)

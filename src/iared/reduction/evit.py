@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.kernels import register_native_swap
-from ..backbones.tokens import StageRecord, Tokens, apply_keep, attention_mask
+from ..backbones.tokens import StageRecord, Tokens, apply_keep, attention_mask, with_rows
 from ..backbones.vit import Block
 from .policy import BlockSwapPolicy, register_policy, shared_setting, stage_blocks
 
@@ -222,9 +222,9 @@ def _native_evit(block: EViTBlock, native, tokens: Tokens) -> Optional[tuple[Tok
     if tokens.x.shape[0] != 1 or tokens.execution != "compact" or tokens.size is not None or budget >= n:
         return None
     x, rows, keep, scores = native.evit(tokens.x, P, budget, cfg.fuse_token)
-    pos = F.pad(tokens.pos, (0, 1), value=block.evit_grid) if cfg.fuse_token else tokens.pos
-    new = replace(tokens, x=x, pos=pos.index_select(1, rows[P:] - P), valid=None)
-    return new, block._record(tokens, None, keep, scores, budget)
+    # the fused token, appended last, stands for no grid cell
+    ext = replace(tokens, pos=F.pad(tokens.pos, (0, 1), value=block.evit_grid)) if cfg.fuse_token else tokens
+    return with_rows(ext, x, rows), block._record(tokens, None, keep, scores, budget)
 
 
 register_native_swap(EViTBlock, _native_evit)

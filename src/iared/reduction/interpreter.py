@@ -31,7 +31,6 @@ Choices where the paper is silent (noted so a reader can undo them):
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 from ..backbones.kernels import fast_path, packable, register_fusion
 from ..backbones.native import native_module
-from ..backbones.tokens import StageRecord, Tokens, apply_keep, to_grid
+from ..backbones.tokens import StageRecord, Tokens, apply_keep, to_grid, with_rows
 from .policy import TokenPolicy, register_policy
 
 # -- the math, as pure functions --------------------------------------------------------
@@ -328,8 +327,7 @@ def _native_stage(policy: nn.Module):
             return type(policy).forward(policy, index, tokens, model, mode)
         P = tokens.num_prefix
         x, rows, keep, scores = native.score_and_keep(tokens.x, P, maps[j], eps[j], policy.group_threshold(j))
-        dropped = rows.numel() < tokens.x.shape[1]
-        new = replace(tokens, x=x, pos=tokens.pos.index_select(1, rows[P:] - P)) if dropped else tokens
+        new = with_rows(tokens, x, rows) if rows.numel() < tokens.x.shape[1] else tokens  # as `compact`
         return new, policy._record(index, tokens, model.grid_size, keep, scores)
 
     return forward

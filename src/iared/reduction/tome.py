@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.kernels import register_native_swap
-from ..backbones.tokens import StageRecord, Tokens, apply_keep, attention_mask
+from ..backbones.tokens import StageRecord, Tokens, apply_keep, attention_mask, with_rows
 from ..backbones.vit import Block
 from .policy import BlockSwapPolicy, register_policy, shared_setting
 
@@ -281,8 +281,7 @@ def _native_tome(block: ToMeBlock, native, tokens: Tokens) -> Optional[tuple[Tok
             or r == 0):
         return None
     x, rows, size, keep = native.tome(tokens.x, P, r, tokens.size, cfg.prop_attn)
-    new = replace(tokens, x=x, pos=tokens.pos.index_select(1, rows[P:] - P), size=size, valid=None)
-    return new, block._record(tokens, None, keep, r)
+    return with_rows(tokens, x, rows, size), block._record(tokens, None, keep, r)
 
 
 register_native_swap(ToMeBlock, _native_tome)
