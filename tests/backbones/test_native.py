@@ -212,11 +212,12 @@ def _swapped_runs(model, x, policy, **settings):
     return out["onednn"], out["native"], out["mask"]
 
 
-def _assert_same_run(onednn_run, native_run, masked_run):
-    """The native run equals the PyTorch one bit for bit, records included, and the masked reference to 1e-5."""
-    (ref, ref_info), (fast, info), (masked, _) = onednn_run, native_run, masked_run
+def _assert_same_run(onednn_run, native_run, masked_run=None):
+    """The native run equals the PyTorch one bit for bit, records included (and the masked reference to 1e-5)."""
+    (ref, ref_info), (fast, info) = onednn_run, native_run
     assert torch.equal(fast, ref)  # the same ops in the same order
-    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    if masked_run is not None:
+        torch.testing.assert_close(fast, masked_run[0], rtol=1e-4, atol=1e-5)
     assert torch.equal(info.block_tokens, ref_info.block_tokens)
     for a, b in zip(ref_info.stages, info.stages):
         assert torch.equal(a.keep, b.keep)
@@ -224,82 +225,42 @@ def _assert_same_run(onednn_run, native_run, masked_run):
         assert a.extras.keys() == b.extras.keys() and all(torch.equal(a.extras[k], b.extras[k]) for k in a.extras)
 
 
-@needs_native
-@pytest.mark.parametrize("select", ["sample", "topk"])
-@pytest.mark.parametrize("distilled", [False, True])
-def test_ats_block_in_cpp_samples_what_the_python_block_samples(monkeypatch, select, distilled):
+def _block_class(policy: str) -> type:
     from iared.reduction.ats import ATSBlock
-
-    model = tiny_model(distilled=distilled)
-    calls = _counting_native(monkeypatch, ATSBlock)
-    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "ats", rho=0.4, select=select)
-    assert calls and all(calls)  # every ATS block ran in C++
-    assert fast[1].block_tokens[0, -1] < model.grid_size + model.num_prefix_tokens  # tokens really dropped
-    _assert_same_run(ref, fast, masked)
-
-
-@needs_native
-@pytest.mark.parametrize("variant", [{"score": "selfattn"}, {"enforce_cls": False}, {"compound": True}])
-def test_ats_variants_the_cpp_block_does_not_compute_run_in_python(monkeypatch, variant):
-    from iared.reduction.ats import ATSBlock
-
-    model = tiny_model()
-    calls = _counting_native(monkeypatch, ATSBlock)
-    (ref, _), (fast, _), _ = _swapped_runs(model, torch.randn(1, 3, 32, 32), "ats", rho=0.4, **variant)
-    assert calls and not any(calls)
-    assert torch.equal(fast, ref)
-
-
-@needs_native
-@pytest.mark.parametrize("fuse_token", [True, False])
-@pytest.mark.parametrize("distilled", [False, True])
-def test_evit_block_in_cpp_keeps_and_fuses_what_the_python_block_does(monkeypatch, fuse_token, distilled):
     from iared.reduction.evit import EViTBlock
-
-    model = tiny_model(distilled=distilled)
-    calls = _counting_native(monkeypatch, EViTBlock)
-    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "evit", keep_rate=0.6,
-                                      fuse_token=fuse_token)
-    assert calls and all(calls)
-    assert fast[1].block_tokens[0, -1] < model.grid_size  # tokens really dropped
-    _assert_same_run(ref, fast, masked)
-
-
-@needs_native
-def test_evit_stage_that_keeps_every_token_runs_in_python(monkeypatch):
-    from iared.reduction.evit import EViTBlock
-
-    model = tiny_model()
-    calls = _counting_native(monkeypatch, EViTBlock)
-    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "evit", keep_rate=1.0)
-    assert calls and not any(calls)
-    _assert_same_run(ref, fast, masked)
-
-
-@needs_native
-@pytest.mark.parametrize("prop_attn", [True, False])
-@pytest.mark.parametrize("distilled", [False, True])
-def test_tome_block_in_cpp_merges_what_the_python_block_merges(monkeypatch, prop_attn, distilled):
     from iared.reduction.tome import ToMeBlock
 
+    return {"ats": ATSBlock, "evit": EViTBlock, "tome": ToMeBlock}[policy]
+
+
+@needs_native
+@pytest.mark.parametrize("distilled", [False, True])
+@pytest.mark.parametrize("policy, settings", [
+    ("ats", {"rho": 0.4, "select": "sample"}), ("ats", {"rho": 0.4, "select": "topk"}),
+    ("evit", {"keep_rate": 0.6, "fuse_token": True}), ("evit", {"keep_rate": 0.6, "fuse_token": False}),
+    ("tome", {"r": 6, "prop_attn": True}), ("tome", {"r": 6, "prop_attn": False}),
+])
+def test_policy_blocks_in_cpp_keep_what_the_python_blocks_keep(monkeypatch, policy, settings, distilled):
     model = tiny_model(distilled=distilled)
-    calls = _counting_native(monkeypatch, ToMeBlock)
-    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "tome", r=6, prop_attn=prop_attn)
-    assert calls and all(calls)
-    assert fast[1].block_tokens[0, -1] == model.grid_size + model.num_prefix_tokens - 6 * (len(model.blocks) - 1)
+    calls = _counting_native(monkeypatch, _block_class(policy))
+    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), policy, **settings)
+    assert calls and all(calls)  # every one of the policy's blocks ran in C++
+    assert fast[1].block_tokens[0, -1] < fast[1].block_tokens[0, 0]  # tokens really dropped or merged
     _assert_same_run(ref, fast, masked)
 
 
 @needs_native
-@pytest.mark.parametrize("settings", [{"r": 0}, {"r": 6, "trace_source": True}])
-def test_tome_blocks_the_cpp_block_does_not_compute_run_in_python(monkeypatch, settings):
-    from iared.reduction.tome import ToMeBlock
-
+@pytest.mark.parametrize("policy, settings", [
+    ("ats", {"rho": 0.4, "score": "selfattn"}), ("ats", {"rho": 0.4, "enforce_cls": False}),
+    ("ats", {"rho": 0.4, "compound": True}), ("evit", {"keep_rate": 1.0}),
+    ("tome", {"r": 0}), ("tome", {"r": 6, "trace_source": True}),
+])
+def test_policy_blocks_the_cpp_blocks_do_not_compute_run_in_python(monkeypatch, policy, settings):
     model = tiny_model()
-    calls = _counting_native(monkeypatch, ToMeBlock)
-    ref, fast, masked = _swapped_runs(model, torch.randn(1, 3, 32, 32), "tome", **settings)
+    calls = _counting_native(monkeypatch, _block_class(policy))
+    ref, fast, _ = _swapped_runs(model, torch.randn(1, 3, 32, 32), policy, **settings)
     assert calls and not any(calls)
-    _assert_same_run(ref, fast, masked)
+    _assert_same_run(ref, fast)
 
 
 def _calibrated_iared(batch: int = 1):
