@@ -15,7 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -c "import iared, torch; assert torch.__version__.startswith('2.14.1')"
-	# The C++ block (iared.backbones.native), built once now rather than on first use (~30 s).
+	# The C++ block (iared.backbones.native), built once now rather than on first use (about a minute).
 	$(BIN)/python -c "from iared.backbones.native import native_module; native_module()"
 	touch $@
 

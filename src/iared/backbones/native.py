@@ -7,7 +7,7 @@ path. `cpu_kernels` uses it for every eligible block when `kernels` is "native" 
 "auto" where it builds), and for the blocks of ATS, EViT and ToMe and IA-RED²'s policy stages (registered by
 those modules in `iared.reduction`).
 
-Built with `torch.utils.cpp_extension.load` the first time it is asked for (about 30 s,
+Built with `torch.utils.cpp_extension.load` the first time it is asked for (about a minute,
 needs a C++17 compiler and ninja; `make install` builds it up front) and cached by torch
 under `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`), rebuilt only when the
 source or torch changes. Where it cannot be built, `native_module()` returns None, says why
@@ -74,7 +74,7 @@ def native_module() -> Optional[ModuleType]:
         _ninja_on_path()
         name = _build_name()
         if not _built(name):
-            print("iared: building the C++ block (once per environment, about 30 s)", file=sys.stderr, flush=True)
+            print("iared: building the C++ blocks (once per environment, about a minute)", file=sys.stderr, flush=True)
         return load(name, [str(SOURCE)], extra_cflags=["-O3"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a header mismatch: fall back, never fail
         lines = str(e).strip().splitlines() or [type(e).__name__]
