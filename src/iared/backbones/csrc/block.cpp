@@ -53,8 +53,7 @@ class Block {
   at::Tensor forward(const at::Tensor& x) const {
     TORCH_CHECK(x.dim() == 3, "block input must be (B, L, D), got ", x.sizes());
     const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
-    auto h = at::layer_norm(x, {D}, w_[0], w_[1], eps1_);
-    auto qkv = packed_linear(h, w_[2], qkv_bias_).view({B, L, 3, heads_, D / heads_}).permute({2, 0, 3, 1, 4});
+    auto qkv = qkv_heads(x);
     auto o = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], std::nullopt, 0.0, false, scale_);
     auto y = x + packed_linear(o.transpose(1, 2).reshape({B, L, D}), w_[3], w_[4]);
     return y.add_(mlp(y));
@@ -70,9 +69,7 @@ class Block {
     TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, "the ATS block takes one image (1, L, D), got ", x.sizes());
     TORCH_CHECK(K >= 1, "K must be at least 1");
     const int64_t L = x.size(1), D = x.size(2), N = L - P;
-    auto h = at::layer_norm(x, {D}, w_[0], w_[1], eps1_);
-    auto qkv = packed_linear(h, w_[2], qkv_bias_).reshape({1, L, 3, heads_, D / heads_}).permute({2, 0, 3, 1, 4});
-    auto heads = qkv.unbind(0);
+    auto heads = qkv_heads(x);
     const auto &q = heads[0], &k = heads[1], &v = heads[2];
     // Eq. 3: the CLS row of the attention times the value norms, normalised per head, / H.
     auto received = at::matmul(q.slice(2, 0, 1) * scale_, k.transpose(-2, -1)).softmax(-1).select(2, 0);
@@ -119,8 +116,7 @@ class Block {
     TORCH_CHECK(r >= 1 && r <= (L - P) / 2, "ToMe's C++ block merges 1 to (L - P) / 2 tokens, asked for ", r);
     std::optional<at::Tensor> bias;
     if (prop_attn && size) bias = size->log().to(x.scalar_type()).unsqueeze(1).unsqueeze(1);  // (1, 1, 1, L)
-    auto heads = packed_linear(at::layer_norm(x, {D}, w_[0], w_[1], eps1_), w_[2], qkv_bias_)
-                     .reshape({1, L, 3, heads_, D / heads_}).permute({2, 0, 3, 1, 4}).unbind(0);
+    auto heads = qkv_heads(x);
     auto o = at::scaled_dot_product_attention(heads[0], heads[1], heads[2], bias, 0.0, false, scale_);
     auto h = x + packed_linear(o.transpose(1, 2).reshape({1, L, D}), w_[3], w_[4]);
     // Bipartite soft matching: A = even positions, B = odd, the first P tokens protected.
@@ -156,8 +152,7 @@ class Block {
     TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, "the EViT block takes one image (1, L, D), got ", x.sizes());
     const int64_t L = x.size(1), D = x.size(2), N = L - P;
     TORCH_CHECK(K >= 1 && K < N, "EViT's C++ block keeps 1 to N - 1 tokens, asked for ", K, " of ", N);
-    auto heads = packed_linear(at::layer_norm(x, {D}, w_[0], w_[1], eps1_), w_[2], qkv_bias_)
-                     .reshape({1, L, 3, heads_, D / heads_}).permute({2, 0, 3, 1, 4}).unbind(0);
+    auto heads = qkv_heads(x);
     const auto &q = heads[0], &k = heads[1], &v = heads[2];
     auto o = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, false, scale_);
     auto h = x + packed_linear(o.transpose(1, 2).reshape({1, L, D}), w_[3], w_[4]);
@@ -178,6 +173,13 @@ class Block {
   }
 
  private:
+  // q, k, v (each (B, H, L, hd)) of x, as `Attention.qkv_heads`.
+  std::vector<at::Tensor> qkv_heads(const at::Tensor& x) const {
+    const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+    return packed_linear(at::layer_norm(x, {D}, w_[0], w_[1], eps1_), w_[2], qkv_bias_)
+        .reshape({B, L, 3, heads_, D / heads_}).permute({2, 0, 3, 1, 4}).unbind(0);
+  }
+
   at::Tensor mlp(const at::Tensor& y) const {
     auto h = at::layer_norm(y, {y.size(-1)}, w_[5], w_[6], eps2_);
     return packed_linear(packed_linear(h, w_[7], w_[8], PostOp::kGelu), w_[9], w_[10]);
