@@ -151,7 +151,8 @@ def _patch_linear(mod: nn.Module):
 
 def _is_plain_block(mod: nn.Module, packed: dict) -> bool:
     """Our ViT `Block` exactly as defined (LayerNorms, attention, GELU MLP, every linear packed,
-    no hooks or shadowed forwards inside), the block the C++ extension computes."""
+    no hooks or shadowed forwards inside), or a subclass a policy swaps in that registered a
+    native form: the blocks the C++ extension computes."""
     from .vit import Attention, Block
 
     if (type(mod) is not Block and type(mod) not in _NATIVE_SWAPS) or type(mod.attn) is not Attention \
@@ -184,9 +185,10 @@ def _native_block(mod: nn.Module, packed: dict) -> Callable:
             if cls is Block:
                 return tokens.with_x(native(tokens.x))
             swap = _NATIVE_SWAPS.get(cls)
-            out = None if swap is None else swap(mod, native, tokens)
-            if out is not None:
-                return out
+            if swap is not None and tokens.x.shape[0] == 1 and tokens.execution == "compact":
+                out = swap(mod, native, tokens)
+                if out is not None:
+                    return out
         return cls.forward(mod, tokens)  # masks, training, other dtypes: the PyTorch block
 
     return forward
@@ -194,7 +196,8 @@ def _native_block(mod: nn.Module, packed: dict) -> Callable:
 
 # Native forms of block classes a policy swaps in (ATS, EViT, ToMe), registered by the
 # module that defines them: forward(block, native, tokens) -> the block's output, or None
-# where the native form does not apply (the class's own forward runs).
+# where the native form does not apply (the class's own forward runs). Called only for one
+# image whose tokens are all valid, in compact execution, under inference.
 _NATIVE_SWAPS: dict[type, Callable[[nn.Module, object, object], object]] = {}
 
 

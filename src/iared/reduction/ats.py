@@ -367,8 +367,8 @@ def _native_ats(block: ATSBlock, native, tokens: Tokens) -> Optional[tuple[Token
     from C++ for one image whose tokens are all valid, in compact execution, with the
     default variant (CLS-row scores, CLS enforced, one K); None elsewhere."""
     cfg = block.ats
-    if (tokens.x.shape[0] != 1 or tokens.execution != "compact" or tokens.size is not None or cfg.score != "cls"
-            or not cfg.enforce_cls or cfg.compound or cfg.select not in ("sample", "topk")):
+    if (tokens.size is not None or cfg.score != "cls" or not cfg.enforce_cls or cfg.compound
+            or cfg.select not in ("sample", "topk")):
         return None
     K, P = block._budget(tokens), tokens.num_prefix
     x, rows, keep, scores, k_prime = native.ats(tokens.x, P, K, cfg.select == "topk")

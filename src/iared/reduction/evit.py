@@ -219,7 +219,7 @@ def _native_evit(block: EViTBlock, native, tokens: Tokens) -> Optional[tuple[Tok
     cfg, P = block.evit, tokens.num_prefix
     n = tokens.x.shape[1] - P
     budget = keep_count(n, cfg.keep_rate)
-    if tokens.x.shape[0] != 1 or tokens.execution != "compact" or tokens.size is not None or budget >= n:
+    if tokens.size is not None or budget >= n:
         return None
     x, rows, keep, scores = native.evit(tokens.x, P, budget, cfg.fuse_token)
     # the fused token, appended last, stands for no grid cell

@@ -277,8 +277,7 @@ def _native_tome(block: ToMeBlock, native, tokens: Tokens) -> Optional[tuple[Tok
     merges and no source is traced; None elsewhere."""
     cfg, P = block.tome, tokens.num_prefix
     r = max(0, min(int(cfg.r), (tokens.x.shape[1] - P) // 2))  # `bipartite_soft_matching`'s clamp
-    if (tokens.x.shape[0] != 1 or tokens.execution != "compact" or cfg.trace_source or tokens.owner is not None
-            or r == 0):
+    if cfg.trace_source or tokens.owner is not None or r == 0:
         return None
     x, rows, size, keep = native.tome(tokens.x, P, r, tokens.size, cfg.prop_attn)
     return with_rows(tokens, x, rows, size), block._record(tokens, None, keep, r)
