@@ -128,12 +128,11 @@ class Attention(nn.Module):
         qkv = self.qkv(x)                                                     # (T, 3D)
         out = torch.empty_like(x) if not torch.is_grad_enabled() else None
         pieces = []
-        buffers = layout.padded_buffers(3 * D, qkv)
-        for bucket, buf in zip(layout.buckets, buffers):
+        for bucket in layout.buckets:
             t0, t1 = bucket.tokens
             n, Lb = bucket.images.numel(), bucket.length
-            buf.index_copy_(0, bucket.slot, qkv[t0:t1])                       # only valid slots written
-            q, k, v = buf.view(n, Lb, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            padded = qkv.index_select(0, bucket.gather)                      # (n * Lb, 3D)
+            q, k, v = padded.view(n, Lb, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=self.scale)
             o = o.transpose(1, 2).reshape(n * Lb, D)  # a view where the kernel writes (n, Lb, H, hd), as on CPU
             if out is None:
