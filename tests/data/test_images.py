@@ -110,6 +110,8 @@ def test_missing_empty_not_image(tmp_path):
     (tmp_path / "text.jpg").write_text("this is not an image\n")
     with pytest.raises(ImageError, match="not an image.*text.jpg"):
         load_image(tmp_path / "text.jpg")
+    with pytest.raises(ImageError, match="cannot read image .*File name too long"):  # is_file() raises
+        load_image(tmp_path / ("x" * 300 + ".png"))
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])

@@ -62,9 +62,13 @@ def load_image(source: ImageSource, mode: str = "RGB", alpha: str = "white",
     else:
         path = Path(source)
         name = name or str(path)
-        if not path.is_file():
+        try:
+            found = path.is_file()
+            data = path.read_bytes() if found else b""
+        except OSError as e:  # a name too long, no permission, ...
+            raise ImageError(f"cannot read image {name}: {_one_line(e)}") from None
+        if not found:
             raise ImageError(f"image not found: {name}")
-        data = path.read_bytes()
     if not data:
         raise ImageError(f"empty image file: {name}")
 
