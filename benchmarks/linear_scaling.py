@@ -1,11 +1,14 @@
-"""How a ViT block's linear layers scale with the token count at batch 1: fixed cost vs per token.
+"""How a ViT block's linear layers and attention scale with the token count at batch 1.
 
 For the four linear layers of a block (qkv, proj, fc1, fc2) at the widths of ViT-Tiny (192)
 and DeiT-S (384), times one call on M tokens for M from 32 to 394, through PyTorch's default
 kernels (`aten`) and oneDNN with the weight packed once (`onednn`, what `cpu_kernels` uses),
 and fits time = fixed + per_token * M by least squares. The fixed part is what no token
 policy can remove: a block that keeps 60 % of its tokens saves 40 % of the per-token part
-only. Writes `benchmarks/results/linear_scaling.json` with the command.
+only. Attention (`sdpa`: PyTorch's CPU kernel on the block's q, k, v views, heads of 64) is
+timed the same way: its multiply-adds grow with M², so a time that grows about linearly in
+M means fewer tokens save less time than FLOPs. Writes
+`benchmarks/results/linear_scaling.json` with the command.
 
     .venv/bin/python benchmarks/linear_scaling.py        # about a minute on 2 CPU cores
 """
@@ -48,6 +51,11 @@ def fit(ms: list[int], us: list[float]) -> dict[str, float]:
     return {"fixed_us": float(fixed), "per_token_us": float(slope)}
 
 
+def report(name: str, row: dict[str, dict]) -> None:
+    print(f"{name}: " + ", ".join(f"{kernels} fixed {v['fixed_us']:.0f} us + {v['per_token_us']:.2f} us/token"
+                                  for kernels, v in row.items()), file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=300, help="timed calls per point (median)")
@@ -71,9 +79,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                         us.append(median_us(call, args.rounds))
                     row[kernels] = {"us": dict(zip(map(str, TOKENS), us)), **fit(list(TOKENS), us)}
                 out[f"{label} {layer}"] = row
-                print(f"{label} {layer}: " + ", ".join(
-                    f"{kk} fixed {v['fixed_us']:.0f} us + {v['per_token_us']:.2f} us/token" for kk, v in row.items()),
-                    file=sys.stderr, flush=True)
+                report(f"{label} {layer}", row)
+            heads, us = d // 64, []
+            for m in TOKENS:
+                q, k, v = torch.randn(1, m, 3, heads, 64).permute(2, 0, 3, 1, 4)  # as `Attention.qkv_heads`
+                us.append(median_us(lambda: F.scaled_dot_product_attention(q, k, v), args.rounds))
+            out[f"{label} attention"] = row = {"sdpa": {"us": dict(zip(map(str, TOKENS), us)), **fit(list(TOKENS), us)}}
+            report(f"{label} attention", row)
     write_json(ROOT / "benchmarks" / "results" / "linear_scaling.json", {
         "command": shlex.join(["python", "benchmarks/linear_scaling.py"] + list(sys.argv[1:] if argv is None else argv)),
         "device_name": device_name("cpu"), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -58,8 +58,8 @@ class SpeedConfig:
     command: str = ""                  # the exact command line, stored in the JSON
 
 
-def _build_methods(model: nn.Module, names: list[str], calib: Tensor, keep_ratio: float,
-                   log) -> dict[str, Optional[nn.Module]]:
+def build_methods(model: nn.Module, names: list[str], calib: Tensor, keep_ratio: float,
+                  log=print) -> dict[str, Optional[nn.Module]]:
     """name -> calibrated policy module (None for "original"); unusable policies are skipped."""
     from ..patch import patch, unpatch
     from ..reduction.policy import build_policy
@@ -117,7 +117,7 @@ def bench_speed(cfg: SpeedConfig, log=print) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     log(f"calibrating budgets to keep ratio {cfg.keep_ratio} on {cfg.calib_images} images")
     reference = _timm_reference(model, log) if TIMM in names else None
-    methods = _build_methods(model, [n for n in names if n != TIMM], calib, cfg.keep_ratio, log)
+    methods = build_methods(model, [n for n in names if n != TIMM], calib, cfg.keep_ratio, log)
     if not methods:
         raise UserError(f"none of the methods {', '.join(names)} runs on {cfg.arch} (see the lines above)")
     costs = _count_costs(model, methods, images, cfg.flops_images, cfg.progress)
