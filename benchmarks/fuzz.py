@@ -29,11 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("methods", "data_spec", "labels_tsv", "safetensors_file", "pth_file", "image", "video")
 
 
+def failing_inputs(work: Path) -> set[str]:
+    """The inputs libFuzzer kept in `work` because they failed (crash, timeout, out of memory, leak)."""
+    return {p.name for p in work.glob("*") if p.name.split("-")[0] in ("crash", "timeout", "oom", "leak")}
+
+
 def run_target(name: str, seconds: int, out: Path) -> dict:
     work = out / name
     (work / "corpus").mkdir(parents=True, exist_ok=True)
     seeds = ROOT / "tests" / "fuzz" / "corpus" / name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    earlier = failing_inputs(work)  # an earlier run's, kept for reading, are not this run's findings
     t0 = time.time()
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "fuzz" / "targets.py"), name,
                         f"-max_total_time={seconds}", "-timeout=30", "-rss_limit_mb=6144", "-print_final_stats=1",
@@ -41,7 +47,7 @@ def run_target(name: str, seconds: int, out: Path) -> dict:
     (work / "log.txt").write_text(r.stderr)
     done = re.findall(r"Done (\d+) runs in (\d+) second", r.stderr)
     runs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", r.stderr)
-    found = sorted(p.name for p in work.glob("*") if p.name.split("-")[0] in ("crash", "timeout", "oom", "leak"))
+    found = sorted(failing_inputs(work) - earlier)
     regressions = sorted(p.name for p in seeds.glob("crash-*")) if seeds.is_dir() else []
     return {"inputs": int(done[-1][0]) if done else int(runs[-1]) if runs else None,
             "seconds": round(time.time() - t0, 1), "exit_code": r.returncode, "corpus_size": len(list((work / "corpus").iterdir())),
