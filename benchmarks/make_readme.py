@@ -403,8 +403,20 @@ def summary_speed(results: Path) -> str:
         table(["measured speedup / FLOPs ratio", *(NAMES.get(k, k) for k in names), "CPU"], rows),
         f"Every method calibrated to keep 60 % of the tokens ({docs[0][2]['threads']} threads; ratios compare "
         f"within a row, each run on one machine): near the FLOPs ratio at batch 64 on DeiT-S, a fixed cost per block "
-        f"and per stage below it at batch 1 and on the narrower ViT-Tiny. The timm column is timm's own "
-        f"unreduced model on the same weights, timed in the same rounds: its speed over ours."])
+        f"and per stage below it at batch 1 and on the narrower ViT-Tiny.{_ceiling(results)} The timm column is "
+        f"timm's own unreduced model on the same weights, timed in the same rounds: its speed over ours."])
+
+
+def _ceiling(results: Path) -> str:
+    """A sentence on the batch-1 ceiling of ViT-Tiny's blocks (`benchmarks/block_times.py`), or ""."""
+    d = _load(results / "block_times_vit_tiny_patch16_224.json")
+    if d is None:
+        return ""
+    rows = d["kernels"].get("native") or d["kernels"]["onednn"]
+    ceilings = [r["ceiling"] for name, r in rows.items() if name != "original"]
+    return (f" On ViT-Tiny at batch 1 the blocks alone, run at each method's token counts with nothing scored, reach "
+            f"{min(ceilings):.2f}-{max(ceilings):.2f} of their FLOPs ratio ({_cpu(d['device_name'])}, "
+            f"`benchmarks/block_times.py`): the ceiling for any policy on that CPU.")
 
 
 def summary_video(results: Path) -> str:

@@ -186,6 +186,16 @@ def test_make_readme_fills_markers_and_keeps_prose(fake_results, capsys):
     assert readme.read_text() == text
 
 
+def test_make_readme_speed_ceiling_sentence(tmp_path):
+    """The speed summary quotes the range of the blocks' ceilings from block_times.py, when run."""
+    mr = _make_readme()
+    assert mr._ceiling(tmp_path) == ""
+    rows = {"original": {"total_ms": 10.0}, "iared": {"ceiling": 0.884}, "random": {"ceiling": 0.912}}
+    (tmp_path / "block_times_vit_tiny_patch16_224.json").write_text(json.dumps(
+        {"device_name": "CPU AMD EPYC", "kernels": {"onednn": {}, "native": rows}}))
+    assert "reach 0.88-0.91 of their FLOPs ratio (AMD EPYC" in mr._ceiling(tmp_path)
+
+
 def test_make_readme_missing_results_folder_says_not_run(tmp_path):
     mr = _make_readme()
     readme = tmp_path / "README.md"
