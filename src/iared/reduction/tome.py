@@ -72,6 +72,12 @@ class MergePlan:
         return self.src.shape[1]
 
 
+def merges(r: int, n: int, protected: int) -> int:
+    """The merges a block does for `r` asked on `n` tokens of which `protected` are never merged:
+    at most half the unprotected ones (each merge takes one A and one B token), at least 0."""
+    return max(0, min(int(r), (n - protected) // 2))
+
+
 def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 1,
                             valid: Optional[Tensor] = None) -> MergePlan:
     """ToMe's matching: the r most similar (A, B) pairs, A = even positions, B = odd.
@@ -100,7 +106,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 1,
         idx = valid.nonzero()[:, 1].view(B, n)                                  # (B, n) positions, in order
         metric = metric.gather(1, idx[..., None].expand(-1, -1, C))
     n = metric.shape[1]
-    r = max(0, min(int(r), (n - protected) // 2))
+    r = merges(r, n, protected)
     if r == 0:
         empty = torch.zeros(B, 0, dtype=torch.long, device=metric.device)
         return MergePlan(empty, empty, metric.new_zeros(B, 0))
@@ -276,7 +282,7 @@ def _native_tome(block: ToMeBlock, native, tokens: Tokens) -> Optional[tuple[Tok
     from C++ for one image whose tokens are all valid, in compact execution, when the block
     merges and no source is traced; None elsewhere."""
     cfg, P = block.tome, tokens.num_prefix
-    r = max(0, min(int(cfg.r), (tokens.x.shape[1] - P) // 2))  # `bipartite_soft_matching`'s clamp
+    r = merges(cfg.r, tokens.x.shape[1], P)
     if cfg.trace_source or tokens.owner is not None or r == 0:
         return None
     x, rows, size, keep = native.tome(tokens.x, P, r, tokens.size, cfg.prop_attn)
